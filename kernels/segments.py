@@ -1,0 +1,92 @@
+"""Rows of a batch grouped by delta slot: the metadata every delta kernel launches over.
+
+Built once per engine step on the host (the scheduler knows each row's slot without a device sync),
+copied to the device once, and shared by every layer of the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Rows of one slot handled by one program of a delta kernel. tl.dot needs at least 16 rows, and a decode
+# step rarely has more than 16 rows of one tenant, so one tile usually covers a whole tenant.
+TILE_ROWS = 16
+
+
+@dataclass(frozen=True)
+class SlotTiles:
+    """The rows with a delta (slot >= 0), sorted by slot, cut into tiles of at most TILE_ROWS rows of one slot.
+
+    order:      [R] int32   row indices of the batch with slot >= 0, grouped by slot (stable within a slot).
+    tile_slot:  [T] int32   the slot of each tile.
+    tile_start: [T] int32   where each tile starts in `order`.
+    tile_rows:  [T] int32   how many rows each tile has (1..TILE_ROWS).
+    num_tiles:  T, a host int so launches need no device sync.
+    slots:      the distinct slots, on the host, ascending (for torch loops and metrics).
+    """
+
+    order: torch.Tensor
+    tile_slot: torch.Tensor
+    tile_start: torch.Tensor
+    tile_rows: torch.Tensor
+    num_tiles: int
+    slots: tuple[int, ...]
+
+    @property
+    def empty(self) -> bool:
+        return self.num_tiles == 0
+
+
+def build_slot_tiles(
+    seq_slots: Sequence[int], seq_lens: Sequence[int], device: torch.device | str = "cpu"
+) -> SlotTiles:
+    """Tiles for a batch laid out sequence after sequence: sequence j owns `seq_lens[j]` consecutive rows.
+
+    seq_slots[j] is the slot of sequence j, -1 for base only. For a decode step every length is 1.
+    """
+    if len(seq_slots) != len(seq_lens):
+        raise ValueError(f"seq_slots has {len(seq_slots)} entries, seq_lens {len(seq_lens)}")
+    starts: list[int] = []
+    offset = 0
+    for n in seq_lens:
+        starts.append(offset)
+        offset += n
+    by_slot: dict[int, list[int]] = {}
+    for j, slot in enumerate(seq_slots):
+        if slot >= 0 and seq_lens[j] > 0:
+            by_slot.setdefault(slot, []).append(j)
+    order: list[int] = []
+    tile_slot: list[int] = []
+    tile_start: list[int] = []
+    tile_rows: list[int] = []
+    for slot in sorted(by_slot):
+        first = len(order)
+        for j in by_slot[slot]:
+            order.extend(range(starts[j], starts[j] + seq_lens[j]))
+        for t0 in range(first, len(order), TILE_ROWS):
+            tile_slot.append(slot)
+            tile_start.append(t0)
+            tile_rows.append(min(TILE_ROWS, len(order) - t0))
+    # One host->device copy for all four arrays.
+    packed = torch.tensor(order + tile_slot + tile_start + tile_rows, dtype=torch.int32)
+    packed = packed.to(device, non_blocking=True)
+    r, t = len(order), len(tile_slot)
+    return SlotTiles(
+        order=packed[:r],
+        tile_slot=packed[r : r + t],
+        tile_start=packed[r + t : r + 2 * t],
+        tile_rows=packed[r + 2 * t :],
+        num_tiles=t,
+        slots=tuple(sorted(by_slot)),
+    )
+
+
+def row_slots(seq_slots: Sequence[int], seq_lens: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[N] int32: the slot of every row of a batch laid out sequence after sequence (-1 = base only)."""
+    out: list[int] = []
+    for slot, n in zip(seq_slots, seq_lens):
+        out.extend([slot] * n)
+    return torch.tensor(out, dtype=torch.int32).to(device, non_blocking=True)

@@ -1,0 +1,1 @@
+"""HTTP load generator for deltaserve (see the README's roadmap; the server lands with the API issue)."""

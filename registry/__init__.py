@@ -1,0 +1,1 @@
+"""Tenants' deltas: file formats, validation against the base, and the GPU slot pool."""

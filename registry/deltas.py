@@ -1,0 +1,75 @@
+"""In-memory forms of a tenant's delta, as the loaders return them and the slot pool consumes them.
+
+All tensors live on the CPU; the slot pool copies them into preallocated GPU slots.
+A delta is immutable and identified by the sha256 of its file content, never by a path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What a delta is checked against: the served base's tensors, as in its HF state dict.
+
+    fingerprint:  identifies the base weights (registry.fingerprint).
+    tensors:      state-dict name -> (shape, dtype as stored on disk), e.g. "model.norm.weight" -> ((64,), bf16).
+    projections:  module paths of the attention and MLP projections, e.g. "model.layers.0.self_attn.q_proj".
+    tie_word_embeddings: lm_head shares model.embed_tokens.weight (then "lm_head.weight" is not in `tensors`).
+    """
+
+    fingerprint: str
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    projections: frozenset[str]
+    tie_word_embeddings: bool = False
+
+    def projection_shape(self, path: str) -> tuple[int, int]:
+        """(out, in) of a projection."""
+        shape = self.tensors[path + ".weight"][0]
+        return shape[0], shape[1]
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """A PEFT LoRA: for each target projection P, W_P' = W_P + scaling * B @ A.
+
+    weights: module path -> (A [r, in], B [out, r]), float32.
+    """
+
+    sha256: str
+    rank: int
+    scaling: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    kind: str = field(default="lora", init=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+
+@dataclass(frozen=True)
+class BitDelta:
+    """A 1-bit delta file (CONTRACT §4): W_P' = W_P + scale[:, None] * (2 * bits - 1).
+
+    projections:  module path -> (sign uint8 [out, ceil(in/8)], scale float32 [out] or [1]).
+    replacements: state-dict name -> tensor that replaces the base tensor exactly for this tenant
+                  (norm weights, embeddings, lm_head, biases, ...), in the base tensor's shape.
+    """
+
+    sha256: str
+    base_fingerprint: str
+    projections: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    replacements: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    kind: str = field(default="bitdelta", init=False)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for pair in self.projections.values() for t in pair] + list(self.replacements.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+Delta = LoraDelta | BitDelta

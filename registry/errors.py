@@ -1,0 +1,28 @@
+"""Typed errors of the registry. The API maps them to CONTRACT §3 (400 invalid_request_error + code)."""
+
+from __future__ import annotations
+
+
+class DeltaError(ValueError):
+    """A delta (LoRA directory, 1-bit delta file, fine-tune) that cannot be served on this base.
+
+    code: "adapter_mismatch" (does not fit the base, or uses an unsupported option) or
+          "unsupported_format" (pickle, unknown or malformed file format).
+    param: the file or tensor at fault, when there is one.
+    """
+
+    def __init__(self, message: str, *, code: str = "adapter_mismatch", param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+class AdapterMismatch(DeltaError):
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message, code="adapter_mismatch", param=param)
+
+
+class UnsupportedFormat(DeltaError):
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message, code="unsupported_format", param=param)

@@ -1,0 +1,1 @@
+"""deltaserve: the server, the engine and the Llama-family model."""

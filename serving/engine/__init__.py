@@ -1,0 +1,1 @@
+"""The engine: scheduler, sequences, paged KV cache, model runner, sampler, detokenizer."""

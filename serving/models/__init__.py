@@ -1,0 +1,1 @@
+"""Llama-family model code and its weight loading from local Hugging Face directories."""

@@ -1,0 +1,22 @@
+"""Test-wide set-up: Triton's interpreter on machines without a GPU, deterministic CPU math."""
+
+import os
+import shutil
+
+# Must be set before triton is first imported: without a GPU, Triton kernels run in its interpreter on CPU tensors.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords or "/gpu/" in str(item.fspath):
+            item.add_marker(skip)
