@@ -26,6 +26,7 @@ class SlotTiles:
     tile_rows:  [T] int32   how many rows each tile has (1..TILE_ROWS).
     num_tiles:  T, a host int so launches need no device sync.
     slots:      the distinct slots, on the host, ascending (for torch loops and metrics).
+    slot_ranges: for each distinct slot, (slot, start, end): its rows are `order[start:end]` (host ints).
     """
 
     order: torch.Tensor
@@ -34,6 +35,7 @@ class SlotTiles:
     tile_rows: torch.Tensor
     num_tiles: int
     slots: tuple[int, ...]
+    slot_ranges: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -62,10 +64,12 @@ def build_slot_tiles(
     tile_slot: list[int] = []
     tile_start: list[int] = []
     tile_rows: list[int] = []
+    slot_ranges: list[tuple[int, int, int]] = []
     for slot in sorted(by_slot):
         first = len(order)
         for j in by_slot[slot]:
             order.extend(range(starts[j], starts[j] + seq_lens[j]))
+        slot_ranges.append((slot, first, len(order)))
         for t0 in range(first, len(order), TILE_ROWS):
             tile_slot.append(slot)
             tile_start.append(t0)
@@ -81,6 +85,7 @@ def build_slot_tiles(
         tile_rows=packed[r + 2 * t :],
         num_tiles=t,
         slots=tuple(sorted(by_slot)),
+        slot_ranges=tuple(slot_ranges),
     )
 
 

@@ -1,0 +1,138 @@
+"""Per-request sampling parameters, checked once at the boundary.
+
+The API layer maps the OpenAI fields (CONTRACT.md §2 "Sampling fields honoured") onto :class:`SamplingParams`;
+the engine trusts a validated instance. Out-of-range values raise :class:`SamplingParamsError`, whose ``param``
+names the offending field so the API can answer ``400`` naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+
+MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 20
+MAX_TEMPERATURE = 2.0
+SEED_LIMIT = 2**63  # seeds live in [0, 2**63)
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range or of the wrong type.
+
+    Attributes:
+        param: the name of the offending field (e.g. ``"top_p"``), as the API reports it.
+    """
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    Fields:
+        max_tokens: most tokens to generate (>= 1).
+        temperature: in [0, 2]; 0 = greedy (argmax of the raw logits).
+        top_p: nucleus mass in (0, 1]; 1 = off.
+        top_k: keep the k most likely tokens; 0 or -1 = off.
+        seed: in [0, 2**63) or None. A seeded request draws its randomness from its own generator, so its
+            tokens do not depend on the rest of the batch.
+        stop: up to 4 non-empty strings; generation stops before the first one that appears in the output,
+            which is never emitted.
+        stop_token_ids: token ids that end generation (the token itself is not part of the text).
+        ignore_eos: keep generating past the end-of-sequence token (until ``max_tokens`` or a stop).
+        logprobs: None = no log-probabilities; k in [0, 20] = the chosen token's logprob plus the top k
+            alternatives (under the model's raw distribution).
+        skip_special_tokens: leave special tokens out of the detokenized text.
+
+    Construction normalises containers (``stop`` may be given as one string) and validates everything that does
+    not need the vocabulary; call :meth:`validate` with ``vocab_size`` to check ``stop_token_ids`` too.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self.validate()
+        self.temperature = float(self.temperature)
+        self.top_p = float(self.top_p)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raises :class:`SamplingParamsError` for the first out-of-range field.
+
+        Args:
+            vocab_size: when given, every ``stop_token_ids`` entry must lie in ``[0, vocab_size)``.
+        """
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise SamplingParamsError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0 or t > MAX_TEMPERATURE:
+            raise SamplingParamsError(
+                f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}], got {t!r}", "temperature"
+            )
+        p = self.top_p
+        if not _is_real(p) or not math.isfinite(p) or not 0 < p <= 1:
+            raise SamplingParamsError(f"top_p must be a number in (0, 1], got {p!r}", "top_p")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise SamplingParamsError(
+                f"top_k must be an integer >= 1, or 0 / -1 for no limit, got {self.top_k!r}", "top_k"
+            )
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise SamplingParamsError(f"seed must be an integer in [0, 2**63), got {self.seed!r}", "seed")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingParamsError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise SamplingParamsError(f"stop strings must be non-empty strings, got {s!r}", "stop")
+        for tid in self.stop_token_ids:
+            if not _is_int(tid) or tid < 0 or (vocab_size is not None and tid >= vocab_size):
+                bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                raise SamplingParamsError(
+                    f"stop_token_ids entries must be integers {bound}, got {tid!r}", "stop_token_ids"
+                )
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise SamplingParamsError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", "logprobs"
+            )
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingParamsError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise SamplingParamsError(
+                f"skip_special_tokens must be a boolean, got {self.skip_special_tokens!r}", "skip_special_tokens"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request takes the argmax (temperature 0): no randomness, seed irrelevant."""
+        return self.temperature == 0
+
+    @property
+    def effective_top_k(self) -> int:
+        """top_k with both "off" spellings (0 and -1) mapped to 0."""
+        return max(self.top_k, 0)

@@ -1,0 +1,157 @@
+"""Attention over a paged KV cache, for batches that mix prefills and decodes.
+
+The KV cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]. Token t of a
+sequence lives in block `block_table[t // block_size]` at offset `t % block_size`. Every step writes the
+new tokens' keys and values at their slots, then each sequence's queries attend to all its cached tokens.
+
+Sequences are processed in groups of similar query length (decodes: 1 query; prefills: many), each
+padded to its group's longest query and context, with a mask (causal, context length, sliding window)
+built once per step and shared by every layer. This is the pure-torch path used everywhere for now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences of one step padded together.
+
+    token_index:  [B, max_q] int64, row of the step's flat token array for each query (N = padding).
+    valid:        [B, max_q] bool, the real queries.
+    block_tables: [B, max_blocks] int64 (None without a KV cache: keys are the step's own tokens).
+    mask:         [B, 1, max_q, max_ctx] bool, True = may attend.
+    """
+
+    token_index: torch.Tensor
+    valid: torch.Tensor
+    block_tables: torch.Tensor | None
+    mask: torch.Tensor
+    max_ctx: int
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """positions: [N] int64. slot_mapping: [N] int64 flat cache slot of each new token (None: no cache)."""
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor | None
+    groups: tuple[AttentionGroup, ...]
+    num_tokens: int
+
+
+def build_attention_batch(
+    query_lens: Sequence[int],
+    context_lens: Sequence[int],
+    block_tables: Sequence[Sequence[int]] | None,
+    block_size: int,
+    device: torch.device | str,
+    sliding_window: int | None = None,
+) -> AttentionBatch:
+    """Metadata of one step. Sequence j contributes `query_lens[j]` new tokens (laid out one sequence after
+    another) and has `context_lens[j]` tokens in all, the new ones included, so its queries sit at
+    positions context_lens[j] - query_lens[j] ... context_lens[j] - 1. Without block tables (no KV cache)
+    every sequence must be a whole prefill (query_len == context_len)."""
+    n = sum(query_lens)
+    positions: list[int] = []
+    slots: list[int] = []
+    starts: list[int] = []
+    for j, (q, c) in enumerate(zip(query_lens, context_lens)):
+        starts.append(len(positions))
+        positions.extend(range(c - q, c))
+        if block_tables is not None:
+            table = block_tables[j]
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(c - q, c))
+        elif q != c:
+            raise ValueError("without a KV cache every sequence must be a whole prefill")
+    decodes = [j for j, q in enumerate(query_lens) if q == 1]
+    prefills = [j for j, q in enumerate(query_lens) if q > 1]
+    groups = []
+    for members in (decodes, prefills):
+        if members:
+            groups.append(_group(members, query_lens, context_lens, starts, block_tables, block_size, n, sliding_window, device))
+    return AttentionBatch(
+        positions=torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True) if block_tables is not None else None,
+        groups=tuple(groups),
+        num_tokens=n,
+    )
+
+
+def _group(members, query_lens, context_lens, starts, block_tables, block_size, n, window, device) -> AttentionGroup:
+    max_q = max(query_lens[j] for j in members)
+    max_ctx = max(context_lens[j] for j in members)
+    b = len(members)
+    token_index = torch.full((b, max_q), n, dtype=torch.int64)
+    valid = torch.zeros(b, max_q, dtype=torch.bool)
+    q_pos = torch.zeros(b, max_q, dtype=torch.int64)
+    ctx = torch.zeros(b, dtype=torch.int64)
+    for i, j in enumerate(members):
+        q, c = query_lens[j], context_lens[j]
+        token_index[i, :q] = torch.arange(starts[j], starts[j] + q)
+        valid[i, :q] = True
+        q_pos[i, :q] = torch.arange(c - q, c)
+        ctx[i] = c
+    k_pos = torch.arange(max_ctx)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
+    if window is not None:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - window
+    mask[:, :, 0] |= ~valid  # padding queries attend to one key, so no row is fully masked (NaN)
+    tables = None
+    if block_tables is not None:
+        max_blocks = (max_ctx + block_size - 1) // block_size
+        tables = torch.zeros(b, max_blocks, dtype=torch.int64)
+        for i, j in enumerate(members):
+            row = list(block_tables[j])[:max_blocks]
+            tables[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        tables = tables.to(device, non_blocking=True)
+    return AttentionGroup(
+        token_index=token_index.to(device, non_blocking=True),
+        valid=valid.to(device, non_blocking=True),
+        block_tables=tables,
+        mask=mask.unsqueeze(1).to(device, non_blocking=True),
+        max_ctx=max_ctx,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: AttentionBatch,
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    scale: float,
+) -> torch.Tensor:
+    """q: [N, H, D], k, v: [N, Hkv, D] (the step's new tokens, RoPE applied) -> [N, H, D].
+
+    Writes k, v into the cache at `batch.slot_mapping`, then attends each query to its sequence's keys."""
+    n, h, d = q.shape
+    hkv = k.shape[1]
+    if kv_cache is not None:
+        k_cache, v_cache = kv_cache  # [num_blocks, block_size, Hkv, D]
+        assert batch.slot_mapping is not None
+        k_cache.view(-1, hkv, d).index_copy_(0, batch.slot_mapping, k)
+        v_cache.view(-1, hkv, d).index_copy_(0, batch.slot_mapping, v)
+    pad = q.new_zeros(1, h, d)
+    q_padded = torch.cat([q, pad])
+    out = torch.empty_like(q)
+    for g in batch.groups:
+        qg = q_padded[g.token_index]  # [B, max_q, H, D]
+        if kv_cache is not None:
+            assert g.block_tables is not None
+            kg = k_cache[g.block_tables].flatten(1, 2)[:, : g.max_ctx]  # [B, max_ctx, Hkv, D]
+            vg = v_cache[g.block_tables].flatten(1, 2)[:, : g.max_ctx]
+        else:
+            kv_pad = k.new_zeros(1, hkv, d)
+            kg = torch.cat([k, kv_pad])[g.token_index]
+            vg = torch.cat([v, kv_pad])[g.token_index]
+        o = F.scaled_dot_product_attention(
+            qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask, scale=scale, enable_gqa=h != hkv
+        )  # [B, H, max_q, D]
+        out[g.token_index[g.valid]] = o.transpose(1, 2)[g.valid]
+    return out

@@ -1,0 +1,136 @@
+"""Layers that apply each row's own tenant delta on top of the shared base weights.
+
+The model code builds its projections, norms and embeddings from these classes and passes a
+`DeltaBatch` down; it holds no tenancy logic itself. With `deltas=None` they are the plain layers.
+
+Per row i (a token, or a sequence's last position for the lm_head):
+  TenantLinear:    y[i] = x[i] @ W.T + b   (one GEMM for all rows)
+                        + scale[s] * (x[i] @ sign[s].T)          if row i has 1-bit slot s
+                        + scaling[l] * (x[i] @ A[l].T) @ B[l].T  if row i has LoRA slot l
+                   where a 1-bit delta replaces W or b exactly, row i uses its tenant's tensor instead.
+  TenantRMSNorm / TenantEmbedding: row i uses its tenant's replaced weight if there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import DeltaOps
+from kernels.segments import SlotTiles
+from registry.slot_pool import SlotPool
+
+
+@dataclass(frozen=True)
+class DeltaBatch:
+    """Which delta each row of the layer inputs uses; built once per step by the model runner.
+
+    bitdelta / lora:     rows grouped by slot (kernels.segments), for the delta kernels.
+    bitdelta_row_slot:   [N] int64, each row's 1-bit slot (-1 = none), for replaced tensors.
+    lora_buf:            [N, r_max] float32 scratch for the LoRA shrink (a view of a buffer owned by the runner).
+    """
+
+    ops: DeltaOps
+    pools: SlotPool
+    bitdelta: SlotTiles
+    lora: SlotTiles
+    bitdelta_row_slot: torch.Tensor
+    lora_buf: torch.Tensor
+
+    def gather_rows(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """[N, *base.shape]: each row's copy of tensor `name` (its tenant's replacement, else the base);
+        None when no resident delta replaces `name` (the caller uses the base for every row)."""
+        rep = self.pools.replacement(name) if not self.bitdelta.empty else None
+        if rep is None or not rep.replaced_slots.intersection(self.bitdelta.slots):
+            return None
+        slot = self.bitdelta_row_slot
+        rows = rep.pool[slot.clamp(min=0)]
+        has = (slot >= 0).view(-1, *([1] * base.dim()))
+        return torch.where(has, rows, base)
+
+
+class TenantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, path: str, weight_name: str | None = None):
+        """path: the module path in the HF state dict (e.g. "model.layers.0.mlp.down_proj"), the key of its
+        delta pools. weight_name: the state-dict name of its weight when shared (tied lm_head)."""
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.path = path
+        self.weight_name = weight_name or f"{path}.weight"
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
+        # x: [N, in] -> y: [N, out]
+        y = F.linear(x, self.weight, self.bias)
+        if deltas is None:
+            return y
+        ops = deltas.ops
+        pools = deltas.pools.projection(self.path)
+        if pools is not None and not deltas.bitdelta.empty and pools.signs is not None:
+            ops.bitdelta_apply(y, x, pools.signs, pools.scales, deltas.bitdelta)
+        if pools is not None and not deltas.lora.empty and pools.lora_a is not None:
+            buf = deltas.lora_buf
+            ops.lora_shrink(buf, x, pools.lora_a, pools.lora_ranks, deltas.lora)
+            ops.lora_expand(y, buf, pools.lora_bt, pools.lora_scaling, pools.lora_ranks, deltas.lora)
+        if deltas.pools.has_replacements and not deltas.bitdelta.empty:
+            self._apply_replacements(y, x, deltas)
+        return y
+
+    def _apply_replacements(self, y: torch.Tensor, x: torch.Tensor, deltas: DeltaBatch) -> None:
+        if self.bias is not None:
+            bias_rows = deltas.gather_rows(f"{self.path}.bias", self.bias)
+            if bias_rows is not None:
+                y += bias_rows - self.bias
+        rep = deltas.pools.replacement(self.weight_name)
+        if rep is None:
+            return
+        tiles = deltas.bitdelta
+        for slot, start, end in tiles.slot_ranges:
+            if slot not in rep.replaced_slots:
+                continue
+            # A whole weight replaced for this tenant: its rows get their own GEMM (rare: lm_head, embeddings).
+            rows = tiles.order[start:end].long()
+            bias = None
+            if self.bias is not None:
+                bias_rep = deltas.pools.replacement(f"{self.path}.bias")
+                bias = bias_rep.pool[slot] if bias_rep is not None else self.bias
+            y[rows] = F.linear(x[rows], rep.pool[slot], bias)
+
+
+class TenantRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, name: str):
+        super().__init__()
+        self.eps = eps
+        self.name = name  # state-dict name of the weight
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
+        # x: [N, D]; normalised in float32 as in the reference implementations, then cast back.
+        dtype = x.dtype
+        h = x.float()
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        weight = deltas.gather_rows(self.name, self.weight) if deltas is not None else None
+        return h * (self.weight if weight is None else weight)
+
+
+class TenantEmbedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int, name: str):
+        super().__init__()
+        self.name = name
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
+        # ids: [N] -> [N, D]
+        h = F.embedding(ids, self.weight)
+        if deltas is None or deltas.bitdelta.empty:
+            return h
+        rep = deltas.pools.replacement(self.name)
+        if rep is None or not rep.replaced_slots.intersection(deltas.bitdelta.slots):
+            return h
+        slot = deltas.bitdelta_row_slot
+        rows = rep.pool[slot.clamp(min=0), ids]
+        return torch.where((slot >= 0).unsqueeze(-1), rows, h)

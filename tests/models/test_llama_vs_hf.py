@@ -1,0 +1,124 @@
+"""Our Llama-family forward against transformers', on tiny random models saved to disk and loaded back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from serving.models.attention import build_attention_batch
+from serving.models.config import ModelConfig, UnsupportedModel
+from serving.models.loader import load_model
+from tests.helpers import make_model_dir
+
+CASES = {
+    "llama-gqa-tied": dict(arch="llama"),
+    "llama-linear-rope-bias": dict(
+        arch="llama", attention_bias=True, mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0}
+    ),
+    "llama3-rope": dict(
+        arch="llama",
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        rope_theta=500000.0,
+    ),
+    "mistral-sliding-window": dict(arch="mistral", sliding_window=5),
+    "qwen2-bias-sharded": dict(arch="qwen2", max_shard_size="60KB"),
+}
+
+
+def hf_logits(model_dir, prompt_ids):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return [hf(torch.tensor([p])).logits[0] for p in prompt_ids]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(tmp_path, case):
+    kwargs = dict(CASES[case])
+    model_dir = make_model_dir(tmp_path / case, **kwargs)
+    prompts = [[5, 17, 99, 3, 250, 7, 7, 40, 41, 42, 11], [9, 8, 7], list(range(20, 40))]
+    model = load_model(model_dir)
+    # Our model: one batched prefill of all prompts (different lengths), no KV cache.
+    attn = build_attention_batch([len(p) for p in prompts], [len(p) for p in prompts], None, 16, "cpu",
+                                 model.config.sliding_window)
+    with torch.no_grad():
+        hidden = model(torch.tensor(sum(prompts, [])), attn)
+        ours = model.compute_logits(hidden)
+    expected = hf_logits(model_dir, prompts)
+    start = 0
+    for p, exp in zip(prompts, expected):
+        got = ours[start : start + len(p)]
+        start += len(p)
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
+
+
+def test_paged_cache_decode_matches_full_prefill(tmp_path):
+    """Prefill then token-by-token decode through the paged KV cache gives the same logits as one prefill."""
+    model_dir = make_model_dir(tmp_path / "m", arch="qwen2")
+    model = load_model(model_dir)
+    c = model.config
+    block_size, num_blocks = 4, 16
+    cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+    model.bind_kv_cache([(cache[i, 0], cache[i, 1]) for i in range(c.num_layers)])
+    tokens = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46]
+    table = [7, 2, 11]  # blocks in no particular order
+    with torch.no_grad():
+        full = model.compute_logits(
+            model(torch.tensor(tokens), build_attention_batch([len(tokens)], [len(tokens)], [table], block_size, "cpu"))
+        )
+        n0 = 5
+        out = [model.compute_logits(model(torch.tensor(tokens[:n0]), build_attention_batch([n0], [n0], [table], block_size, "cpu")))]
+        for t in range(n0, len(tokens)):
+            attn = build_attention_batch([1], [t + 1], [table], block_size, "cpu")
+            out.append(model.compute_logits(model(torch.tensor([tokens[t]]), attn)))
+    torch.testing.assert_close(torch.cat(out), full, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    model_dir = make_model_dir(tmp_path / "m")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel"):
+        load_model(model_dir)
+    cfg.pop("rope_parameters", None)  # the older config style: rope_theta + rope_scaling
+    with pytest.raises(UnsupportedModel, match="yarn"):
+        ModelConfig.from_hf({**cfg, "architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(UnsupportedModel, match="gelu"):
+        ModelConfig.from_hf({**cfg, "architectures": ["LlamaForCausalLM"], "hidden_act": "gelu"})
+
+
+def test_half_precision_loads(tmp_path):
+    model_dir = make_model_dir(tmp_path / "m", dtype=torch.bfloat16)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        model = load_model(model_dir, dtype=dtype)
+        attn = build_attention_batch([3], [3], None, 16, "cpu")
+        with torch.no_grad():
+            logits = model.compute_logits(model(torch.tensor([1, 2, 3]), attn))
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_our_kernels_package_does_not_confuse_transformers(tmp_path):
+    """transformers probes for an optional hub package named `kernels`; ours must not be taken for it."""
+    from transformers.utils import import_utils
+
+    import kernels  # noqa: F401  (ours, importable)
+
+    probe = getattr(import_utils, "is_kernels_available", None)
+    if probe is not None:
+        assert not probe()
+    from tests.helpers import make_hf_model, tiny_config
+
+    model = make_hf_model(tiny_config("llama"))
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 320)
