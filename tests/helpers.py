@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.bitdelta import pack_signs, unpack_signs
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "A journey of a thousand miles begins with a single step.",
@@ -96,3 +98,63 @@ def make_model_dir(
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     tokenizer.save_pretrained(path)
     return path
+
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_model(model_dir: Path):
+    """The transformers model of a local directory, float32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def make_lora(base_dir: Path, out: Path, r: int, seed: int, rslora: bool = False, targets=None):
+    """A PEFT adapter with random (non-zero) A and B; returns (adapter dir, merged transformers model)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets or PROJECTIONS, init_lora_weights=False, use_rslora=rslora
+    )
+    peft_model = get_peft_model(hf_model(base_dir), cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    peft_model.save_pretrained(out)
+    return out, peft_model.merge_and_unload().eval()
+
+
+def make_bitdelta(base_dir: Path, out: Path, seed: int, per_row: bool, replace: bool):
+    """A 1-bit delta of a random fine-tune; returns (file, transformers model with W + scale * sign)."""
+    from registry.bitdelta_format import save_bitdelta_file
+    from registry.checkpoint import Checkpoint
+    from registry.fingerprint import fingerprint_checkpoint
+
+    torch.manual_seed(seed)
+    merged = hf_model(base_dir)
+    state = merged.state_dict()
+    projections, replacements = {}, {}
+    layers = [0, 1] if per_row else [1]  # a delta may leave some layers alone
+    for layer in layers:
+        for proj in PROJECTIONS:
+            group = "self_attn" if proj[0] in "qkvo" else "mlp"
+            path = f"model.layers.{layer}.{group}.{proj}"
+            w = state[path + ".weight"]
+            delta = 0.05 * torch.randn_like(w)
+            scale = delta.abs().mean(dim=1) if per_row else delta.abs().mean().reshape(1)
+            sign = pack_signs(delta > 0)
+            projections[path] = (sign, scale)
+            w += scale[:, None] * unpack_signs(sign, w.shape[1]) if per_row else scale * unpack_signs(sign, w.shape[1])
+    if replace:
+        for name in ["model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.k_proj.bias",
+                     "model.embed_tokens.weight", "lm_head.weight"]:
+            new = state[name] + 0.2 * torch.randn_like(state[name])
+            state[name].copy_(new)
+            replacements[name] = new.clone()
+    save_bitdelta_file(out, projections, replacements, fingerprint_checkpoint(Checkpoint(base_dir)))
+    return out, merged
+
+

@@ -1,0 +1,252 @@
+"""GPU slots for tenants' deltas: allocated once at start-up; loading a delta into a slot is a copy.
+
+Two independent slot spaces, one per kind (a row carries a 1-bit slot and a LoRA slot, each -1 when
+unused), so no index ever means two things. A slot holding a delta that a running request uses is
+pinned; when a new delta needs a slot and none is free, the least recently used unpinned slot is
+reused.
+
+Per projection P (module path as in the HF state dict):
+  1-bit: signs [S_bd, out, ceil(in/8)] uint8, scales [S_bd, out] float32 (0 where the delta leaves P alone)
+  LoRA:  a [S_lora, r_max, in], bt [S_lora, r_max, out] (B transposed; ranks below r_max zero-padded),
+         scaling [S_lora] float32, ranks [S_lora] int32
+Replacements (1-bit files may replace any other base tensor exactly, CONTRACT §4): one pool per replaced
+tensor name, [S_bd, *shape], created the first time a delta replaces that name; the rows of slots whose
+delta does not replace it hold the base tensor, so a row's lookup never needs to know which slots replace.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.bitdelta import packed_width
+from registry.deltas import BitDelta, Delta, LoraDelta
+from registry.errors import AdapterMismatch
+
+
+@dataclass
+class ProjectionPools:
+    out_features: int
+    in_features: int
+    signs: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    lora_a: torch.Tensor | None = None
+    lora_bt: torch.Tensor | None = None
+    lora_scaling: torch.Tensor | None = None
+    lora_ranks: torch.Tensor | None = None
+
+
+@dataclass
+class Replacement:
+    """The per-slot copies of one replaced base tensor, and which slots really replace it (host)."""
+
+    pool: torch.Tensor
+    replaced_slots: set[int] = field(default_factory=set)
+
+
+class _SlotTable:
+    """Which delta sits in which slot of one kind, pin counts, and LRU order of the unpinned ones."""
+
+    def __init__(self, num_slots: int):
+        self.owner: list[str | None] = [None] * num_slots
+        self.pins = [0] * num_slots
+        self.by_id: dict[str, int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))  # unpinned slots
+
+    def find(self, delta_id: str) -> int | None:
+        return self.by_id.get(delta_id)
+
+    def victim(self) -> int | None:
+        """A free slot first, else the least recently used unpinned one; None when every slot is pinned."""
+        for slot in self.lru:
+            if self.owner[slot] is None:
+                return slot
+        return next(iter(self.lru), None)
+
+    def pin(self, slot: int) -> None:
+        self.pins[slot] += 1
+        self.lru.pop(slot, None)
+
+    def unpin(self, slot: int) -> None:
+        assert self.pins[slot] > 0, "unpin of an unpinned slot"
+        self.pins[slot] -= 1
+        if self.pins[slot] == 0:
+            self.lru[slot] = None  # most recently used at the end
+
+    def assign(self, slot: int, delta_id: str) -> None:
+        old = self.owner[slot]
+        if old is not None:
+            del self.by_id[old]
+        self.owner[slot] = delta_id
+        self.by_id[delta_id] = slot
+
+
+class SlotPool:
+    """Preallocated GPU slots for 1-bit and LoRA deltas, with pinning and LRU reuse."""
+
+    def __init__(
+        self,
+        projections: Mapping[str, tuple[int, int]],
+        base_tensors: Mapping[str, torch.Tensor],
+        *,
+        bitdelta_slots: int,
+        lora_slots: int,
+        max_lora_rank: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        """projections: module path -> (out, in). base_tensors: every tensor of the served model by
+        state-dict name (on `device`): the source of replacement pools' base rows."""
+        if bitdelta_slots < 0 or lora_slots < 0 or max_lora_rank < 1:
+            raise ValueError("slot counts must be >= 0 and max_lora_rank >= 1")
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.num_bitdelta_slots = bitdelta_slots
+        self.num_lora_slots = lora_slots
+        self.max_lora_rank = max_lora_rank
+        self._base = base_tensors
+        self._projections: dict[str, ProjectionPools] = {}
+        for path, (out_f, in_f) in projections.items():
+            p = ProjectionPools(out_f, in_f)
+            if bitdelta_slots:
+                p.signs = torch.zeros(bitdelta_slots, out_f, packed_width(in_f), dtype=torch.uint8, device=device)
+                p.scales = torch.zeros(bitdelta_slots, out_f, dtype=torch.float32, device=device)
+            if lora_slots:
+                p.lora_a = torch.zeros(lora_slots, max_lora_rank, in_f, dtype=dtype, device=device)
+                p.lora_bt = torch.zeros(lora_slots, max_lora_rank, out_f, dtype=dtype, device=device)
+                p.lora_scaling = torch.zeros(lora_slots, dtype=torch.float32, device=device)
+                p.lora_ranks = torch.zeros(lora_slots, dtype=torch.int32, device=device)
+            self._projections[path] = p
+        self._replacements: dict[str, Replacement] = {}
+        self._tables = {"bitdelta": _SlotTable(bitdelta_slots), "lora": _SlotTable(lora_slots)}
+        self.loads = 0
+        self.evictions = 0
+
+    # ---- what the layers read -------------------------------------------------------------------
+    def projection(self, path: str) -> ProjectionPools | None:
+        return self._projections.get(path)
+
+    def replacement(self, name: str) -> Replacement | None:
+        return self._replacements.get(name)
+
+    @property
+    def has_replacements(self) -> bool:
+        return bool(self._replacements)
+
+    # ---- checks ------------------------------------------------------------------------------------
+    def check_servable(self, delta: Delta) -> None:
+        """Raises AdapterMismatch if this pool cannot hold `delta` (independent of what is loaded)."""
+        if isinstance(delta, LoraDelta):
+            if not self.num_lora_slots:
+                raise AdapterMismatch("this server has no LoRA slots (lora_slots=0)")
+            if delta.rank > self.max_lora_rank:
+                raise AdapterMismatch(
+                    f"LoRA rank {delta.rank} is above this server's max_lora_rank {self.max_lora_rank}", param="r"
+                )
+            for path in delta.weights:
+                if path not in self._projections:
+                    raise AdapterMismatch(f"LoRA targets {path!r}, which is not a projection of the base", param=path)
+            return
+        if not self.num_bitdelta_slots:
+            raise AdapterMismatch("this server has no 1-bit delta slots (bitdelta_slots=0)")
+        for path in delta.projections:
+            if path not in self._projections:
+                raise AdapterMismatch(f"{path!r} is not a projection of the base", param=path)
+            if path + ".weight" in delta.replacements:
+                raise AdapterMismatch(
+                    f"{path}.weight is both replaced and given as sign/scale; keep one", param=path + ".weight"
+                )
+        for name, tensor in delta.replacements.items():
+            base = self._base.get(name)
+            if base is None:
+                raise AdapterMismatch(f"replacement {name!r} is not a tensor of the base", param=name)
+            if tuple(base.shape) != tuple(tensor.shape):
+                raise AdapterMismatch(
+                    f"replacement {name!r} has shape {tuple(tensor.shape)}, the base has {tuple(base.shape)}",
+                    param=name,
+                )
+
+    # ---- acquire / release -------------------------------------------------------------------------
+    def slot_of(self, delta: Delta) -> int | None:
+        return self._tables[delta.kind].find(delta.sha256)
+
+    def acquire(self, delta: Delta) -> int | None:
+        """Pins `delta` in a slot, loading it (a copy) if it is not resident. None when every slot of its
+        kind is pinned by other deltas: the caller waits and tries again after some request finishes."""
+        table = self._tables[delta.kind]
+        slot = table.find(delta.sha256)
+        if slot is None:
+            slot = table.victim()
+            if slot is None:
+                return None
+            if table.owner[slot] is not None:
+                self.evictions += 1
+            table.assign(slot, delta.sha256)
+            if isinstance(delta, LoraDelta):
+                self._load_lora(slot, delta)
+            else:
+                self._load_bitdelta(slot, delta)
+            self.loads += 1
+        table.pin(slot)
+        return slot
+
+    def release(self, delta: Delta) -> None:
+        table = self._tables[delta.kind]
+        slot = table.find(delta.sha256)
+        assert slot is not None, "release of a delta that holds no slot"
+        table.unpin(slot)
+
+    def resident(self, kind: str) -> list[str | None]:
+        """The delta id in each slot of a kind (None = empty)."""
+        return list(self._tables[kind].owner)
+
+    # ---- loading (copies into the preallocated pools) ---------------------------------------------
+    @torch.no_grad()
+    def _load_bitdelta(self, slot: int, delta: BitDelta) -> None:
+        for path, p in self._projections.items():
+            assert p.signs is not None and p.scales is not None
+            entry = delta.projections.get(path)
+            if entry is None:
+                p.scales[slot].zero_()  # this delta leaves P as in the base
+                continue
+            sign, scale = entry
+            p.signs[slot].copy_(sign, non_blocking=True)
+            p.scales[slot].copy_(scale.to(torch.float32).expand(p.out_features), non_blocking=True)
+        for name, rep in self._replacements.items():
+            if name not in delta.replacements and slot in rep.replaced_slots:
+                rep.pool[slot].copy_(self._base[name])
+                rep.replaced_slots.discard(slot)
+        for name, tensor in delta.replacements.items():
+            rep = self._replacements.get(name)
+            if rep is None:
+                base = self._base[name]
+                # Created once, on the first delta that replaces this name; every row starts as the base.
+                rep = Replacement(base.unsqueeze(0).repeat(self.num_bitdelta_slots, *([1] * base.dim())))
+                self._replacements[name] = rep
+            rep.pool[slot].copy_(tensor, non_blocking=True)
+            rep.replaced_slots.add(slot)
+
+    @torch.no_grad()
+    def _load_lora(self, slot: int, delta: LoraDelta) -> None:
+        ranks = torch.zeros(len(self._projections), dtype=torch.int32)
+        scaling = torch.zeros(len(self._projections), dtype=torch.float32)
+        for i, (path, p) in enumerate(self._projections.items()):
+            assert p.lora_a is not None and p.lora_bt is not None
+            p.lora_a[slot].zero_()
+            p.lora_bt[slot].zero_()
+            entry = delta.weights.get(path)
+            if entry is None:
+                continue
+            a, b = entry  # a: [r, in], b: [out, r]
+            r = a.shape[0]
+            p.lora_a[slot, :r].copy_(a, non_blocking=True)
+            p.lora_bt[slot, :r].copy_(b.t(), non_blocking=True)
+            ranks[i] = r
+            scaling[i] = delta.scaling
+        for i, p in enumerate(self._projections.values()):
+            assert p.lora_ranks is not None and p.lora_scaling is not None
+            p.lora_ranks[slot] = ranks[i]
+            p.lora_scaling[slot] = scaling[i]

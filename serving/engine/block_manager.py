@@ -1,0 +1,48 @@
+"""The paged KV cache's bookkeeping: which blocks each sequence owns. Plain Python, no tensors."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from serving.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Share of the blocks in use, 0..1."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        """Blocks for every token of `seq` (its whole prompt, plus what it generated before a preemption)."""
+        return self.blocks_for(len(seq.token_ids)) <= len(self._free)
+
+    def allocate(self, seq: Sequence) -> None:
+        assert not seq.block_table, "allocate on a sequence that holds blocks"
+        need = self.blocks_for(len(seq.token_ids))
+        assert need <= len(self._free)
+        seq.block_table = [self._free.popleft() for _ in range(need)]
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Room for the sequence's next token (its last generated one, not yet in the cache)."""
+        return self.blocks_for(len(seq.token_ids)) <= len(seq.block_table) or bool(self._free)
+
+    def append(self, seq: Sequence) -> None:
+        if self.blocks_for(len(seq.token_ids)) > len(seq.block_table):
+            seq.block_table.append(self._free.popleft())
+
+    def free(self, seq: Sequence) -> None:
+        self._free.extend(seq.block_table)
+        seq.block_table = []

@@ -1,0 +1,257 @@
+"""The engine: requests in, tokens and text out, one `step()` at a time.
+
+    step() = schedule -> run -> postprocess
+
+It owns the model, the KV cache, the delta slot pool and the scheduler. It is single-threaded: the
+server drives it from one thread of its own; offline generation calls `generate()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kernels import select_delta_ops
+from registry.checkpoint import Checkpoint
+from registry.deltas import BaseSpec, Delta
+from registry.fingerprint import base_spec
+from registry.slot_pool import SlotPool
+from serving.engine.block_manager import BlockManager
+from serving.engine.config import EngineConfig
+from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.model_runner import ModelRunner
+from serving.engine.sampling_params import SamplingParams, SamplingParamsError
+from serving.engine.scheduler import Scheduler
+from serving.engine.sequence import SeqStatus, Sequence, TokenLogprob
+from serving.models.config import ModelConfig
+from serving.models.llama import LlamaForCausalLM
+from serving.models.loader import load_model_from_checkpoint, resolve_device, resolve_dtype
+
+
+class PromptTooLong(SamplingParamsError):
+    """The prompt (plus max_tokens) does not fit the context: CONTRACT code context_length_exceeded."""
+
+    code = "context_length_exceeded"
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (streamed), and its totals so far."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, as `generate()` returns it."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    num_prompt_tokens: int
+    logprobs: list[TokenLogprob]
+
+
+class LLMEngine:
+    def __init__(self, model: LlamaForCausalLM, tokenizer, spec: BaseSpec, config: EngineConfig):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        mc: ModelConfig = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        if config.max_num_batched_tokens < self.max_model_len:
+            # A preempted sequence is recomputed in one step: the budget must hold the longest one.
+            raise ValueError(
+                f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
+            )
+        self.eos_token_ids = set(mc.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.slots = SlotPool(
+            model.projection_paths(),
+            dict(model.state_dict()),
+            bitdelta_slots=config.bitdelta_slots,
+            lora_slots=config.lora_slots,
+            max_lora_rank=config.max_lora_rank,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache ({num_blocks} blocks of {config.block_size}) cannot hold one sequence of max_model_len {self.max_model_len}"
+            )
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.blocks, self.slots)
+        self.runner = ModelRunner(
+            model,
+            self.slots,
+            select_delta_ops(config.kernel_backend),
+            num_kv_blocks=num_blocks,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            device=self.device,
+            dtype=self.dtype,
+            seed=config.seed,
+        )
+        self._seqs: dict[str, Sequence] = {}
+        self.num_steps = 0
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        from transformers import AutoTokenizer
+
+        config = config or EngineConfig()
+        ckpt = Checkpoint(model_dir)
+        mc = ModelConfig.from_hf(ckpt.config, name=Path(model_dir).resolve().name)
+        device = resolve_device(config.device)
+        model = load_model_from_checkpoint(ckpt, mc, resolve_dtype(config.dtype, mc, device), device)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return cls(model, tokenizer, base_spec(ckpt), config)
+
+    def _auto_num_blocks(self) -> int:
+        per_block = ModelRunner.kv_block_bytes(self.model, self.config.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - self.config.gpu_memory_utilization) * total
+        else:
+            budget = self.config.kv_cache_cpu_bytes
+        wanted = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
+        return max(1, min(wanted, int(budget // per_block)))
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        delta: Delta | None = None,
+    ) -> None:
+        """Queues a request. Raises SamplingParamsError / PromptTooLong / DeltaError for bad input."""
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params.validate(self.model.config.vocab_size)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise SamplingParamsError("the prompt is empty", "prompt")
+        if any(not 0 <= t < self.model.config.vocab_size for t in ids):
+            raise SamplingParamsError("the prompt has token ids outside the vocabulary", "prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLong(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
+                f"and max_tokens is {params.max_tokens}",
+                "prompt" if len(ids) >= self.max_model_len else "max_tokens",
+            )
+        if delta is not None:
+            self.slots.check_servable(delta)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+        seq = Sequence(request_id, ids, params, delta, detok)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request now, freeing its KV blocks and slot. False if it is unknown or done."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None or seq.finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        result = self.runner.run(scheduled)
+        self.num_steps += 1
+        return self._postprocess(scheduled, result)
+
+    def _postprocess(self, scheduled, result) -> list[RequestOutput]:
+        outputs = []
+        for item, token, logprob in zip(scheduled, result.token_ids, result.logprobs):
+            seq = item.seq
+            seq.num_computed += item.num_tokens
+            seq.token_ids.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            text = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                if seq.detokenizer is not None and not seq.detokenizer.stopped:
+                    text += seq.detokenizer.flush()
+                self.scheduler.finish(seq, reason)
+                self._seqs.pop(seq.request_id, None)
+            outputs.append(
+                RequestOutput(
+                    request_id=seq.request_id,
+                    new_token_ids=[token],
+                    new_text=text,
+                    finished=seq.finished,
+                    finish_reason=seq.finish_reason,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    num_output_tokens=len(seq.output_token_ids),
+                    new_logprobs=[logprob] if logprob is not None else [],
+                )
+            )
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if seq.detokenizer is not None and seq.detokenizer.stopped:
+            return "stop"
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    # ---- offline ----------------------------------------------------------------------------------
+    def generate(
+        self, requests: Iterable[tuple[str | list[int], SamplingParams, Delta | None]]
+    ) -> list[Completion]:
+        """Runs all requests together (mixed batches) to completion; results in input order."""
+        ids = []
+        texts: dict[str, list[str]] = {}
+        for i, (prompt, params, delta) in enumerate(requests):
+            rid = f"gen-{self.num_steps}-{i}"
+            self.add_request(rid, prompt, params, delta)
+            ids.append(rid)
+            texts[rid] = []
+        seqs = {rid: self._seqs[rid] for rid in ids}
+        while any(not s.finished for s in seqs.values()):
+            for out in self.step():
+                if out.request_id in texts:
+                    texts[out.request_id].append(out.new_text)
+        return [
+            Completion(
+                request_id=rid,
+                text="".join(texts[rid]),
+                token_ids=seqs[rid].output_token_ids,
+                finish_reason=seqs[rid].finish_reason or "stop",
+                num_prompt_tokens=seqs[rid].num_prompt_tokens,
+                logprobs=seqs[rid].logprobs,
+            )
+            for rid in ids
+        ]
+
+
+__all__ = ["LLMEngine", "EngineConfig", "RequestOutput", "Completion", "PromptTooLong", "SeqStatus"]

@@ -1,0 +1,118 @@
+"""Runs one scheduled step on the device: builds the step's metadata once, runs the model, samples.
+
+Owns the KV cache (allocated once), the LoRA scratch buffer and the sampler. One host->device copy of
+metadata per step and one device->host copy of the sampled tokens at the end; nothing else syncs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from kernels import DeltaOps
+from kernels.segments import build_slot_tiles
+from registry.slot_pool import SlotPool
+from serving.engine.sampler import RowSampling, Sampler, make_generator
+from serving.engine.scheduler import ScheduledSeq
+from serving.engine.sequence import TokenLogprob
+from serving.models.attention import build_attention_batch
+from serving.models.llama import LlamaForCausalLM
+from serving.models.tenant_layers import DeltaBatch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    token_ids: list[int]  # one per scheduled sequence
+    logprobs: list[TokenLogprob | None]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        slots: SlotPool,
+        ops: DeltaOps,
+        *,
+        num_kv_blocks: int,
+        block_size: int,
+        max_num_batched_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.slots = slots
+        self.ops = ops
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        c = model.config
+        shape = (c.num_layers, 2, num_kv_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+        model.bind_kv_cache([(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)])
+        self.lora_scratch = torch.zeros(max_num_batched_tokens, slots.max_lora_rank, dtype=torch.float32, device=device)
+        self.sampler = Sampler(seed)
+
+    @staticmethod
+    def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        c = model.config
+        return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
+
+    def _delta_batch(self, bd_slots: Seq[int], lora_slots: Seq[int], lens: Seq[int]) -> DeltaBatch:
+        bitdelta = build_slot_tiles(bd_slots, lens, self.device)
+        row_slot: list[int] = []
+        for slot, n in zip(bd_slots, lens):
+            row_slot.extend([slot] * n)
+        return DeltaBatch(
+            ops=self.ops,
+            pools=self.slots,
+            bitdelta=bitdelta,
+            lora=build_slot_tiles(lora_slots, lens, self.device),
+            bitdelta_row_slot=torch.tensor(row_slot, dtype=torch.int64).to(self.device, non_blocking=True),
+            lora_buf=self.lora_scratch[: sum(lens)],
+        )
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        seqs = [s.seq for s in scheduled]
+        query_lens = [s.num_tokens for s in scheduled]
+        context_lens = [s.seq.num_computed + s.num_tokens for s in scheduled]
+        input_ids: list[int] = []
+        for s, n in zip(seqs, query_lens):
+            input_ids.extend(s.token_ids[s.num_computed : s.num_computed + n])
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        attn = build_attention_batch(
+            query_lens,
+            context_lens,
+            [s.block_table for s in seqs],
+            self.block_size,
+            self.device,
+            self.model.config.sliding_window,
+        )
+        bd_slots = [s.bitdelta_slot for s in seqs]
+        lora_slots = [s.lora_slot for s in seqs]
+        token_deltas = self._delta_batch(bd_slots, lora_slots, query_lens)
+        hidden = self.model(ids, attn, token_deltas)  # [N, D]
+        last = torch.tensor([sum(query_lens[: i + 1]) - 1 for i in range(len(seqs))], dtype=torch.int64)
+        last_hidden = hidden[last.to(self.device, non_blocking=True)]  # [B, D]
+        seq_deltas = self._delta_batch(bd_slots, lora_slots, [1] * len(seqs))
+        logits = self.model.compute_logits(last_hidden, seq_deltas)  # [B, V] float32
+
+        rows = []
+        for s in seqs:
+            if s.generator is None and s.params.seed is not None:
+                s.generator = make_generator(s.params.seed, self.device)
+            rows.append(RowSampling(s.params, s.generator))
+        out = self.sampler(logits, rows)
+        token_ids = out.token_ids.tolist()  # the step's one device->host sync
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if out.logprobs is not None:
+            chosen = out.logprobs.tolist()
+            top_lp, top_ids = out.top_logprobs.tolist(), out.top_ids.tolist()
+            for i, s in enumerate(seqs):
+                k = s.params.logprobs
+                if k is not None:
+                    logprobs[i] = TokenLogprob(token_ids[i], chosen[i], list(zip(top_ids[i][:k], top_lp[i][:k])))
+        return StepResult(token_ids, logprobs)

@@ -1,0 +1,67 @@
+"""A request inside the engine: its tokens, its KV blocks, its delta and its sampling state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from registry.deltas import Delta
+from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    delta: Delta | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    generator: torch.Generator | None = None
+    status: SeqStatus = SeqStatus.WAITING
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated
+    num_computed: int = 0  # tokens whose keys/values are in the KV cache
+    block_table: list[int] = field(default_factory=list)
+    slot: int = -1  # GPU slot of `delta` while pinned (its kind's slot space), else -1
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    @property
+    def bitdelta_slot(self) -> int:
+        return self.slot if self.delta is not None and self.delta.kind == "bitdelta" else -1
+
+    @property
+    def lora_slot(self) -> int:
+        return self.slot if self.delta is not None and self.delta.kind == "lora" else -1

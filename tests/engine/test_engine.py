@@ -1,0 +1,126 @@
+"""Engine behaviour: continuous batching under memory pressure, slot contention, abort, stop conditions."""
+
+from __future__ import annotations
+
+import pytest
+
+from registry.loading import load_delta
+from serving.engine.block_manager import BlockManager
+from serving.engine.config import EngineConfig
+from serving.engine.engine import LLMEngine, PromptTooLong
+from serving.engine.sampling_params import SamplingParams, SamplingParamsError
+from serving.engine.sequence import Sequence
+from tests.helpers import make_bitdelta, make_lora, make_model_dir
+
+PROMPTS = ["The quick brown fox", "To be or not", "A journey of a thousand miles", "def main():", "All that", "Caf\u00e9"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    base = make_model_dir(root / "base", arch="llama")
+    adapters = [make_lora(base, root / f"lora{i}", r=2 + i, seed=10 + i)[0] for i in range(3)]
+    adapters += [make_bitdelta(base, root / f"bd{i}.safetensors", seed=20 + i, per_row=True, replace=False)[0]
+                 for i in range(3)]
+    return base, adapters
+
+
+def engine_for(base, **overrides) -> LLMEngine:
+    kwargs = dict(device="cpu", dtype="float32", kernel_backend="torch", max_model_len=96, max_num_batched_tokens=128,
+                  max_lora_rank=8)
+    return LLMEngine.from_model_dir(base, EngineConfig(**{**kwargs, **overrides}))
+
+
+def run_all(engine: LLMEngine, requests) -> list[list[int]]:
+    return [c.token_ids for c in engine.generate(requests)]
+
+
+def test_preemption_under_kv_pressure_gives_the_same_tokens(world):
+    base, adapters = world
+    roomy = engine_for(base, max_model_len=48)
+    deltas = [load_delta(a, roomy.spec, 8) for a in adapters]
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    requests = [(PROMPTS[i % 6], greedy, deltas[i % 6] if i % 4 else None) for i in range(10)]
+    expected = run_all(roomy, requests)
+    tight = engine_for(base, num_kv_blocks=12, block_size=8, max_model_len=48)  # 96 token slots for 10 sequences of up to ~40
+    got = run_all(tight, [(p, s, load_delta(adapters[i % 6], tight.spec, 8) if d else None)
+                          for i, (p, s, d) in enumerate(requests)])
+    assert got == expected
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.blocks.num_free == tight.blocks.num_blocks  # everything given back
+
+
+def test_more_adapters_than_slots(world):
+    base, adapters = world
+    roomy = engine_for(base, lora_slots=3, bitdelta_slots=3)
+    few = engine_for(base, lora_slots=1, bitdelta_slots=1, max_num_seqs=4)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    reqs = lambda eng: [(PROMPTS[i % 6], greedy, load_delta(adapters[i % 6], eng.spec, 8)) for i in range(12)]  # noqa: E731
+    assert run_all(few, reqs(few)) == run_all(roomy, reqs(roomy))
+    assert few.slots.evictions > 0
+
+
+def test_abort_frees_blocks_and_slot(world):
+    base, adapters = world
+    engine = engine_for(base, lora_slots=1)
+    delta = load_delta(adapters[0], engine.spec, 8)
+    engine.add_request("a", "The quick brown fox", SamplingParams(max_tokens=50, ignore_eos=True), delta)
+    engine.add_request("b", "To be", SamplingParams(max_tokens=50, ignore_eos=True), None)
+    for _ in range(3):
+        engine.step()
+    assert engine.blocks.num_free < engine.blocks.num_blocks
+    assert engine.abort("a") and engine.abort("b")
+    assert not engine.abort("a")
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert not engine.has_unfinished()
+    assert engine.slots.acquire(load_delta(adapters[1], engine.spec, 8)) == 0  # the only LoRA slot is free again
+
+
+def test_stop_conditions(world):
+    base, _ = world
+    engine = engine_for(base)
+    free_run = engine.generate([("The quick", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), None)])[0]
+    assert free_run.finish_reason == "length" and len(free_run.token_ids) == 12
+    # stop token id: the generation ends on the first occurrence of the 4th token
+    stop_id = free_run.token_ids[3]
+    first = free_run.token_ids.index(stop_id)
+    r = engine.generate([("The quick", SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop_id]), None)])
+    assert r[0].token_ids == free_run.token_ids[: first + 1] and r[0].finish_reason == "stop"
+    # stop string: text is cut before it and never contains it
+    text = free_run.text
+    stop = text[len(text) // 2 : len(text) // 2 + 2] if len(text) >= 4 else None
+    if stop and stop.strip():
+        r = engine.generate([("The quick", SamplingParams(max_tokens=12, temperature=0.0, stop=[stop], ignore_eos=True), None)])
+        assert r[0].finish_reason == "stop" and stop not in r[0].text and text.startswith(r[0].text)
+
+
+def test_bad_requests_are_refused(world):
+    base, _ = world
+    engine = engine_for(base)
+    with pytest.raises(PromptTooLong):
+        engine.add_request("long", list(range(3, 95)), SamplingParams(max_tokens=10), None)
+    with pytest.raises(SamplingParamsError):
+        engine.add_request("oov", [1, 2, 10_000], SamplingParams(max_tokens=1), None)
+    with pytest.raises(SamplingParamsError):
+        engine.add_request("empty", [], SamplingParams(max_tokens=1), None)
+    engine.add_request("dup", [1, 2], SamplingParams(max_tokens=1), None)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", [1, 2], SamplingParams(max_tokens=1), None)
+
+
+def test_block_manager_accounting():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    seq = Sequence("s", list(range(5)), SamplingParams())
+    assert bm.can_allocate(seq)
+    bm.allocate(seq)
+    assert len(seq.block_table) == 2 and bm.num_free == 2
+    for t in range(3):  # tokens 6..8 fit in the second block
+        seq.token_ids.append(t)
+        assert bm.can_append(seq)
+        bm.append(seq)
+    assert len(seq.block_table) == 2
+    seq.token_ids.append(9)  # 9th token: a third block
+    bm.append(seq)
+    assert len(seq.block_table) == 3 and bm.num_free == 1
+    bm.free(seq)
+    assert bm.num_free == 4 and seq.block_table == []
