@@ -149,8 +149,11 @@ def make_bitdelta(base_dir: Path, out: Path, seed: int, per_row: bool, replace: 
             projections[path] = (sign, scale)
             w += scale[:, None] * unpack_signs(sign, w.shape[1]) if per_row else scale * unpack_signs(sign, w.shape[1])
     if replace:
-        for name in ["model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.k_proj.bias",
-                     "model.embed_tokens.weight", "lm_head.weight"]:
+        names = ["model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.k_proj.bias",
+                 "model.embed_tokens.weight", "lm_head.weight"]
+        if merged.config.tie_word_embeddings:
+            names.remove("lm_head.weight")  # the same tensor as the embeddings: replaced with them
+        for name in [n for n in names if n in state]:  # the bias exists in Qwen2 only
             new = state[name] + 0.2 * torch.randn_like(state[name])
             state[name].copy_(new)
             replacements[name] = new.clone()
@@ -158,3 +161,11 @@ def make_bitdelta(base_dir: Path, out: Path, seed: int, per_row: bool, replace: 
     return out, merged
 
 
+
+
+def greedy_tokens(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """transformers' greedy generation (stopping at EOS id 2): the generated ids only."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=2)
+    return out[0, ids.shape[1] :].tolist()

@@ -10,7 +10,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine, PromptTooLong
 from serving.engine.sampling_params import SamplingParams, SamplingParamsError
 from serving.engine.sequence import Sequence
-from tests.helpers import make_bitdelta, make_lora, make_model_dir
+from tests.helpers import greedy_tokens, hf_model, make_bitdelta, make_lora, make_model_dir
 
 PROMPTS = ["The quick brown fox", "To be or not", "A journey of a thousand miles", "def main():", "All that", "Caf\u00e9"]
 
@@ -58,6 +58,20 @@ def test_more_adapters_than_slots(world):
     reqs = lambda eng: [(PROMPTS[i % 6], greedy, load_delta(adapters[i % 6], eng.spec, 8)) for i in range(12)]  # noqa: E731
     assert run_all(few, reqs(few)) == run_all(roomy, reqs(roomy))
     assert few.slots.evictions > 0
+
+
+def test_tied_embeddings_replaced_per_row(world, tmp_path):
+    """On a tied base, a tenant's replaced embeddings are its lm_head too; other rows keep the base's."""
+    base, _ = world
+    bd, merged = make_bitdelta(base, tmp_path / "tied.safetensors", seed=5, per_row=False, replace=True)
+    engine = engine_for(base)
+    delta = load_delta(bd, engine.spec, 8)
+    assert "model.embed_tokens.weight" in delta.replacements
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    got = run_all(engine, [(p, greedy, delta if i % 2 else None) for i, p in enumerate(PROMPTS)])
+    plain = hf_model(base)
+    for i, (p, tokens) in enumerate(zip(PROMPTS, got)):
+        assert tokens == greedy_tokens(merged if i % 2 else plain, engine.tokenizer, p, 8)
 
 
 def test_abort_frees_blocks_and_slot(world):

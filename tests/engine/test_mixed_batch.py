@@ -9,13 +9,12 @@ Prompts of different lengths; requests arrive at different steps.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from registry.loading import load_delta
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
-from tests.helpers import hf_model, make_bitdelta, make_lora, make_model_dir
+from tests.helpers import greedy_tokens, hf_model, make_bitdelta, make_lora, make_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +41,6 @@ PROMPTS = [
 ]
 
 
-def _expected(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=2)
-    return out[0, ids.shape[1] :].tolist()
-
-
 @pytest.mark.parametrize("backend,max_tokens", [("torch", 12), ("triton", 4)])
 def test_mixed_batch_matches_merged_finetunes(world, backend, max_tokens):
     base_dir, tenants = world
@@ -71,9 +63,9 @@ def test_mixed_batch_matches_merged_finetunes(world, backend, max_tokens):
             got[out.request_id].extend(out.new_token_ids)
         steps += 1
     for rid, name, prompt in requests:
-        assert got[rid] == _expected(tenants[name][1], engine.tokenizer, prompt, max_tokens), f"{rid}: {prompt!r}"
+        assert got[rid] == greedy_tokens(tenants[name][1], engine.tokenizer, prompt, max_tokens), f"{rid}: {prompt!r}"
     # Tenants really differ from the base (the test could fail): at least most of them change the tokens.
-    base_tokens = {p: _expected(tenants["base"][1], engine.tokenizer, p, max_tokens) for p in PROMPTS}
+    base_tokens = {p: greedy_tokens(tenants["base"][1], engine.tokenizer, p, max_tokens) for p in PROMPTS}
     changed = sum(got[rid] != base_tokens[p] for rid, name, p in requests if name != "base")
     assert changed >= len([r for r in requests if r[1] != "base"]) // 2
 
