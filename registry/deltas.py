@@ -1,7 +1,9 @@
 """In-memory forms of a tenant's delta, as the loaders return them and the slot pool consumes them.
 
 All tensors live on the CPU; the slot pool copies them into preallocated GPU slots.
-A delta is immutable and identified by the sha256 of its file content, never by a path.
+A delta is immutable and identified by the sha256 of its content (bare hex, no prefix), never by a path:
+a 1-bit file's bytes; for a LoRA, u64le(len(config)) + adapter_config.json bytes + weights file bytes.
+Only the base fingerprint carries a "sha256:" prefix.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ def load_delta(path: str | Path, spec: BaseSpec, max_lora_rank: int | None = Non
     p = Path(path)
     if p.is_dir():
         if not (p / "adapter_config.json").is_file():
-            raise UnsupportedFormat(f"{p} is a directory without adapter_config.json: not a PEFT LoRA adapter")
+            raise UnsupportedFormat(
+            f"{p} is a directory without adapter_config.json: not a PEFT LoRA adapter", param="adapter_config.json"
+        )
         return load_lora_dir(p, spec, max_rank=max_lora_rank)
     if not p.is_file():
         raise FileNotFoundError(f"no such adapter: {p}")
