@@ -8,6 +8,26 @@ from __future__ import annotations
 
 import torch
 
+from kernels import (
+    check_float,
+    check_same_device,
+    check_tensor,
+    check_tiles,
+    check_triton_device,
+    dot_precision,
+    tile_slot_of_rows,
+    tiles_bucket,
+    triton_interpreting,
+    upcast_dot,
+)
+from kernels.segments import TILE_ROWS, SlotTiles
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch references still work without triton
+    triton = None
+
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
@@ -45,3 +65,209 @@ def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = to
     bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1
     bits = bits.reshape(packed.shape[0], -1)[:, :in_features]
     return bits.to(dtype) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched multi-tenant apply: y[i] += scale[s] * (x[i] @ sign[s].T) for the rows of every tile of slot s.
+# ---------------------------------------------------------------------------------------------------------------
+
+# (bit pattern of -1.0, bit index of the sign) per activation dtype: the kernel builds +-1 by flipping the sign
+# bit of -1.0 instead of converting integers to floats (conversions are slow on GPUs). float32 works in int32
+# (0xBF800000 as a signed int) so no constant leaves the int32 range.
+_NEG_ONE_BITS = {torch.float32: (0xBF800000 - (1 << 32), 31), torch.bfloat16: (0xBF80, 15), torch.float16: (0xBC00, 15)}
+
+# The fixed launch configuration used in Triton's interpreter (autotuned on GPUs).
+_INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64}
+
+if triton is not None:
+
+    @triton.jit
+    def _bitdelta_apply_kernel(
+        y_ptr,
+        x_ptr,
+        signs_ptr,
+        scales_ptr,
+        order_ptr,
+        tile_slot_ptr,
+        tile_start_ptr,
+        tile_rows_ptr,
+        in_features,
+        out_features,
+        packed_cols,
+        tiles_bucket,  # only an autotune key: few tiles want narrower N blocks than many
+        stride_ym,
+        stride_yn,
+        stride_xm,
+        stride_xk,
+        stride_ss,
+        stride_so,
+        stride_sk,
+        stride_cs,
+        stride_co,
+        NEG_ONE: tl.constexpr,
+        SIGN_BIT: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+        TILE_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # One program: one tile (<= TILE_M rows of one slot) x BLOCK_N output features. It streams the slot's
+        # packed signs for those features once, as bytes, and computes the transposed product
+        # accT[n, m] = sum_k sign[n, k] * x[row_m, k] (the wide dimension on the MMA's M side).
+        tile = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        slot = tl.load(tile_slot_ptr + tile).to(tl.int64)
+        start = tl.load(tile_start_ptr + tile)
+        n_rows = tl.load(tile_rows_ptr + tile)
+
+        offs_m = tl.arange(0, TILE_M)
+        row_mask = offs_m < n_rows
+        rows = tl.load(order_ptr + start + offs_m, mask=row_mask, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < out_features
+        BLOCK_KB: tl.constexpr = BLOCK_K // 8
+        offs_kb = tl.arange(0, BLOCK_KB)
+        offs_k = tl.arange(0, BLOCK_K)
+
+        if SIGN_BIT == 31:
+            shifts = 31 - tl.arange(0, 8)
+            neg_one = tl.full((1, 1, 1), NEG_ONE, tl.int32)
+            sign_bit = tl.full((1, 1, 1), -(1 << 31), tl.int32)
+        else:
+            shifts = (15 - tl.arange(0, 8)).to(tl.uint16)
+            neg_one = tl.full((1, 1, 1), NEG_ONE, tl.uint16)
+            sign_bit = tl.full((1, 1, 1), 1 << 15, tl.uint16)
+
+        # x is read transposed, [BLOCK_K, TILE_M]; padding columns (k >= in) and absent rows read as 0, so the
+        # padding bits of the last byte contribute nothing whatever sign they decode to.
+        xt_ptrs = x_ptr + offs_k[:, None] * stride_xk + rows[None, :] * stride_xm
+        s_ptrs = signs_ptr + slot * stride_ss + offs_n[:, None] * stride_so + offs_kb[None, :] * stride_sk
+        acc = tl.zeros((BLOCK_N, TILE_M), dtype=tl.float32)
+        for k0 in range(0, in_features, BLOCK_K):
+            xt = tl.load(xt_ptrs, mask=(offs_k[:, None] < in_features - k0) & row_mask[None, :], other=0.0)
+            packed = tl.load(s_ptrs, mask=n_mask[:, None] & (offs_kb[None, :] < packed_cols - k0 // 8), other=0)
+            # bit j of byte kb -> column 8*kb + j: move it to the float's sign position, flip -1.0's sign with it.
+            if SIGN_BIT == 31:
+                wide = packed.to(tl.int32)
+            else:
+                wide = packed.to(tl.uint16)
+            bits = ((wide[:, :, None] << shifts[None, None, :]) & sign_bit) ^ neg_one  # [BLOCK_N, BLOCK_KB, 8]
+            sign = tl.reshape(bits, (BLOCK_N, BLOCK_K)).to(xt.dtype, bitcast=True)
+            if UPCAST_DOT:  # Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton#11584)
+                acc = tl.dot(sign.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(sign, xt, acc, input_precision=PRECISION)
+            xt_ptrs += BLOCK_K * stride_xk
+            s_ptrs += BLOCK_KB * stride_sk
+
+        scale = tl.load(scales_ptr + slot * stride_cs + offs_n * stride_co, mask=n_mask, other=0.0)
+        yt_ptrs = y_ptr + offs_n[:, None] * stride_yn + rows[None, :] * stride_ym
+        mask = n_mask[:, None] & row_mask[None, :]
+        yt = tl.load(yt_ptrs, mask=mask, other=0.0).to(tl.float32) + acc * scale[:, None]
+        tl.store(yt_ptrs, yt.to(y_ptr.dtype.element_ty), mask=mask)
+
+    def _prune_bitdelta_configs(
+        configs: list[triton.Config], named_args: dict, **kwargs: object
+    ) -> list[triton.Config]:
+        in_pow2 = max(64, triton.next_power_of_2(named_args["in_features"]))
+        out_pow2 = max(32, triton.next_power_of_2(named_args["out_features"]))
+        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= in_pow2 and c.kwargs["BLOCK_N"] <= out_pow2]
+        return kept or configs[:1]
+
+    _bitdelta_apply_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in [
+                (16, 256, 4, 4),
+                (32, 128, 4, 4),
+                (32, 256, 4, 3),
+                (32, 512, 4, 3),
+                (64, 128, 4, 4),
+                (64, 256, 4, 3),
+                (64, 256, 8, 3),
+                (64, 512, 8, 3),
+                (128, 128, 8, 3),
+                (128, 256, 8, 3),
+            ]
+        ],
+        key=["in_features", "out_features", "tiles_bucket"],
+        prune_configs_by={"early_config_prune": _prune_bitdelta_configs},
+        restore_value=["y_ptr"],
+    )(_bitdelta_apply_kernel)
+
+
+def _check_bitdelta_args(
+    op: str, y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, tiles: SlotTiles
+) -> None:
+    check_float(op, "y", y, 2)
+    check_float(op, "x", x, 2)
+    if x.dtype != y.dtype:
+        raise ValueError(f"{op}: x and y must have one dtype, got x {x.dtype} and y {y.dtype}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{op}: x has {x.shape[0]} rows but y has {y.shape[0]}")
+    in_f, out_f = x.shape[1], y.shape[1]
+    check_tensor(op, "signs", signs, torch.uint8, (None, out_f, packed_width(in_f)))
+    n_slots = signs.shape[0]
+    check_tensor(op, "scales", scales, torch.float32, (n_slots, out_f))
+    check_same_device(op, tiles, y=y, x=x, signs=signs, scales=scales)
+    check_tiles(op, tiles, y.shape[0], n_slots)
+
+
+def bitdelta_apply(
+    y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, tiles: SlotTiles
+) -> None:
+    """Adds every row's 1-bit delta to y, reading each tile's packed signs once (Triton).
+
+    Semantics:  y[i] += scales[s] * (x[i] @ unpack(signs[s]).T)   for every row i of a tile of slot s
+                i.e. y[i, o] += scales[s, o] * sum_k x[i, k] * (2 * bit(signs[s, o, k // 8], k % 8) - 1).
+                Accumulated in float32, added to y in float32, cast back. Rows in no tile are untouched.
+    Args:  y: [N, out] float32/bfloat16/float16, updated in place.  x: [N, in], y's dtype.
+           signs: [S, out, ceil(in/8)] uint8, the slot pool in the contract's bit layout (bit j, least
+           significant first, of byte k is column 8k+j; 1 = +1; padding bits 0).
+           scales: [S, out] float32 (a per-matrix scale is broadcast to all rows by the caller).
+           tiles: SlotTiles of the batch (kernels/segments.py), on y's device.
+    """
+    _check_bitdelta_args("bitdelta_apply", y, x, signs, scales, tiles)
+    check_triton_device("bitdelta_apply", y)
+    if triton is None:
+        raise RuntimeError("bitdelta_apply needs triton; use bitdelta_apply_ref (select_delta_ops('torch'))")
+    if tiles.empty or y.shape[1] == 0:
+        return
+    in_f, out_f = x.shape[1], y.shape[1]
+    neg_one, sign_bit = _NEG_ONE_BITS[x.dtype]
+    args = (
+        y, x, signs, scales,
+        tiles.order, tiles.tile_slot, tiles.tile_start, tiles.tile_rows,
+        in_f, out_f, signs.shape[2], tiles_bucket(tiles.num_tiles),
+        y.stride(0), y.stride(1), x.stride(0), x.stride(1),
+        signs.stride(0), signs.stride(1), signs.stride(2), scales.stride(0), scales.stride(1),
+    )  # fmt: skip
+    consts = {"NEG_ONE": neg_one, "SIGN_BIT": sign_bit, "PRECISION": dot_precision(x.dtype), "TILE_M": TILE_ROWS}
+    consts["UPCAST_DOT"] = upcast_dot(x.dtype)
+    if triton_interpreting():
+        grid = (tiles.num_tiles, triton.cdiv(out_f, _INTERPRET_CONFIG["BLOCK_N"]))
+        _bitdelta_apply_kernel[grid](*args, **consts, **_INTERPRET_CONFIG)
+    else:
+        _bitdelta_apply_tuned[lambda meta: (tiles.num_tiles, triton.cdiv(out_f, meta["BLOCK_N"]))](*args, **consts)
+
+
+def bitdelta_apply_ref(
+    y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, tiles: SlotTiles
+) -> None:
+    """Pure-torch bitdelta_apply, same semantics and arguments (unpacks each distinct slot's signs; no host sync).
+
+    Semantics:  y[i] += scales[s] * (x[i] @ unpack(signs[s]).T)   for every row i of a tile of slot s.
+    Args:  as bitdelta_apply.
+    """
+    _check_bitdelta_args("bitdelta_apply_ref", y, x, signs, scales, tiles)
+    if tiles.empty:
+        return
+    row_slot = tile_slot_of_rows(tiles)
+    xs = x.index_select(0, tiles.order).float()  # [R, in]
+    delta = torch.zeros(xs.shape[0], y.shape[1], dtype=torch.float32, device=y.device)
+    for s in tiles.slots:
+        d = (xs @ unpack_signs(signs[s], x.shape[1]).T) * scales[s]
+        delta += torch.where((row_slot == s)[:, None], d, 0.0)
+    rows = tiles.order.long()
+    y[rows] = (y[rows].float() + delta).to(y.dtype)

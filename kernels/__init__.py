@@ -1,0 +1,187 @@
+"""Delta kernels (the only package that imports triton) and the start-up choice between Triton and torch.
+
+The engine calls `select_delta_ops()` once at start-up and keeps the returned `DeltaOps`; tests force a
+backend with `select_delta_ops("torch")` or `select_delta_ops("triton")` (DESIGN, style point 6).
+
+Importing this package is cheap and never imports triton or torch: Hugging Face `transformers` probes for an
+unrelated optional package also called `kernels` and may import this one while doing so. For the same reason
+this package defines no `__version__`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from kernels.segments import SlotTiles
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class DeltaOps:
+    """The delta ops of one backend; every field has the signature of the op of the same name in kernels/."""
+
+    name: str
+    bitdelta_apply: Callable[..., None]
+    lora_shrink: Callable[..., None]
+    lora_expand: Callable[..., None]
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """True when triton imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_delta_ops(backend: str = "auto") -> DeltaOps:
+    """Picks the implementation of the delta ops; call once at start-up.
+
+    Args:  backend: "triton" (the Triton kernels: needs CUDA, or TRITON_INTERPRET=1 for CPU tensors),
+           "torch" (the pure-torch references, any device), or "auto" (triton when CUDA is available and
+           triton imports, else torch).
+    Raises: ValueError for an unknown backend name; RuntimeError when "triton" cannot run here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown delta-kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        import torch
+
+        backend = "triton" if torch.cuda.is_available() and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("delta-kernel backend 'triton' requested but triton is not installed")
+        import torch
+
+        if not torch.cuda.is_available() and not triton_interpreting():
+            raise RuntimeError(
+                "delta-kernel backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 set before triton is "
+                "imported, to run the kernels on CPU tensors in Triton's interpreter); use backend 'torch' or 'auto'"
+            )
+        from kernels.bitdelta import bitdelta_apply
+        from kernels.lora import lora_expand, lora_shrink
+
+        return DeltaOps(name="triton", bitdelta_apply=bitdelta_apply, lora_shrink=lora_shrink, lora_expand=lora_expand)
+    from kernels.bitdelta import bitdelta_apply_ref
+    from kernels.lora import lora_expand_ref, lora_shrink_ref
+
+    return DeltaOps(
+        name="torch", bitdelta_apply=bitdelta_apply_ref, lora_shrink=lora_shrink_ref, lora_expand=lora_expand_ref
+    )
+
+
+# ---- launcher checks shared by the kernel files (plain Python: clear ValueErrors before any launch) ----
+
+FLOAT_DTYPES_DOC = "float32, bfloat16 or float16"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for operands of `dtype`: exact math for float32 (TF32 would drop 13 mantissa bits)."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """True when tl.dot operands of `dtype` must be cast to float32 first: Triton's interpreter multiplies the
+    raw bit patterns of bfloat16 operands (triton-lang/triton#11584, "not supported yet"). The products of
+    bfloat16 values are exact in float32, so the result matches the GPU's bfloat16 MMA with float32 accumulation.
+    """
+    import torch
+
+    return dtype == torch.bfloat16 and triton_interpreting()
+
+
+def check_float(op: str, name: str, t: torch.Tensor, ndim: int) -> None:
+    """Raises ValueError unless `t` is a float32/bfloat16/float16 tensor with `ndim` dimensions."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{op}: {name} must be {FLOAT_DTYPES_DOC}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_tensor(op: str, name: str, t: Any, dtype: torch.dtype, shape: tuple[int | None, ...]) -> None:
+    """Raises ValueError unless `t` has `dtype` and `shape` (None = any size on that dimension)."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    if t.dtype != dtype or t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        raise ValueError(f"{op}: {name} must be {dtype} {want}, got {t.dtype} {list(t.shape)}")
+
+
+def check_same_device(op: str, tiles: SlotTiles, **tensors: torch.Tensor) -> None:
+    """Raises ValueError unless all tensors and the tile arrays are on one device."""
+    named = dict(tensors)
+    named.update(
+        {
+            "tiles.order": tiles.order,
+            "tiles.tile_slot": tiles.tile_slot,
+            "tiles.tile_start": tiles.tile_start,
+            "tiles.tile_rows": tiles.tile_rows,
+        }
+    )
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+
+
+def check_triton_device(op: str, t: torch.Tensor) -> None:
+    """Raises ValueError unless a Triton kernel can read `t`: on a CUDA device, or anywhere in the interpreter."""
+    if t.device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"{op}: the Triton kernel needs CUDA tensors, got {t.device} (use the torch backend for other devices, "
+            "or TRITON_INTERPRET=1 to run the kernel on CPU tensors)"
+        )
+
+
+def check_tiles(op: str, tiles: SlotTiles, n_rows: int, n_slots: int) -> None:
+    """Host-side sanity checks of a SlotTiles against a batch of `n_rows` rows and a pool of `n_slots` slots.
+
+    No device sync: the device arrays' values are not read (tiles.slots, on the host, is checked instead).
+    """
+    import torch
+
+    for name in ("order", "tile_slot", "tile_start", "tile_rows"):
+        t = getattr(tiles, name)
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{op}: tiles.{name} must be int32 [*], got {t.dtype} {list(t.shape)}")
+    if tiles.tile_slot.shape[0] != tiles.num_tiles:
+        raise ValueError(
+            f"{op}: tiles.num_tiles is {tiles.num_tiles} but tiles.tile_slot has {tiles.tile_slot.shape[0]}"
+        )
+    if tiles.order.shape[0] > n_rows:
+        raise ValueError(f"{op}: tiles cover {tiles.order.shape[0]} rows but the batch has only {n_rows}")
+    if tiles.slots and (tiles.slots[0] < 0 or tiles.slots[-1] >= n_slots):
+        raise ValueError(f"{op}: tiles use slots {tiles.slots[0]}..{tiles.slots[-1]} but the pool has {n_slots} slots")
+
+
+def tiles_bucket(num_tiles: int) -> int:
+    """Coarse tile count for the kernels' autotune keys: 1, 2, 4, ..., 64 (few tiles want narrower blocks)."""
+    return min(64, 1 << max(0, num_tiles - 1).bit_length())
+
+
+def tile_slot_of_rows(tiles: SlotTiles) -> torch.Tensor:
+    """[R] int32: the slot of each row of tiles.order (no host sync)."""
+    import torch
+
+    return torch.repeat_interleave(tiles.tile_slot, tiles.tile_rows.long(), output_size=tiles.order.shape[0])

@@ -1,0 +1,216 @@
+"""1-bit deltas: the contract's bit layout, and bitdelta_apply (Triton, in the interpreter here) and its torch
+reference against dense float32 math over tenant mixes. Also the start-up choice of backend."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import DeltaOps, select_delta_ops
+from kernels.bitdelta import bitdelta_apply, bitdelta_apply_ref, pack_signs, packed_width, unpack_signs
+from kernels.segments import build_slot_tiles
+from tests.kernels import DTYPES, Mix, assert_close, assert_untouched, random_signs, tenant_mixes
+
+N_SLOTS = 8
+MIXES = tenant_mixes(N_SLOTS)
+BACKENDS = ("triton", "torch")
+# (in, out): odd sizes (not multiples of 8 nor of the blocks), a multiple of 8 but not of the K block, exact blocks.
+SHAPES = ((37, 45), (136, 33), (128, 64))
+
+
+# ---- the contract's packed layout ----
+
+
+def test_pack_layout_hand_example() -> None:
+    # bit j (least significant first) of byte k is column 8k+j; 1 = +1; padding bits 0.
+    positive = torch.zeros(3, 10, dtype=torch.bool)
+    positive[0, [0, 3, 8]] = True  # byte0 = 0b00001001, byte1 = 0b01
+    positive[1, :] = True  # byte0 = 0xFF, byte1 = 0b11 (the 6 padding bits stay 0)
+    positive[2, [7, 9]] = True  # byte0 = 0b10000000, byte1 = 0b10
+    expected = torch.tensor([[0x09, 0x01], [0xFF, 0x03], [0x80, 0x02]], dtype=torch.uint8)
+    packed = pack_signs(positive)
+    assert packed.dtype == torch.uint8
+    assert torch.equal(packed, expected)
+    unpacked = unpack_signs(expected, 10)
+    assert torch.equal(unpacked, positive.float() * 2 - 1)
+
+
+@pytest.mark.parametrize("in_f", [1, 7, 8, 9, 37, 64])
+def test_pack_unpack_round_trip(in_f: int) -> None:
+    gen = torch.Generator().manual_seed(in_f)
+    positive = torch.rand(5, in_f, generator=gen) > 0.5
+    packed = pack_signs(positive)
+    assert packed.shape == (5, packed_width(in_f))
+    assert torch.equal(unpack_signs(packed, in_f, torch.bfloat16), positive.to(torch.bfloat16) * 2 - 1)
+    if in_f % 8:  # padding bits are 0
+        assert int(packed[:, -1].max()) < (1 << (in_f % 8))
+
+
+def test_unpack_rejects_a_wrong_width() -> None:
+    with pytest.raises(ValueError, match="packed signs"):
+        unpack_signs(torch.zeros(2, 3, dtype=torch.uint8), 37)
+
+
+# ---- bitdelta_apply against dense math ----
+
+
+def _problem(mix: Mix, in_f: int, out_f: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    dense = random_signs(N_SLOTS, out_f, in_f, gen)  # [S, out, in] +-1: the truth
+    signs = torch.stack([pack_signs(d > 0) for d in dense])
+    scales = torch.rand(N_SLOTS, out_f, generator=gen) * 0.05 + 0.01
+    x = torch.randn(mix.n_rows, in_f, generator=gen).to(dtype)
+    y = torch.randn(mix.n_rows, out_f, generator=gen).to(dtype)
+    return dense, signs, scales, x, y
+
+
+def _dense_expected(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, scales: torch.Tensor, row_slots: list[int]):
+    """y + scale[s] * x @ sign[s].T row by row, in float64 from the dense +-1 matrices (no packing involved)."""
+    expected = y.double().clone()
+    for i, s in enumerate(row_slots):
+        if s >= 0:
+            expected[i] += (x[i].double() @ dense[s].double().T) * scales[s].double()
+    return expected.float()
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: m.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitdelta_apply_matches_dense(backend: str, dtype: torch.dtype, mix: Mix, in_f: int, out_f: int) -> None:
+    ops = select_delta_ops(backend)
+    dense, signs, scales, x, y = _problem(mix, in_f, out_f, dtype)
+    before = y.clone()
+    ops.bitdelta_apply(y, x, signs, scales, mix.tiles())
+    assert y.dtype == dtype
+    assert_close(y, _dense_expected(before, x, dense, scales, mix.row_slots()), dtype, f"{backend} {mix.name}")
+    assert_untouched(y, before, mix.row_slots())
+
+
+def test_bitdelta_apply_ref_equals_dense_matrix_product() -> None:
+    # The reference is x @ (scale[:, None] * unpack(sign)).T for a batch of one slot.
+    gen = torch.Generator().manual_seed(3)
+    in_f, out_f, n = 53, 21, 6
+    signs = torch.randint(0, 256, (1, out_f, packed_width(in_f)), dtype=torch.uint8, generator=gen)
+    signs[0, :, -1] &= (1 << (in_f % 8)) - 1  # padding bits 0
+    scales = torch.rand(1, out_f, generator=gen)
+    x = torch.randn(n, in_f, generator=gen)
+    y = torch.zeros(n, out_f)
+    bitdelta_apply_ref(y, x, signs, scales, build_slot_tiles([0], [n]))
+    torch.testing.assert_close(y, x @ (scales[0][:, None] * unpack_signs(signs[0], in_f)).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_bits_do_not_count_as_minus_one(backend: str) -> None:
+    # Every sign +1: the delta is scale * sum(x). The last byte has 3 padding bits, all 0.
+    in_f, out_f, n = 37, 5, 3
+    signs = pack_signs(torch.ones(out_f, in_f, dtype=torch.bool))[None]
+    assert int(signs[0, 0, -1]) == 0b11111
+    scales = torch.full((1, out_f), 0.5)
+    x = torch.randn(n, in_f)
+    y = torch.zeros(n, out_f)
+    select_delta_ops(backend).bitdelta_apply(y, x, signs, scales, build_slot_tiles([0], [n]))
+    torch.testing.assert_close(y, 0.5 * x.sum(dim=1, keepdim=True).expand(n, out_f), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views(backend: str) -> None:
+    # y a column slice of a fused output (row stride != out), x a column slice, the pool one slice of a bigger one.
+    mix = MIXES[4]  # interleaved_none
+    in_f, out_f = 40, 24
+    dense, signs, scales, x, y = _problem(mix, in_f, out_f, torch.float32, seed=5)
+    y_big = torch.randn(mix.n_rows, out_f + 20)
+    x_big = torch.randn(mix.n_rows, in_f + 9)
+    x_big[:, 9:] = x
+    y_view, x_view = y_big[:, 7 : 7 + out_f], x_big[:, 9:]
+    before_big = y_big.clone()
+    select_delta_ops(backend).bitdelta_apply(y_view, x_view, signs, scales, mix.tiles())
+    expected = _dense_expected(before_big[:, 7 : 7 + out_f], x, dense, scales, mix.row_slots())
+    assert_close(y_view, expected, torch.float32, backend)
+    assert torch.equal(y_big[:, :7], before_big[:, :7])
+    assert torch.equal(y_big[:, 7 + out_f :], before_big[:, 7 + out_f :])
+
+
+# ---- argument checks ----
+
+
+@pytest.mark.parametrize("op", [bitdelta_apply, bitdelta_apply_ref])
+def test_bitdelta_apply_rejects_bad_arguments(op) -> None:
+    mix = MIXES[0]
+    _, signs, scales, x, y = _problem(mix, 37, 45, torch.float32)
+    tiles = mix.tiles()
+    with pytest.raises(ValueError, match="x and y must have one dtype"):
+        op(y, x.half(), signs, scales, tiles)
+    with pytest.raises(ValueError, match="signs must be torch.uint8"):
+        op(y, x, signs.int(), scales, tiles)
+    with pytest.raises(ValueError, match=r"signs must be torch.uint8 \[\*, 45, 4\], got torch.uint8 \[8, 45, 5\]"):
+        op(y, x[:, :30], signs, scales, tiles)
+    with pytest.raises(ValueError, match="scales must be torch.float32"):
+        op(y, x, signs, scales.half(), tiles)
+    with pytest.raises(ValueError, match="x has 7 rows but y has 8"):
+        op(y, x[:7], signs, scales, tiles)
+    with pytest.raises(ValueError, match="pool has 4 slots"):
+        op(y, x, signs[:4], scales[:4], tiles)
+    with pytest.raises(ValueError, match="must be float32, bfloat16 or float16"):
+        op(y.double(), x.double(), signs, scales, tiles)
+
+
+# ---- backend selection ----
+
+
+def test_reference_signatures_match_the_kernels() -> None:
+    from kernels import lora
+
+    pairs = [(bitdelta_apply, bitdelta_apply_ref)] + [
+        (getattr(lora, name), getattr(lora, f"{name}_ref")) for name in ("lora_shrink", "lora_expand", "lora_apply")
+    ]
+    for kernel, ref in pairs:
+        assert inspect.signature(kernel) == inspect.signature(ref), kernel.__name__
+
+
+def test_select_delta_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels import lora
+
+    torch_ops = select_delta_ops("torch")
+    assert isinstance(torch_ops, DeltaOps) and torch_ops.name == "torch"
+    assert torch_ops.bitdelta_apply is bitdelta_apply_ref and torch_ops.lora_expand is lora.lora_expand_ref
+    triton_ops = select_delta_ops("triton")  # allowed here: TRITON_INTERPRET=1 (tests/conftest.py)
+    assert triton_ops.name == "triton" and triton_ops.bitdelta_apply is bitdelta_apply
+    assert triton_ops.lora_shrink is lora.lora_shrink
+    expected_auto = "triton" if torch.cuda.is_available() else "torch"
+    assert select_delta_ops().name == select_delta_ops("auto").name == expected_auto
+    with pytest.raises(ValueError, match="unknown delta-kernel backend"):
+        select_delta_ops("cuda")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            select_delta_ops("triton")
+
+
+def test_triton_launchers_refuse_cpu_tensors_outside_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    mix = MIXES[0]
+    _, signs, scales, x, y = _problem(mix, 37, 45, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        bitdelta_apply(y, x, signs, scales, mix.tiles())
+
+
+def test_importing_kernels_is_light_and_does_not_fool_transformers() -> None:
+    # transformers probes for an unrelated optional package also named `kernels` (and may import ours while
+    # probing): ours must import without torch or triton and must not pass for that package.
+    code = (
+        "import sys, kernels\n"
+        "assert 'torch' not in sys.modules and 'triton' not in sys.modules, 'heavy import'\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "assert not is_kernels_available(), 'transformers takes our kernels package for its hub kernels'\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
