@@ -122,8 +122,9 @@ class SlotPool:
             self._projections[path] = p
         self._replacements: dict[str, Replacement] = {}
         self._tables = {"bitdelta": _SlotTable(bitdelta_slots), "lora": _SlotTable(lora_slots)}
-        self.loads = 0
-        self.evictions = 0
+        self.hits = 0  # acquire found the delta resident
+        self.loads = 0  # acquire copied it into a slot (a miss)
+        self.evictions = 0  # ... replacing another delta
 
     # ---- what the layers read -------------------------------------------------------------------
     def projection(self, path: str) -> ProjectionPools | None:
@@ -178,7 +179,9 @@ class SlotPool:
         kind is pinned by other deltas: the caller waits and tries again after some request finishes."""
         table = self._tables[delta.kind]
         slot = table.find(delta.sha256)
-        if slot is None:
+        if slot is not None:
+            self.hits += 1
+        else:
             slot = table.victim()
             if slot is None:
                 return None
@@ -198,6 +201,9 @@ class SlotPool:
         slot = table.find(delta.sha256)
         assert slot is not None, "release of a delta that holds no slot"
         table.unpin(slot)
+
+    def num_resident(self, kind: str) -> int:
+        return sum(owner is not None for owner in self._tables[kind].owner)
 
     def resident(self, kind: str) -> list[str | None]:
         """The delta id in each slot of a kind (None = empty)."""

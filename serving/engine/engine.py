@@ -22,6 +22,7 @@ from registry.slot_pool import SlotPool
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.errors import PromptTooLong
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampling_params import SamplingParams, SamplingParamsError
 from serving.engine.scheduler import Scheduler
@@ -29,12 +30,6 @@ from serving.engine.sequence import SeqStatus, Sequence, TokenLogprob
 from serving.models.config import ModelConfig
 from serving.models.llama import LlamaForCausalLM
 from serving.models.loader import load_model_from_checkpoint, resolve_device, resolve_dtype
-
-
-class PromptTooLong(SamplingParamsError):
-    """The prompt (plus max_tokens) does not fit the context: CONTRACT code context_length_exceeded."""
-
-    code = "context_length_exceeded"
 
 
 @dataclass
@@ -110,6 +105,7 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.base_dir: Path | None = None  # the checkpoint directory, when loaded from one
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -121,7 +117,9 @@ class LLMEngine:
         device = resolve_device(config.device)
         model = load_model_from_checkpoint(ckpt, mc, resolve_dtype(config.dtype, mc, device), device)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        return cls(model, tokenizer, base_spec(ckpt), config)
+        engine = cls(model, tokenizer, base_spec(ckpt), config)
+        engine.base_dir = Path(model_dir)
+        return engine
 
     def _auto_num_blocks(self) -> int:
         per_block = ModelRunner.kv_block_bytes(self.model, self.config.block_size, self.dtype)
@@ -238,7 +236,10 @@ class LLMEngine:
             texts[rid] = []
         seqs = {rid: self._seqs[rid] for rid in ids}
         while any(not s.finished for s in seqs.values()):
-            for out in self.step():
+            outputs = self.step()
+            # Every queued request fits alone (checked in add_request), so an idle step means a bug.
+            assert outputs or self.scheduler.running, "the scheduler admitted nothing with no sequence running"
+            for out in outputs:
                 if out.request_id in texts:
                     texts[out.request_id].append(out.new_text)
         return [

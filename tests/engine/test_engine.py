@@ -7,7 +7,8 @@ import pytest
 from registry.loading import load_delta
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
-from serving.engine.engine import LLMEngine, PromptTooLong
+from serving.engine.engine import LLMEngine
+from serving.engine.errors import PromptTooLong
 from serving.engine.sampling_params import SamplingParams, SamplingParamsError
 from serving.engine.sequence import Sequence
 from tests.helpers import greedy_tokens, hf_model, make_bitdelta, make_lora, make_model_dir

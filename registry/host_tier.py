@@ -1,0 +1,75 @@
+"""The host-memory tier between the blob store on disk and the GPU slots: loaded deltas, LRU by bytes.
+
+A delta is immutable and keyed by its sha256, so a cached copy is never stale; a new version of an
+adapter is a new key. Entries that running requests hold stay alive through those references even when
+evicted here, so eviction never disturbs a running request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from registry.deltas import Delta
+
+# (event, seconds): event is "hit", "miss", "load" or "evict"; seconds is the load time for "load".
+TierObserver = Callable[[str, float], None]
+
+
+class HostTier:
+    def __init__(self, capacity_bytes: int, observer: TierObserver | None = None):
+        self.capacity_bytes = capacity_bytes
+        self.observer = observer or (lambda event, seconds: None)
+        self._items: OrderedDict[str, Delta] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    @property
+    def num_items(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, sha256: str, load: Callable[[], Delta]) -> Delta:
+        """The cached delta, or `load()` it (once, even when several threads ask at the same time)."""
+        with self._lock:
+            delta = self._items.get(sha256)
+            if delta is not None:
+                self._items.move_to_end(sha256)
+                self.observer("hit", 0.0)
+                return delta
+            key_lock = self._loading.setdefault(sha256, threading.Lock())
+        with key_lock:
+            with self._lock:
+                delta = self._items.get(sha256)
+                if delta is not None:  # another thread loaded it while we waited
+                    self._items.move_to_end(sha256)
+                    self.observer("hit", 0.0)
+                    return delta
+            self.observer("miss", 0.0)
+            t0 = time.perf_counter()
+            delta = load()
+            self.observer("load", time.perf_counter() - t0)
+            with self._lock:
+                self._loading.pop(sha256, None)
+                self._insert(sha256, delta)
+            return delta
+
+    def discard(self, sha256: str) -> None:
+        with self._lock:
+            delta = self._items.pop(sha256, None)
+            if delta is not None:
+                self._bytes -= delta.nbytes
+
+    def _insert(self, sha256: str, delta: Delta) -> None:
+        self._items[sha256] = delta
+        self._bytes += delta.nbytes
+        while self._bytes > self.capacity_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.nbytes
+            self.observer("evict", 0.0)
