@@ -26,3 +26,32 @@ class AdapterMismatch(DeltaError):
 class UnsupportedFormat(DeltaError):
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message, code="unsupported_format", param=param)
+
+
+class RegistryError(Exception):
+    """An error of the registry's catalog or uploads that the caller made (not a bug), with the contract's
+    `param` (the request field at fault, or None). Subclasses say which CONTRACT §3 row applies; the
+    registry itself knows nothing of HTTP.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidName(RegistryError):
+    """A tenant, adapter or file name that is not allowed (400 invalid_request_error)."""
+
+
+class NameTaken(RegistryError):
+    """The name exists already (409 conflict_error)."""
+
+
+class NotFound(RegistryError):
+    """No such tenant or adapter -- or one that belongs to another tenant: the two are never
+    distinguished (404 not_found_error)."""
+
+
+class UploadTooLarge(RegistryError):
+    """An upload over its size limit (413 invalid_request_error); what was written has been deleted."""
