@@ -44,7 +44,129 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object per request")
     _add_engine_flags(g)
+    _add_compress_parser(sub)
+    _add_eval_parser(sub)
     return parser
+
+
+def _add_distill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", type=Path, default=None, help="text file for scale distillation")
+    p.add_argument("--distill-steps", type=int, default=None,
+                   help="scale-distillation steps (default: 200 with --calibration, else none)")
+    p.add_argument("--distill-lr", type=float, default=1e-4, help="Adam learning rate of the scales")
+    p.add_argument("--distill-loss", choices=["mse", "kl"], default="mse", help="logit MSE (the paper's) or KL")
+    p.add_argument("--seq-len", type=int, default=128, help="calibration tokens per chunk")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration chunks per step")
+    p.add_argument("--scale", choices=["per-matrix", "per-row"], default="per-matrix",
+                   help="one scale per projection (mean|delta|, the paper's) or one per output row")
+    p.add_argument("--other-tensors", choices=["exact", "half"], default="exact",
+                   help="changed non-projection tensors (norms, embeddings, lm_head, biases): stored exactly, "
+                        "or in 16 bits leaving negligible changes out")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where distillation runs")
+
+
+def _add_compress_parser(sub) -> None:
+    c = sub.add_parser("compress", help="a full fine-tune -> a 1-bit delta file (BitDelta)")
+    c.add_argument("--base", required=True, type=Path, help="the base model's Hugging Face directory")
+    c.add_argument("--finetune", required=True, type=Path, help="the fine-tune's Hugging Face directory")
+    c.add_argument("--out", required=True, type=Path, help="the 1-bit delta file to write (.safetensors)")
+    c.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_distill_flags(c)
+
+
+def _add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="perplexity and gain kept of a tenant's forms on held-out text")
+    e.add_argument("--base", required=True, type=Path, help="the base model's Hugging Face directory")
+    e.add_argument("--finetune", required=True, type=Path, help="the full fine-tune's Hugging Face directory")
+    e.add_argument("--text", required=True, type=Path, help="held-out text file")
+    e.add_argument("--delta", type=Path, default=None, help="a 1-bit delta file (the distilled form)")
+    e.add_argument("--lora", type=Path, default=None, help="a PEFT LoRA directory of the same fine-tune")
+    e.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text evaluated")
+    e.add_argument("--window", type=int, default=256, help="tokens per scored window")
+    e.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_distill_flags(e)
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"{flag} {path}: {e}") from None
+    if not text.strip():
+        raise CliError(f"{flag} {path}: the file is empty")
+    return text
+
+
+def _distill_args(args: argparse.Namespace):
+    """(DistillConfig or None, calibration text or None) from the flags; CliError for inconsistent ones."""
+    from registry.distill import DistillConfig
+
+    steps = args.distill_steps
+    if steps is None:
+        steps = 200 if args.calibration is not None else 0
+    if steps < 0:
+        raise CliError("--distill-steps must be >= 0")
+    if steps > 0 and args.calibration is None:
+        raise CliError("--distill-steps needs --calibration FILE (text for scale distillation)")
+    if steps == 0:
+        return None, None
+    text = _read_text(args.calibration, "--calibration")
+    try:
+        config = DistillConfig(steps=steps, lr=args.distill_lr, seq_len=args.seq_len, batch_size=args.batch_size,
+                               loss=args.distill_loss, device=args.device)  # fmt: skip
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return config, text
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from registry.compress import CompressOptions, compress, describe
+
+    distill, calibration = _distill_args(args)
+    if args.device == "cuda":
+        from serving.models.loader import resolve_device
+
+        try:
+            resolve_device("cuda")
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    try:
+        result = compress(args.base, args.finetune, args.out, CompressOptions(args.scale, args.other_tensors),
+                          distill=distill, calibration_text=calibration)  # fmt: skip
+    except (DeltaError, ValueError, OSError) as e:
+        raise CliError(str(e)) from None
+    summary = describe(result)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {result.path} ({result.size_bytes} bytes, sha256 {result.sha256}): {result.num_projections} "
+              f"projections as sign + {args.scale} scale, {len(result.replacements)} replaced tensor(s), "
+              f"{len(result.identical)} identical tensor(s) skipped")  # fmt: skip
+        if result.distill is not None:
+            d = result.distill
+            print(f"distillation: {d.steps} steps, {d.loss} logit error {d.loss_before:.4g} -> {d.loss_after:.4g} "
+                  f"({d.kept} scales kept)")  # fmt: skip
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from registry.compress import CompressOptions
+    from serving.evaluation import evaluate
+
+    text = _read_text(args.text, "--text")
+    distill, calibration = _distill_args(args)
+    if args.delta is not None and distill is not None:
+        raise CliError("give --delta FILE or --distill-steps/--calibration, not both")
+    try:
+        report = evaluate(args.base, args.finetune, text, delta_path=args.delta, lora_dir=args.lora, distill=distill,
+                          calibration_text=calibration, options=CompressOptions(args.scale, args.other_tensors),
+                          max_tokens=args.max_tokens, window=args.window, device=args.device,
+                          kernel_backend=args.kernel_backend)  # fmt: skip
+    except (DeltaError, ValueError, OSError) as e:
+        raise CliError(str(e)) from None
+    print(json.dumps(report.as_dict()) if args.json else report.table())
+    return 0
 
 
 def _engine_config(args: argparse.Namespace, max_num_batched_tokens: int | None = None):
@@ -166,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "compress":
+            return cmd_compress(args)
+        if args.command == "eval":
+            return cmd_eval(args)
     except CliError as e:
         print(f"deltaserve: error: {e}", file=sys.stderr)
         return 2
