@@ -89,10 +89,10 @@ class IncrementalDetokenizer:
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text):
             return ""
-        if new_text.endswith(REPLACEMENT_CHAR):
-            if not final:
-                return ""
-            new_text = new_text.rstrip(REPLACEMENT_CHAR)
+        if new_text.endswith(REPLACEMENT_CHAR) and not final:
+            return ""  # maybe the first bytes of a character the next token completes: hold back
+        # At the end, bytes that never formed a character are released as decode() renders them (U+FFFD),
+        # so the streamed text always equals tokenizer.decode(generated ids).
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         return new_text[len(prefix_text) :]
@@ -141,7 +141,8 @@ class IncrementalDetokenizer:
         return self._release(delta, final=False)
 
     def flush(self) -> str:
-        """Ends the request (EOS, length, ...): releases all held-back text except a trailing incomplete character.
+        """Ends the request (EOS, length, ...): releases all held-back text, a trailing incomplete character as
+        decode() renders it (U+FFFD), so the concatenated output equals tokenizer.decode(generated ids).
 
         Stop strings are still honoured in the released text. Later calls return "".
         """
