@@ -1,0 +1,143 @@
+"""Tenants (admin), adapters (tenant), health, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from registry.errors import NotFound
+from registry.names import validate_name
+from serving.api.auth import Admin, TenantDep, require_admin
+from serving.api.errors import APIError
+from serving.api.multipart import parse_multipart
+from serving.api.openai_routes import parse, read_json
+from serving.api.schemas import TenantCreate
+
+router = APIRouter()
+FORMATS = ("lora", "bitdelta", "finetune")
+
+
+# ---- tenants (admin) ------------------------------------------------------------------------------
+@router.post("/v1/tenants", status_code=201)
+async def create_tenant(request: Request, _: Admin):
+    req: TenantCreate = parse(TenantCreate, await read_json(request))
+    name = validate_name("tenant", req.name)
+    tenant, key = request.app.state.backend.registry.create_tenant(name)
+    return JSONResponse({"name": tenant.name, "api_key": key, "created": tenant.created}, status_code=201)
+
+
+@router.get("/v1/tenants")
+async def list_tenants(request: Request, _: Admin):
+    tenants = request.app.state.backend.registry.list_tenants()
+    return {"object": "list", "data": [{"name": t.name, "created": t.created} for t in tenants]}
+
+
+@router.delete("/v1/tenants/{name}", status_code=204)
+async def delete_tenant(request: Request, name: str, _: Admin):
+    request.app.state.backend.registry.delete_tenant(name)
+    return Response(status_code=204)
+
+
+# ---- adapters (tenant) ----------------------------------------------------------------------------
+class _UploadSink:
+    """Receives the multipart parts of an upload: small fields in memory, files streamed into the staging
+    directory (the staging object checks file names and the size limit as bytes arrive)."""
+
+    def __init__(self, staging):
+        self.staging = staging
+        self.fields: dict[str, str] = {}
+        self._writer = None
+
+    def field(self, name: str, value: str) -> None:
+        if name not in ("name", "format"):
+            raise APIError(400, f"Unknown form field `{name}`; expected name, format and files.", param=name)
+        self.fields[name] = value
+
+    def begin_file(self, field: str, filename: str) -> None:
+        if field not in ("files", "file"):
+            raise APIError(400, f"File parts must be sent as `files`, not `{field}`.", param=field)
+        self._writer = self.staging.open_file(filename)
+
+    def file_data(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def end_file(self) -> None:
+        self._writer.close()
+        self._writer = None
+
+
+@router.post("/v1/adapters", status_code=201)
+async def upload_adapter(request: Request, tenant: TenantDep):
+    backend = request.app.state.backend
+    if backend.draining:
+        raise APIError(503, "The server is draining.", code="overloaded", headers={"Retry-After": "5"})
+    limit = backend.config.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit + (1 << 20):
+        raise APIError(413, f"Upload is over the {limit}-byte limit.")
+    staging = backend.stage()
+    sink = _UploadSink(staging)
+    fmt = "unknown"
+    try:
+        await parse_multipart(request.headers.get("content-type", ""), request.stream(), sink)
+        if "name" not in sink.fields:
+            raise APIError(400, "Missing form field `name`.", param="name")
+        if sink.fields.get("format") not in FORMATS:
+            raise APIError(400, f"Form field `format` must be one of {', '.join(FORMATS)}.", param="format")
+        fmt = sink.fields["format"]
+        name = validate_name("adapter", sink.fields["name"])
+        if name == backend.model_id:
+            raise APIError(400, f"`{name}` is the base model's id; choose another adapter name.", param="name")
+        record = await backend.commit_upload(tenant, name, fmt, staging)
+    except BaseException:
+        staging.discard()
+        backend.metrics.uploads.labels(fmt, "refused").inc()
+        raise
+    backend.metrics.uploads.labels(fmt, "accepted").inc()
+    return JSONResponse(record.to_api(), status_code=202 if fmt == "finetune" else 201)
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request, tenant: TenantDep):
+    records = request.app.state.backend.registry.list_adapters(tenant.name)
+    return {"object": "list", "data": [r.to_api() for r in records]}
+
+
+@router.get("/v1/adapters/{name}")
+async def get_adapter(request: Request, name: str, tenant: TenantDep):
+    record = request.app.state.backend.registry.get_adapter(tenant.name, name)
+    if record is None:
+        raise NotFound(f"No adapter named `{name}`.", param="name")
+    return record.to_api()
+
+
+@router.delete("/v1/adapters/{name}", status_code=204)
+async def delete_adapter(request: Request, name: str, tenant: TenantDep):
+    request.app.state.backend.registry.delete_adapter(tenant.name, name)
+    return Response(status_code=204)
+
+
+# ---- operations -----------------------------------------------------------------------------------
+@router.get("/health")
+async def health(request: Request):
+    if not request.app.state.backend.healthy:
+        return JSONResponse({"status": "dead"}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    backend = request.app.state.backend
+    if not backend.ready:
+        status = "draining" if backend.draining else "starting" if backend.healthy else "dead"
+        return JSONResponse({"status": status}, status_code=503)
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    if not request.app.state.public_metrics:
+        require_admin(request)
+    from serving.metrics import CONTENT_TYPE
+
+    return Response(request.app.state.backend.metrics.render(), media_type=CONTENT_TYPE)

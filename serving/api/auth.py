@@ -1,0 +1,43 @@
+"""Bearer keys: the admin key, and tenant keys created by the admin (stored hashed in the registry)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serving.api.errors import APIError
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(401, "Missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    return key.strip()
+
+
+def require_admin(request: Request) -> None:
+    key = _bearer(request)
+    registry = request.app.state.backend.registry
+    if registry.is_admin(key):
+        return
+    if registry.authenticate(key) is not None:
+        raise APIError(403, "This route needs the admin key.", code="admin_required")
+    raise APIError(401, "Incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_tenant(request: Request):
+    key = _bearer(request)
+    registry = request.app.state.backend.registry
+    tenant = registry.authenticate(key)
+    if tenant is not None:
+        return tenant
+    if registry.is_admin(key):
+        raise APIError(403, "This route needs a tenant key; the admin key owns no models.", code="tenant_required")
+    raise APIError(401, "Incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+Admin = Annotated[None, Depends(require_admin)]
+TenantDep = Annotated[object, Depends(require_tenant)]

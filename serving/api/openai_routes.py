@@ -1,0 +1,322 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (streamed or not)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from serving.api.auth import TenantDep
+from serving.api.errors import APIError, error_body, to_api_error
+from serving.api.schemas import (
+    UNSUPPORTED_CHAT_FIELDS,
+    UNSUPPORTED_COMPLETION_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    refuse_unsupported,
+)
+from serving.engine.sampling_params import SamplingParams
+
+router = APIRouter()
+MAX_JSON_BODY = 4 << 20
+
+
+async def read_json(request: Request) -> Any:
+    """The JSON body, with a size limit (413) and a contract-shaped 400 for malformed JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BODY:
+        raise APIError(413, f"Request body is over the {MAX_JSON_BODY}-byte limit.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BODY:
+            raise APIError(413, f"Request body is over the {MAX_JSON_BODY}-byte limit.")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "The request body is not valid JSON.") from None
+
+
+def parse(model_cls, body: Any):
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
+@dataclass
+class Job:
+    """One choice to generate: prompt index, choice index, tokens and sampling."""
+
+    index: int
+    prompt_index: int
+    prompt: list[int]
+    params: SamplingParams
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        seed=None if req.seed is None else req.seed + choice,
+        stop=list(req.stop or []),
+        logprobs=logprobs,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def check_length(backend, prompt: list[int], max_tokens: int | None) -> int:
+    """The max_tokens to use; 400 context_length_exceeded when prompt + max_tokens does not fit."""
+    limit = backend.max_model_len
+    if len(prompt) >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt has {len(prompt)}.",
+                       param="messages" if max_tokens is None else "prompt", code="context_length_exceeded")
+    if max_tokens is None:
+        return limit - len(prompt)
+    if len(prompt) + max_tokens > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {len(prompt)} "
+                       f"and max_tokens is {max_tokens}.", param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
+async def run_jobs(request: Request, tenant, resolved, jobs: list[Job]) -> AsyncIterator[tuple[Job, Any]]:
+    """Runs all jobs concurrently; yields (job, RequestOutput) as they come. Metrics: TTFT, ITL, latency."""
+    backend = request.app.state.backend
+    metrics = backend.metrics
+    arrival = request.state.arrival
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def one(job: Job) -> None:
+        last = None
+        try:
+            async for out in backend.generate(tenant, resolved, job.prompt, job.params):
+                now = time.perf_counter()
+                if last is None:
+                    metrics.ttft.observe(now - arrival)
+                else:
+                    metrics.inter_token.observe(now - last)
+                last = now
+                await queue.put((job, out))
+            metrics.e2e.observe(time.perf_counter() - arrival)
+            metrics.prompt_tokens.inc(len(job.prompt))
+        except BaseException as e:  # noqa: BLE001 - delivered to the consumer, which raises it
+            await queue.put((job, e))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        finally:
+            await queue.put((job, None))
+
+    tasks = [asyncio.create_task(one(j)) for j in jobs]
+    try:
+        remaining = len(jobs)
+        while remaining:
+            job, item = await queue.get()
+            if item is None:
+                remaining -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield job, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def completion_logprobs(backend, outs, offset: int) -> dict:
+    """OpenAI's completions logprobs object; `offset` is the text offset of the first token."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for lp in outs:
+        tok = backend.token_text(lp.token_id)
+        tokens.append(tok)
+        lps.append(lp.logprob)
+        tops.append({backend.token_text(t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(backend, outs) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        tok = backend.token_text(token_id)
+        return {"token": tok, "logprob": logprob, "bytes": list(tok.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in outs]}
+
+
+def usage_of(jobs: list[Job]) -> dict:
+    prompt = sum(len(j.prompt) for j in jobs if j.index == min(k.index for k in jobs if k.prompt_index == j.prompt_index))
+    completion = sum(len(j.token_ids) for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+async def respond(request: Request, tenant, resolved, jobs: list[Job], req, chat: bool):
+    backend = request.app.state.backend
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    obj = "chat.completion" if chat else "text_completion"
+    stream = run_jobs(request, tenant, resolved, jobs)
+    # Prime the stream: errors before the first token (overloaded, busy tenant, bad input) are plain HTTP errors.
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+
+    def absorb(job: Job, out) -> tuple[str, list]:
+        job.text.append(out.new_text)
+        job.token_ids.extend(out.new_token_ids)
+        job.logprobs.extend(out.new_logprobs)
+        if out.finished:
+            job.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        return out.new_text, out.new_logprobs
+
+    if not req.stream:
+        items = [first] if first is not None else []
+        for job, out in items:
+            absorb(job, out)
+        async for job, out in stream:
+            absorb(job, out)
+        choices = []
+        for job in jobs:
+            text = "".join(job.text)
+            if chat:
+                c = {"index": job.index, "message": {"role": "assistant", "content": text},
+                     "logprobs": chat_logprobs(backend, job.logprobs) if job.params.logprobs is not None else None,
+                     "finish_reason": job.finish_reason}
+            else:
+                lp = completion_logprobs(backend, job.logprobs, 0) if job.params.logprobs is not None else None
+                c = {"index": job.index, "text": text, "logprobs": lp, "finish_reason": job.finish_reason}
+            choices.append(c)
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices,
+                             "usage": usage_of(jobs)})
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+    async def events():
+        started: set[int] = set()
+        try:
+            pending = [first] if first is not None else []
+
+            async def all_items():
+                for item in pending:
+                    yield item
+                async for item in stream:
+                    yield item
+
+            async for job, out in all_items():
+                before = sum(len(t) for t in job.text)
+                text, lps = absorb(job, out)
+                finish = job.finish_reason if out.finished else None
+                if chat:
+                    delta: dict = {"content": text} if text else {}
+                    if job.index not in started:
+                        delta = {"role": "assistant", **delta, "content": text}
+                        started.add(job.index)
+                    choice = {"index": job.index, "delta": delta,
+                              "logprobs": chat_logprobs(backend, lps) if lps else None, "finish_reason": finish}
+                else:
+                    lp = completion_logprobs(backend, lps, before) if job.params.logprobs is not None and lps else None
+                    choice = {"index": job.index, "text": text, "logprobs": lp, "finish_reason": finish}
+                if text or finish or lps or (chat and "role" in choice["delta"]):
+                    payload = {"id": rid, "object": chunk_obj, "created": created, "model": req.model, "choices": [choice]}
+                    if include_usage:
+                        payload["usage"] = None
+                    yield sse(payload)
+            if include_usage:
+                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": req.model, "choices": [],
+                           "usage": usage_of(jobs)})
+        except Exception as e:  # after the stream started: one error event, then [DONE]
+            err = to_api_error(e)
+            yield sse(error_body(err.status, err.message, err.param, err.code))
+        finally:
+            await stream.aclose()
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _accepting(request: Request) -> None:
+    backend = request.app.state.backend
+    if backend.draining:
+        raise APIError(503, "The server is draining and accepts no new requests.", code="overloaded",
+                       headers={"Retry-After": "5"})
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, tenant: TenantDep):
+    return {"object": "list", "data": request.app.state.backend.list_models(tenant)}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, tenant: TenantDep):
+    body = await read_json(request)
+    refuse_unsupported(body, UNSUPPORTED_COMPLETION_FIELDS)
+    req: CompletionRequest = parse(CompletionRequest, body)
+    _accepting(request)
+    backend = request.app.state.backend
+    resolved = await backend.resolve(tenant, req.model)
+    request.state.model_kind = resolved.kind
+    p = req.prompt
+    if isinstance(p, str):
+        prompts = [backend.encode(p)]
+    elif isinstance(p[0], int):
+        prompts = [list(p)]
+    elif isinstance(p[0], str):
+        prompts = [backend.encode(s) for s in p]
+    else:
+        prompts = [list(x) for x in p]
+    if len(prompts) > 32:
+        raise APIError(400, "at most 32 prompts per request", param="prompt")
+    jobs = []
+    for pi, ids in enumerate(prompts):
+        if not ids:
+            raise APIError(400, "The prompt is empty.", param="prompt")
+        max_tokens = check_length(backend, ids, req.max_tokens)
+        for c in range(req.n):
+            jobs.append(Job(pi * req.n + c, pi, ids, sampling_for(req, max_tokens, c, req.logprobs)))
+    return await respond(request, tenant, resolved, jobs, req, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, tenant: TenantDep):
+    body = await read_json(request)
+    refuse_unsupported(body, UNSUPPORTED_CHAT_FIELDS)
+    req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+    _accepting(request)
+    backend = request.app.state.backend
+    resolved = await backend.resolve(tenant, req.model)
+    request.state.model_kind = resolved.kind
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        ids = backend.chat_prompt(messages)
+    except Exception as e:  # the template refused the conversation (e.g. roles out of order)
+        raise APIError(400, f"The chat template could not render these messages: {e}", param="messages") from None
+    max_tokens = check_length(backend, ids, req.max_completion_tokens or req.max_tokens)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    jobs = [Job(c, 0, ids, sampling_for(req, max_tokens, c, logprobs)) for c in range(req.n)]
+    return await respond(request, tenant, resolved, jobs, req, chat=True)

@@ -1,0 +1,247 @@
+"""Everything behind the HTTP API: the engine thread, the registry, the host tier, background compression.
+
+The API (serving/api) talks to a `Backend` only through plain Python values (strings, token ids,
+SamplingParams, output records), so it never imports torch. Model work runs in the engine thread; disk
+and validation work in worker threads; the event loop only awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from registry.catalog import AdapterRecord, Registry, Tenant
+from registry.deltas import Delta
+from registry.errors import DeltaError, NotFound, RegistryError
+from registry.host_tier import HostTier
+from registry.loading import load_delta
+from registry.uploads import Staging
+from serving.engine.async_engine import EngineLoop
+from serving.engine.engine import LLMEngine, RequestOutput
+from serving.engine.errors import TenantBusy
+from serving.engine.sampling_params import SamplingParams
+from serving.metrics import Metrics
+
+log = logging.getLogger("deltaserve")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a request's `model` field names, for one tenant: the base, or one version of an adapter."""
+
+    model_id: str
+    kind: str  # "base" | "lora" | "bitdelta"
+    delta: Delta | None
+    record: AdapterRecord | None
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    max_pending: int = 256  # requests queued or running; beyond: 503 overloaded
+    tenant_max_concurrent: int = 64  # one tenant's requests at once; beyond: 429
+    host_cache_bytes: int = 4 << 30
+    max_upload_bytes: int = 2 << 30
+    drain_timeout: float = 30.0
+
+
+class Backend:
+    def __init__(self, engine: LLMEngine, registry: Registry, metrics: Metrics, config: BackendConfig | None = None):
+        self.engine = engine
+        self.registry = registry
+        self.metrics = metrics
+        self.config = config or BackendConfig()
+        self.tokenizer = engine.tokenizer
+        self.model_id = engine.model.config.name
+        self.max_model_len = engine.max_model_len
+        self.host_tier = HostTier(self.config.host_cache_bytes, self._host_event)
+        self.loop = EngineLoop(engine, self.config.max_pending, on_step=self._observe_step)
+        self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltaserve-io")
+        self.compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltaserve-compress")
+        self.draining = False
+        self.started = False
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
+        self._slot_counts = (0, 0, 0)  # the slot pool's hits, loads, evictions already counted
+        self._preemptions_seen = 0
+        for tier, n in (("gpu_lora", engine.config.lora_slots), ("gpu_bitdelta", engine.config.bitdelta_slots)):
+            metrics.slots_total.labels(tier).set(n)
+
+    # ---- life cycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.loop.start()
+        self.started = True
+
+    def stop(self) -> None:
+        self.loop.stop(timeout=5)
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.compressor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def healthy(self) -> bool:
+        return self.loop.alive
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.healthy and not self.draining
+
+    @property
+    def num_pending(self) -> int:
+        return self.loop.num_pending
+
+    def preload(self, ref: str) -> None:
+        """Loads "tenant/adapter" into the host tier and a GPU slot before serving (left unpinned: it stays
+        resident until the LRU needs its slot). Call before start()."""
+        assert not self.started, "preload runs before the engine thread owns the slot pool"
+        tenant, _, name = ref.partition("/")
+        record = self.registry.resolve(tenant, name)
+        if record is None:
+            raise NotFound(f"no ready adapter {ref!r} to preload", param="preload")
+        delta = self._load_record(record)
+        if self.engine.slots.acquire(delta) is not None:
+            self.engine.slots.release(delta)
+
+    # ---- models ------------------------------------------------------------------------------------
+    async def resolve(self, tenant: Tenant, model: str) -> ResolvedModel:
+        """The base or the tenant's adapter of that name (newest ready version); NotFound otherwise, the
+        same for a name that does not exist and for another tenant's adapter."""
+        if model == self.model_id:
+            return ResolvedModel(model, "base", None, None)
+        record = self.registry.resolve(tenant.name, model)
+        if record is None:
+            raise NotFound(f"The model `{model}` does not exist.", param="model")
+        delta = await asyncio.get_running_loop().run_in_executor(self.workers, self._load_record, record)
+        return ResolvedModel(model, delta.kind, delta, record)
+
+    def _load_record(self, record: AdapterRecord) -> Delta:
+        assert record.sha256 is not None
+        return self.host_tier.get(
+            record.sha256,
+            lambda: load_delta(self.registry.blob_path(record), self.engine.spec, self.engine.config.max_lora_rank),
+        )
+
+    def list_models(self, tenant: Tenant) -> list[dict]:
+        created = int(time.time())
+        models = [{"id": self.model_id, "object": "model", "created": created, "owned_by": "deltaserve", "parent": None}]
+        for rec in self.registry.list_adapters(tenant.name):
+            if rec.status == "ready":
+                models.append(
+                    {"id": rec.name, "object": "model", "created": rec.created, "owned_by": tenant.name, "parent": self.model_id}
+                )
+        return models
+
+    # ---- tokens ------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The base tokenizer's chat template, with the assistant turn opened."""
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ---- generation --------------------------------------------------------------------------------
+    async def generate(
+        self, tenant: Tenant, resolved: ResolvedModel, prompt: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Streams one sequence's outputs. Raises Overloaded (503), TenantBusy (429), or the engine's
+        validation errors before the first output."""
+        with self._in_flight_lock:
+            n = self._in_flight.get(tenant.name, 0)
+            if n >= self.config.tenant_max_concurrent:
+                raise TenantBusy(f"tenant has {n} requests in flight (limit {self.config.tenant_max_concurrent})")
+            self._in_flight[tenant.name] = n + 1
+        try:
+            request_id = uuid.uuid4().hex
+            async for out in self.loop.stream(request_id, prompt, params, resolved.delta):
+                yield out
+        finally:
+            with self._in_flight_lock:
+                self._in_flight[tenant.name] -= 1
+
+    # ---- uploads -----------------------------------------------------------------------------------
+    def stage(self) -> Staging:
+        return self.registry.stage(self.config.max_upload_bytes)
+
+    async def commit_upload(self, tenant: Tenant, name: str, fmt: str, staging: Staging) -> AdapterRecord:
+        """Validates the staged files against the base (in a worker thread) and stores them: a new version.
+        A fine-tune is checked, recorded as "compressing" and compressed in the background."""
+        loop = asyncio.get_running_loop()
+        spec, rank = self.engine.spec, self.engine.config.max_lora_rank
+        delta = await loop.run_in_executor(self.workers, staging.validate, fmt, spec, rank)
+        if fmt == "finetune":
+            record = self.registry.create_pending(tenant.name, name, fmt)
+            self.compressor.submit(self._compress, record, staging)
+            return record
+        return await loop.run_in_executor(self.workers, self.registry.commit_adapter, tenant.name, name, fmt, staging, delta)
+
+    def _compress(self, record: AdapterRecord, staging: Staging) -> None:
+        """Background: BitDelta compression of an uploaded fine-tune against the served base."""
+        from registry.compress import compress  # only the compression thread needs it
+
+        reported = [0.0]
+
+        def progress(fraction: float) -> None:  # every catalog write is synced: report in 5 % steps
+            if fraction - reported[0] >= 0.05 or fraction >= 1.0:
+                reported[0] = fraction
+                self.registry.set_progress(record.id, min(fraction, 0.99))
+
+        try:
+            out = staging.path / "delta.bitdelta.safetensors"
+            compress(self.engine.base_dir, staging.path, out, progress=progress)
+            delta = load_delta(out, self.engine.spec)
+            staging.keep_only(out)
+            self.registry.complete_pending(record.id, staging, delta)
+            self.metrics.uploads.labels("finetune", "ready").inc()
+        except Exception as e:  # the record must end failed, never stay "compressing"
+            log.warning("compression of %s failed: %s", record.id, e)
+            # The tenant sees the typed errors' own messages, never a server path or a stack trace.
+            message = e.message if isinstance(e, (DeltaError, RegistryError)) else "compression failed (internal error)"
+            self.registry.fail_pending(record.id, message)
+            staging.discard()
+            self.metrics.uploads.labels("finetune", "failed").inc()
+
+    # ---- metrics (engine thread) -------------------------------------------------------------------
+    def _observe_step(self, engine: LLMEngine, outputs: list[RequestOutput], seconds: float) -> None:
+        m = self.metrics
+        sched = engine.scheduler
+        m.step_time.observe(seconds)
+        running = sched.running
+        m.batch_size.observe(len(outputs))
+        m.distinct_tenants.observe(len({s.delta.sha256 for s in running if s.delta is not None}))
+        m.queue_length.set(len(sched.waiting))
+        m.running.set(len(running))
+        m.pending.set(self.loop.num_pending)
+        m.kv_usage.set(engine.blocks.usage)
+        m.generation_tokens.inc(len(outputs))
+        slots = engine.slots
+        for tier, kind in (("gpu_lora", "lora"), ("gpu_bitdelta", "bitdelta")):
+            m.slots_in_use.labels(tier).set(slots.num_resident(kind))
+        hits, loads, evictions = slots.hits, slots.loads, slots.evictions
+        h0, l0, e0 = self._slot_counts
+        if hits > h0:
+            m.adapter_hits.labels("gpu").inc(hits - h0)
+        if loads > l0:
+            m.adapter_misses.labels("gpu").inc(loads - l0)
+            m.adapter_loads.labels("gpu").inc(loads - l0)
+        if evictions > e0:
+            m.adapter_evictions.labels("gpu").inc(evictions - e0)
+        self._slot_counts = (hits, loads, evictions)
+        if sched.num_preemptions > self._preemptions_seen:
+            m.preemptions.inc(sched.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = sched.num_preemptions
+
+    def _host_event(self, event: str, seconds: float) -> None:
+        m = self.metrics
+        {"hit": m.adapter_hits, "miss": m.adapter_misses, "evict": m.adapter_evictions, "load": m.adapter_loads}[event].labels(
+            "host"
+        ).inc()
+        if event == "load":
+            m.adapter_load_seconds.labels("host").observe(seconds)
+        m.slots_in_use.labels("host").set(self.host_tier.num_items)
