@@ -16,15 +16,26 @@ class CliError(Exception):
     """A user error: printed as `deltaserve: error: ...`, exit status 2."""
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+def _add_engine_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Engine flags. defaults=False leaves unset flags as None, so `serve` can fall back on DELTASERVE_* variables."""
+
+    def d(value):
+        return value if defaults else None
+
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d("auto"))
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d("auto"))
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
-    p.add_argument("--bitdelta-slots", type=int, default=4, help="GPU slots for 1-bit deltas")
-    p.add_argument("--lora-slots", type=int, default=8, help="GPU slots for LoRA adapters")
-    p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=d(64), help="sequences in one step")
+    p.add_argument("--bitdelta-slots", type=int, default=d(4), help="GPU slots for 1-bit deltas")
+    p.add_argument("--lora-slots", type=int, default=d(8), help="GPU slots for LoRA adapters")
+    p.add_argument("--max-lora-rank", type=int, default=d(64))
+    p.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default=d("auto"))
+
+
+def _add_client_flags(p: argparse.ArgumentParser, key_env: str) -> None:
+    p.add_argument("--url", default=None, help="server URL (default: $DELTASERVE_URL, else http://127.0.0.1:8000)")
+    p.add_argument("--key", default=None, help=f"API key (default: ${key_env})")
+    p.set_defaults(key_env=key_env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +57,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(g)
     _add_compress_parser(sub)
     _add_eval_parser(sub)
+
+    s = sub.add_parser("serve", help="run the HTTP server (the embedded demo without --model)")
+    s.add_argument("--model", type=Path, default=None, help="local Hugging Face directory (default: the demo)")
+    s.add_argument("--host", default=None, help="default 127.0.0.1")
+    s.add_argument("--port", type=int, default=None, help="default 8000")
+    s.add_argument("--registry", type=Path, default=None, help="default ./deltaserve-registry")
+    s.add_argument("--admin-key", default=None, help="default: $DELTASERVE_ADMIN_KEY, else generated once")
+    s.add_argument("--public-metrics", action="store_true", default=None, help="serve /metrics without a key")
+    s.add_argument("--max-pending", type=int, default=None, help="requests queued or running (then 503)")
+    s.add_argument("--tenant-max-concurrent", type=int, default=None, help="one tenant's requests at once (then 429)")
+    s.add_argument("--host-cache-mb", type=int, default=None, help="host-memory tier for deltas")
+    s.add_argument("--max-upload-mb", type=int, default=None)
+    s.add_argument("--drain-timeout", type=float, default=None, help="seconds running requests get on SIGTERM")
+    s.add_argument("--num-kv-blocks", type=int, default=None)
+    s.add_argument("--preload", action="append", default=None, metavar="TENANT/ADAPTER",
+                   help="load onto the GPU at start-up (repeatable)")
+    _add_engine_flags(s, defaults=False)
+
+    t = sub.add_parser("tenants", help="manage tenants (admin key)")
+    tsub = t.add_subparsers(dest="action", required=True)
+    for action, helptext in (("create", "create a tenant and print its API key"), ("ls", "list tenants"),
+                             ("rm", "delete a tenant and its adapters")):
+        a = tsub.add_parser(action, help=helptext)
+        if action != "ls":
+            a.add_argument("name")
+        _add_client_flags(a, "DELTASERVE_ADMIN_KEY")
+
+    ad = sub.add_parser("adapters", help="manage your adapters (tenant key)")
+    asub = ad.add_subparsers(dest="action", required=True)
+    a = asub.add_parser("push", help="upload a LoRA directory, a 1-bit delta file or a full fine-tune directory")
+    a.add_argument("path", type=Path)
+    a.add_argument("--name", required=True)
+    a.add_argument("--format", required=True, choices=["lora", "bitdelta", "finetune"])
+    _add_client_flags(a, "DELTASERVE_API_KEY")
+    a = asub.add_parser("ls", help="list your adapters")
+    _add_client_flags(a, "DELTASERVE_API_KEY")
+    a = asub.add_parser("rm", help="delete an adapter (all versions)")
+    a.add_argument("name")
+    _add_client_flags(a, "DELTASERVE_API_KEY")
     return parser
 
 
@@ -282,6 +332,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_FLAGS = ("model", "host", "port", "registry", "admin_key", "device", "dtype", "public_metrics", "max_model_len",
+               "max_num_seqs", "max_pending", "tenant_max_concurrent", "bitdelta_slots", "lora_slots", "max_lora_rank",
+               "host_cache_mb", "max_upload_mb", "drain_timeout", "num_kv_blocks", "kernel_backend", "preload")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from serving.server import ServerSettings, run_server
+
+    given = {k: getattr(args, k) for k in SERVE_FLAGS if getattr(args, k) is not None}
+    try:
+        settings = ServerSettings(**given)  # flags over DELTASERVE_* variables over defaults
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise CliError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
+    if settings.model is not None and not settings.model.is_dir():
+        raise CliError(f"--model {settings.model}: not a directory")
+    return run_server(settings)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from serving.client import Client, ClientError, push
+
+    try:
+        client = Client(args.url, args.key, args.key_env)
+        if args.command == "tenants":
+            if args.action == "create":
+                out = client.call("POST", "/v1/tenants", json={"name": args.name}).json()
+                print(f"tenant {out['name']} created; its API key (shown once): {out['api_key']}")
+            elif args.action == "ls":
+                for t in client.call("GET", "/v1/tenants").json()["data"]:
+                    print(t["name"])
+            else:
+                client.call("DELETE", f"/v1/tenants/{args.name}")
+            return 0
+        if args.action == "push":
+            print(_json.dumps(push(client, args.path, args.name, args.format)))
+        elif args.action == "ls":
+            rows = client.call("GET", "/v1/adapters").json()["data"]
+            print(f"{'NAME':24} {'FORMAT':9} {'VERSION':>7} {'STATUS':12} {'SIZE':>12}")
+            for r in rows:
+                print(f"{r['name']:24} {r['format']:9} {r['version']:>7} {r['status']:12} {r.get('size_bytes') or 0:>12}")
+        else:
+            client.call("DELETE", f"/v1/adapters/{args.name}")
+        return 0
+    except ClientError as e:
+        raise CliError(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -292,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compress(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command in ("tenants", "adapters"):
+            return cmd_client(args)
     except CliError as e:
         print(f"deltaserve: error: {e}", file=sys.stderr)
         return 2

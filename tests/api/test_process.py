@@ -1,0 +1,154 @@
+"""`deltaserve serve` as a real process: the CLI clients, SIGTERM drain, kill -9 during an upload and restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import ADMIN_KEY, free_port
+from tests.helpers import make_bitdelta, make_lora, make_model_dir
+
+
+def deltaserve(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+class ServerProcess:
+    def __init__(self, base: Path, registry: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", "serve", "--model", str(base), "--registry", str(registry), "--port",
+             str(self.port), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--max-lora-rank", "8",
+             "--num-kv-blocks", "64", "--kernel-backend", "torch", *extra],
+            env={**os.environ, "DELTASERVE_ADMIN_KEY": ADMIN_KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.time() + 120
+        while True:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not become ready"
+            time.sleep(0.1)
+
+    def client(self, key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("proc")
+    base = make_model_dir(root / "base", arch="llama")
+    lora, _ = make_lora(base, root / "lora", r=4, seed=1)
+    bd, _ = make_bitdelta(base, root / "bd.safetensors", seed=2, per_row=True, replace=False)
+    return root, base, lora, bd
+
+
+def completion(client: httpx.Client, model: str, **kw) -> httpx.Response:
+    body = {"model": model, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0, **kw}
+    return client.post("/v1/completions", json=body)
+
+
+def test_cli_clients_drain_and_crash_recovery(files, tmp_path):
+    root, base, lora, bd = files
+    registry = tmp_path / "registry"
+    server = ServerProcess(base, registry)
+    try:
+        env = {"DELTASERVE_URL": server.url, "DELTASERVE_ADMIN_KEY": ADMIN_KEY}
+        r = deltaserve("tenants", "create", "acme", env=env)
+        assert r.returncode == 0, r.stderr
+        key = r.stdout.strip().split()[-1]
+        env["DELTASERVE_API_KEY"] = key
+        r = deltaserve("adapters", "push", str(lora), "--name", "support-bot", "--format", "lora", env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["status"] == "ready"
+        r = deltaserve("adapters", "push", str(bd), "--name", "legal", "--format", "bitdelta", env=env)
+        assert r.returncode == 0, r.stderr
+        r = deltaserve("adapters", "ls", env=env)
+        assert "support-bot" in r.stdout and "legal" in r.stdout
+        r = deltaserve("tenants", "ls", env={**env, "DELTASERVE_ADMIN_KEY": key})  # a tenant key: 403
+        assert r.returncode == 2 and "403" in r.stderr
+        with server.client(key) as c:
+            before = {m: completion(c, m).json()["choices"][0]["text"] for m in ("support-bot", "legal")}
+
+        # kill -9 while an upload streams in: the half-received upload must leave no trace.
+        big = tmp_path / "big.safetensors"
+        big.write_bytes(bd.read_bytes()[:8] + b"{" + b" " * (8 << 20))
+        received = threading.Event()
+
+        class SlowFile:  # a client on a slow link: the upload is still arriving when the server dies
+            def __init__(self):
+                self.f = open(big, "rb")  # noqa: SIM115
+
+            def read(self, n=-1):
+                received.set()
+                time.sleep(0.02)
+                return self.f.read(64 << 10)
+
+        def slow_upload():
+            try:
+                with server.client(key) as c:
+                    c.post("/v1/adapters", data={"name": "half", "format": "bitdelta"},
+                           files=[("files", ("big.safetensors", SlowFile(), "application/octet-stream"))])
+            except httpx.HTTPError:
+                pass
+
+        t = threading.Thread(target=slow_upload)
+        t.start()
+        assert received.wait(30)
+        time.sleep(0.5)  # part of the body is on the server's disk
+        assert any((registry / "tmp").iterdir())
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(30)
+        t.join(30)
+    finally:
+        server.stop()
+
+    server = ServerProcess(base, registry)
+    try:
+        with server.client(key) as c:
+            names = sorted(a["name"] for a in c.get("/v1/adapters").json()["data"])
+            assert names == ["legal", "support-bot"]
+            assert not list((registry / "tmp").iterdir())
+            for m, text in before.items():  # everything stored before the crash still serves, identically
+                assert completion(c, m).json()["choices"][0]["text"] == text
+
+            # SIGTERM drains: /ready turns 503, new requests get 503, the running stream finishes, then exit 0.
+            with c.stream("POST", "/v1/completions", json={"model": "legal", "prompt": "To be", "max_tokens": 200,
+                                                           "temperature": 0, "stream": True, "ignore_eos": True}) as s:
+                lines = s.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                assert "choices" in first
+                server.proc.send_signal(signal.SIGTERM)
+                deadline = time.time() + 10
+                while httpx.get(server.url + "/ready").status_code != 503:
+                    assert time.time() < deadline
+                    time.sleep(0.02)
+                refused = completion(c, "legal")
+                assert refused.status_code == 503 and refused.headers.get("retry-after")
+                assert refused.json()["error"]["code"] == "overloaded"
+                rest = [line for line in lines if line.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]"
+            finals = [json.loads(x[6:]) for x in rest[:-1]]
+            assert finals[-1]["choices"][0]["finish_reason"] == "length"
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
