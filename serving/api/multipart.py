@@ -7,6 +7,7 @@ from typing import Protocol
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from registry.errors import DeltaError, RegistryError
 from serving.api.errors import APIError
 
 MAX_FIELD_BYTES = 4096
@@ -87,7 +88,7 @@ async def parse_multipart(content_type: str, body: AsyncIterator[bytes], sink: P
         async for chunk in body:
             parser.write(chunk)
         parser.finalize()
-    except APIError:
+    except (APIError, RegistryError, DeltaError):  # the sink's own refusals (file names, size limit) pass through
         raise
     except Exception as e:  # python-multipart's own parse errors
         raise APIError(400, f"Malformed multipart body: {e}") from None
