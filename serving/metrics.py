@@ -4,7 +4,8 @@ A `Metrics` object owns its own CollectorRegistry (no module-level singleton), s
 servers in one process never share counters. No metric carries a tenant or adapter label: their number
 is unbounded, and a tenant must not learn about others from /metrics. Labels used, with their bounds:
 route (the fixed API routes), status (HTTP status codes), model_kind (base | lora | bitdelta | none),
-tier (gpu_lora | gpu_bitdelta | host).
+tier (gpu | host for the adapter cache counters; gpu_lora | gpu_bitdelta | host for slots), format and
+outcome of uploads.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ class Metrics:
         self.slots_in_use = Gauge("deltaserve_adapter_slots_in_use", "Adapters resident per tier", ["tier"], registry=r)
         self.slots_total = Gauge("deltaserve_adapter_slots", "Capacity per tier (adapters)", ["tier"], registry=r)
         self.uploads = Counter("deltaserve_adapter_uploads", "Adapter uploads by format and outcome", ["format", "outcome"], registry=r)
+
+        # Every bounded label value exists from the start, so dashboards see zeros rather than gaps.
+        for tier in ("gpu", "host"):
+            for family in (self.adapter_hits, self.adapter_misses, self.adapter_loads, self.adapter_evictions,
+                           self.adapter_load_seconds):
+                family.labels(tier)
+        for tier in ("gpu_lora", "gpu_bitdelta", "host"):
+            self.slots_in_use.labels(tier)
+            self.slots_total.labels(tier)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

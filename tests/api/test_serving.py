@@ -1,0 +1,191 @@
+"""Serving under load: versions and deletes during streams, many tenants while uploads and cold loads happen,
+the queue limit, per-tenant limits, disconnects freeing KV blocks, and the metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.api.conftest import start_server, stop_server
+from tests.api.helpers import upload
+from tests.helpers import make_lora
+
+LONG = {"max_tokens": 60, "temperature": 0, "ignore_eos": True}
+
+
+def text_of(client: httpx.Client, model: str, prompt: str = "The quick brown fox", **kw) -> str:
+    r = client.post("/v1/completions", json={"model": model, "prompt": prompt, **{**LONG, **kw}})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def stream_text(response: httpx.Response, on_first=None) -> str:
+    parts, first = [], True
+    for line in response.iter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        assert "error" not in event, event
+        parts.append(event["choices"][0]["text"])
+        if first and on_first is not None:
+            on_first()
+        first = False
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def second_lora(live):
+    path, _ = make_lora(live.base_dir, live.files["root"] / "lora-b", r=2, seed=9)
+    return path
+
+
+def test_new_version_and_delete_during_a_stream(live, second_lora):
+    key, ref_key = live.new_tenant("versions"), live.new_tenant("versions-ref")
+    with live.client(key) as c, live.client(ref_key) as ref:
+        assert upload(c, "ver", "lora", live.files["lora"]).json()["version"] == 1
+        assert upload(ref, "b", "lora", second_lora).status_code == 201
+        want_a, want_b = text_of(c, "ver"), text_of(ref, "b")
+        assert want_a != want_b
+
+        def reupload():
+            r = upload(c, "ver", "lora", second_lora)
+            assert r.status_code == 201 and r.json()["version"] == 2
+            assert live.backend.num_pending >= 1  # the stream is still running
+            assert text_of(c, "ver") == want_b  # new requests use the new version at once
+
+        with c.stream("POST", "/v1/completions", json={"model": "ver", "prompt": "The quick brown fox", "stream": True, **LONG}) as s:
+            assert stream_text(s, on_first=reupload) == want_a  # the running stream finished on version 1
+
+        def delete():
+            assert c.delete("/v1/adapters/ver").status_code == 204
+            assert live.backend.num_pending >= 1
+            r = c.post("/v1/completions", json={"model": "ver", "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 404
+
+        with c.stream("POST", "/v1/completions", json={"model": "ver", "prompt": "The quick brown fox", "stream": True, **LONG}) as s:
+            assert stream_text(s, on_first=delete) == want_b
+
+
+def test_many_tenants_stream_while_uploading_and_cold_loading(live, second_lora):
+    tenants = []
+    for i in range(6):
+        key = live.new_tenant(f"busy-{i}")
+        fmt, path = ("lora", live.files["lora"]) if i % 2 else ("bitdelta", live.files["bd"])
+        with live.client(key) as c:
+            assert upload(c, "mine", fmt, path).status_code == 201
+            tenants.append((key, text_of(c, "mine", max_tokens=40)))
+    uploader = live.new_tenant("uploader")
+    errors: list = []
+    results: dict[int, str] = {}
+
+    def run_stream(i, key):
+        try:
+            with live.client(key) as c, c.stream("POST", "/v1/completions", json={
+                    "model": "mine", "prompt": "The quick brown fox", "stream": True, **LONG, "max_tokens": 40}) as s:
+                assert s.status_code == 200, s.read()
+                results[i] = stream_text(s)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    def upload_and_cold_load():
+        try:
+            with live.client(uploader) as c:
+                assert upload(c, "fresh", "lora", second_lora).status_code == 201
+                assert text_of(c, "fresh", max_tokens=10)  # a cold adapter: host tier + GPU slot load mid-traffic
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run_stream, args=(i, k)) for i, (k, _) in enumerate(tenants)]
+    threads.append(threading.Thread(target=upload_and_cold_load))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert {i: t for i, t in results.items()} == {i: want for i, (_, want) in enumerate(tenants)}
+
+
+def test_disconnect_frees_kv_blocks(live):
+    key = live.new_tenant("leaver")
+    blocks = live.backend.engine.blocks
+    with live.client(key) as c:
+        with c.stream("POST", "/v1/completions", json={"model": live.backend.model_id, "prompt": "To be", "stream": True,
+                                                       "max_tokens": 100, "temperature": 0, "ignore_eos": True}) as s:
+            lines = s.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            assert blocks.num_free < blocks.num_blocks
+            assert live.backend.num_pending == 1
+        # the client went away: within a step or so the request is aborted and its blocks are free again
+        deadline = time.time() + 10
+        while blocks.num_free != blocks.num_blocks or live.backend.num_pending:
+            assert time.time() < deadline, "the disconnected stream kept its KV blocks"
+            time.sleep(0.01)
+    with live.client() as admin:
+        metrics = admin.get("/metrics").text
+    assert metric(metrics, "deltaserve_kv_cache_usage_ratio") >= 0.0
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pattern = re.escape(name) + (r"\{" + labels + r"[^}]*\}" if labels else r"(\{[^}]*\})?") + r" ([0-9.e+-]+)"
+    values = [float(m.group(len(m.groups()))) for m in re.finditer(pattern, text)]
+    assert values, f"{name} missing"
+    return sum(values)
+
+
+def test_metrics_after_load(live):
+    with live.client() as admin:
+        text = admin.get("/metrics").text
+    for name in ["deltaserve_requests_total", "deltaserve_time_to_first_token_seconds_count",
+                 "deltaserve_inter_token_latency_seconds_count", "deltaserve_request_latency_seconds_count",
+                 "deltaserve_step_batch_size_count", "deltaserve_step_distinct_adapters_count",
+                 "deltaserve_prompt_tokens_total", "deltaserve_generation_tokens_total",
+                 "deltaserve_adapter_cache_hits_total", "deltaserve_adapter_cache_misses_total",
+                 "deltaserve_adapter_loads_total", "deltaserve_adapter_load_seconds_count"]:
+        assert metric(text, name) > 0, name
+    for name in ["deltaserve_queue_length", "deltaserve_running_sequences", "deltaserve_kv_cache_usage_ratio",
+                 "deltaserve_adapter_slots_in_use", "deltaserve_adapter_evictions_total"]:
+        assert metric(text, name) >= 0, name
+    assert metric(text, "deltaserve_requests_total", 'model_kind="lora",route="/v1/completions",status="200"') > 0
+    assert metric(text, "deltaserve_adapter_slots_in_use", 'tier="host"') >= 1
+    assert 'tenant="' not in text and "busy-0" not in text and "secret" not in text  # no tenant or adapter labels
+    assert metric(text, "deltaserve_step_batch_size_sum") >= metric(text, "deltaserve_step_batch_size_count")
+
+
+def test_queue_limit_and_tenant_limit(tmp_path_factory, live):
+    srv = start_server(tmp_path_factory.mktemp("small"), live.base_dir, max_pending=2, tenant_max_concurrent=1)
+    engine, step = srv.backend.engine, srv.backend.engine.step
+
+    def slow_step():  # a slower device: the long requests are surely still running when the next ones arrive
+        time.sleep(0.02)
+        return step()
+
+    engine.step = slow_step
+    try:
+        a, b, c = srv.new_tenant("a"), srv.new_tenant("b"), srv.new_tenant("c")
+        body = {"model": srv.backend.model_id, "prompt": "To be", "stream": True, "max_tokens": 120, "temperature": 0,
+                "ignore_eos": True}
+        with srv.client(a) as ca, srv.client(b) as cb, srv.client(c) as cc:
+            with ca.stream("POST", "/v1/completions", json=body) as s1:
+                lines1 = s1.iter_lines()  # kept alive: closing httpx's line iterator closes the connection
+                next(line for line in lines1 if line.startswith("data: "))
+                busy = ca.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+                assert busy.status_code == 429 and busy.headers["retry-after"]
+                assert busy.json()["error"]["type"] == "rate_limit_error"
+                with cb.stream("POST", "/v1/completions", json=body) as s2:
+                    lines2 = s2.iter_lines()
+                    next(line for line in lines2 if line.startswith("data: "))
+                    full = cc.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+                    assert full.status_code == 503 and full.headers["retry-after"]
+                    assert full.json()["error"]["code"] == "overloaded"
+            deadline = time.time() + 10  # both streams were closed: their requests are aborted at the next step
+            while srv.backend.num_pending:
+                assert time.time() < deadline
+                time.sleep(0.01)
+            assert cc.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
+    finally:
+        stop_server(srv)
