@@ -45,7 +45,14 @@ class LoraDelta:
     rank: int
     scaling: float
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    owner: str = ""  # the tenant that loaded it ("" offline): part of its slot key
     kind: str = field(default="lora", init=False)
+
+    @property
+    def key(self) -> str:
+        """Identity in the host tier and the GPU slots: per tenant, so that two tenants who uploaded the same
+        content never share a cached copy (one could otherwise time the other's cold loads)."""
+        return f"{self.owner}/{self.kind}/{self.sha256}"
 
     @property
     def nbytes(self) -> int:
@@ -66,7 +73,13 @@ class BitDelta:
     projections: dict[str, tuple[torch.Tensor, torch.Tensor]]
     replacements: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    owner: str = ""  # the tenant that loaded it ("" offline): part of its slot key
     kind: str = field(default="bitdelta", init=False)
+
+    @property
+    def key(self) -> str:
+        """Identity in the host tier and the GPU slots (see LoraDelta.key)."""
+        return f"{self.owner}/{self.kind}/{self.sha256}"
 
     @property
     def nbytes(self) -> int:

@@ -1,7 +1,7 @@
 """The host-memory tier between the blob store on disk and the GPU slots: loaded deltas, LRU by bytes.
 
-A delta is immutable and keyed by its sha256, so a cached copy is never stale; a new version of an
-adapter is a new key. Entries that running requests hold stay alive through those references even when
+A delta is immutable and keyed by owner/kind/sha256 (registry.deltas), so a cached copy is never stale; a
+new version of an adapter is a new key, and tenants never share a copy. Entries that running requests hold stay alive through those references even when
 evicted here, so eviction never disturbs a running request.
 """
 
@@ -35,20 +35,20 @@ class HostTier:
     def nbytes(self) -> int:
         return self._bytes
 
-    def get(self, sha256: str, load: Callable[[], Delta]) -> Delta:
-        """The cached delta, or `load()` it (once, even when several threads ask at the same time)."""
+    def get(self, key: str, load: Callable[[], Delta]) -> Delta:
+        """The cached delta of `key`, or `load()` it (once, even when several threads ask at the same time)."""
         with self._lock:
-            delta = self._items.get(sha256)
+            delta = self._items.get(key)
             if delta is not None:
-                self._items.move_to_end(sha256)
+                self._items.move_to_end(key)
                 self.observer("hit", 0.0)
                 return delta
-            key_lock = self._loading.setdefault(sha256, threading.Lock())
+            key_lock = self._loading.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:
-                delta = self._items.get(sha256)
+                delta = self._items.get(key)
                 if delta is not None:  # another thread loaded it while we waited
-                    self._items.move_to_end(sha256)
+                    self._items.move_to_end(key)
                     self.observer("hit", 0.0)
                     return delta
             self.observer("miss", 0.0)
@@ -56,18 +56,18 @@ class HostTier:
             delta = load()
             self.observer("load", time.perf_counter() - t0)
             with self._lock:
-                self._loading.pop(sha256, None)
-                self._insert(sha256, delta)
+                self._loading.pop(key, None)
+                self._insert(key, delta)
             return delta
 
-    def discard(self, sha256: str) -> None:
+    def discard(self, key: str) -> None:
         with self._lock:
-            delta = self._items.pop(sha256, None)
+            delta = self._items.pop(key, None)
             if delta is not None:
                 self._bytes -= delta.nbytes
 
-    def _insert(self, sha256: str, delta: Delta) -> None:
-        self._items[sha256] = delta
+    def _insert(self, key: str, delta: Delta) -> None:
+        self._items[key] = delta
         self._bytes += delta.nbytes
         while self._bytes > self.capacity_bytes and len(self._items) > 1:
             _, old = self._items.popitem(last=False)

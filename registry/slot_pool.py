@@ -55,6 +55,7 @@ class _SlotTable:
         self.pins = [0] * num_slots
         self.by_id: dict[str, int] = {}
         self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))  # unpinned slots
+        self.doomed: set[int] = set()  # slots to free as soon as their last pin goes (deleted or replaced deltas)
 
     def find(self, delta_id: str) -> int | None:
         return self.by_id.get(delta_id)
@@ -75,6 +76,15 @@ class _SlotTable:
         self.pins[slot] -= 1
         if self.pins[slot] == 0:
             self.lru[slot] = None  # most recently used at the end
+            if slot in self.doomed:
+                self.free(slot)
+
+    def free(self, slot: int) -> None:
+        owner = self.owner[slot]
+        if owner is not None:
+            del self.by_id[owner]
+        self.owner[slot] = None
+        self.doomed.discard(slot)
 
     def assign(self, slot: int, delta_id: str) -> None:
         old = self.owner[slot]
@@ -172,13 +182,24 @@ class SlotPool:
 
     # ---- acquire / release -------------------------------------------------------------------------
     def slot_of(self, delta: Delta) -> int | None:
-        return self._tables[delta.kind].find(delta.sha256)
+        return self._tables[delta.kind].find(delta.key)
+
+    def forget(self, kind: str, key: str) -> None:
+        """A deleted or replaced delta: its slot is free now, or when the requests running on it finish."""
+        table = self._tables[kind]
+        slot = table.find(key)
+        if slot is None:
+            return
+        if table.pins[slot]:
+            table.doomed.add(slot)
+        else:
+            table.free(slot)
 
     def acquire(self, delta: Delta) -> int | None:
         """Pins `delta` in a slot, loading it (a copy) if it is not resident. None when every slot of its
         kind is pinned by other deltas: the caller waits and tries again after some request finishes."""
         table = self._tables[delta.kind]
-        slot = table.find(delta.sha256)
+        slot = table.find(delta.key)
         if slot is not None:
             self.hits += 1
         else:
@@ -187,7 +208,7 @@ class SlotPool:
                 return None
             if table.owner[slot] is not None:
                 self.evictions += 1
-            table.assign(slot, delta.sha256)
+            table.assign(slot, delta.key)
             if isinstance(delta, LoraDelta):
                 self._load_lora(slot, delta)
             else:
@@ -198,7 +219,7 @@ class SlotPool:
 
     def release(self, delta: Delta) -> None:
         table = self._tables[delta.kind]
-        slot = table.find(delta.sha256)
+        slot = table.find(delta.key)
         assert slot is not None, "release of a delta that holds no slot"
         table.unpin(slot)
 

@@ -87,6 +87,11 @@ def _expected(format: str) -> str:
     }[format]
 
 
+# JSON files of a Hugging Face directory a fine-tune upload may carry along: never executed, only parsed
+# (tokenizer.json lets compression check the fine-tune uses the base's vocabulary).
+FINETUNE_OPTIONAL = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def check_file_allowed(format: str, filename: str, present: Iterable[str] = ()) -> None:
     """Raises UnsupportedFormat (param = the file name) unless `filename` (already a plain name) may be
     part of a `format` upload that already holds `present`: pickle files never, anything the format does
@@ -110,7 +115,7 @@ def check_file_allowed(format: str, filename: str, present: Iterable[str] = ()) 
                 f"{filename}: a bitdelta upload is exactly one {SAFETENSORS_SUFFIX} file", param=filename
             )
     else:
-        ok = is_weights or filename in (FINETUNE_CONFIG, FINETUNE_INDEX)
+        ok = is_weights or filename in (FINETUNE_CONFIG, FINETUNE_INDEX, *FINETUNE_OPTIONAL)
     if not ok:
         raise UnsupportedFormat(
             f"file {filename} is not part of a {format} upload (expected {_expected(format)})", param=filename

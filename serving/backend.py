@@ -8,6 +8,7 @@ and validation work in worker threads; the event loop only awaits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -120,10 +121,30 @@ class Backend:
 
     def _load_record(self, record: AdapterRecord) -> Delta:
         assert record.sha256 is not None
-        return self.host_tier.get(
-            record.sha256,
-            lambda: load_delta(self.registry.blob_path(record), self.engine.spec, self.engine.config.max_lora_rank),
-        )
+
+        def load() -> Delta:
+            delta = load_delta(self.registry.blob_path(record), self.engine.spec, self.engine.config.max_lora_rank)
+            return dataclasses.replace(delta, owner=record.tenant)
+
+        return self.host_tier.get(self._key(record), load)
+
+    @staticmethod
+    def _key(record: AdapterRecord) -> str:
+        """The key its delta has in the host tier and the GPU slots (registry.deltas: owner/kind/sha256)."""
+        return f"{record.tenant}/{record.kind}/{record.sha256}"
+
+    def _forget(self, records: list[AdapterRecord], keep: set[str] = frozenset()) -> None:
+        """Frees the host copies and GPU slots of versions no new request will use (running ones finish first)."""
+        for rec in records:
+            if rec.sha256 is None or self._key(rec) in keep:
+                continue
+            self.host_tier.discard(self._key(rec))
+            self.loop.forget(rec.kind, self._key(rec))
+
+    def delete_adapter(self, tenant: Tenant, name: str) -> None:
+        versions = self.registry.list_versions(tenant.name, name)
+        self.registry.delete_adapter(tenant.name, name)
+        self._forget(versions)
 
     def list_models(self, tenant: Tenant) -> list[dict]:
         created = int(time.time())
@@ -179,7 +200,12 @@ class Backend:
             record = self.registry.create_pending(tenant.name, name, fmt)
             self.compressor.submit(self._compress, record, staging)
             return record
-        return await loop.run_in_executor(self.workers, self.registry.commit_adapter, tenant.name, name, fmt, staging, delta)
+        older = self.registry.list_versions(tenant.name, name)
+        record = await loop.run_in_executor(
+            self.workers, self.registry.commit_adapter, tenant.name, name, fmt, staging, delta
+        )
+        self._forget(older, keep={self._key(record)})  # same content re-uploaded: keep it resident
+        return record
 
     def _compress(self, record: AdapterRecord, staging: Staging) -> None:
         """Background: BitDelta compression of an uploaded fine-tune against the served base."""
@@ -197,7 +223,9 @@ class Backend:
             compress(self.engine.base_dir, staging.path, out, progress=progress)
             delta = load_delta(out, self.engine.spec)
             staging.keep_only(out)
-            self.registry.complete_pending(record.id, staging, delta)
+            older = self.registry.list_versions(record.tenant, record.name)
+            done = self.registry.complete_pending(record.id, staging, delta)
+            self._forget([r for r in older if r.id != record.id], keep={self._key(done)})
             self.metrics.uploads.labels("finetune", "ready").inc()
         except Exception as e:  # the record must end failed, never stay "compressing"
             log.warning("compression of %s failed: %s", record.id, e)
@@ -214,7 +242,7 @@ class Backend:
         m.step_time.observe(seconds)
         running = sched.running
         m.batch_size.observe(len(outputs))
-        m.distinct_tenants.observe(len({s.delta.sha256 for s in running if s.delta is not None}))
+        m.distinct_tenants.observe(len({s.delta.key for s in running if s.delta is not None}))
         m.queue_length.set(len(sched.waiting))
         m.running.set(len(running))
         m.pending.set(self.loop.num_pending)

@@ -113,7 +113,7 @@ async def get_adapter(request: Request, name: str, tenant: TenantDep):
 
 @router.delete("/v1/adapters/{name}", status_code=204)
 async def delete_adapter(request: Request, name: str, tenant: TenantDep):
-    request.app.state.backend.registry.delete_adapter(tenant.name, name)
+    request.app.state.backend.delete_adapter(tenant, name)
     return Response(status_code=204)
 
 

@@ -84,6 +84,10 @@ class EngineLoop:
         """Frees the request's KV blocks and slot at the next step boundary (a client went away)."""
         self._commands.put(("abort", request_id))
 
+    def forget(self, kind: str, key: str) -> None:
+        """A deleted or replaced delta: its GPU slot is freed once no running request uses it."""
+        self._commands.put(("forget", (kind, key)))
+
     async def stream(
         self, request_id: str, prompt: list[int], params: SamplingParams, delta: Delta | None
     ) -> AsyncIterator[RequestOutput]:
@@ -137,6 +141,8 @@ class EngineLoop:
             kind, arg = cmd
             if kind == "add":
                 self._add(arg)
+            elif kind == "forget":
+                self.engine.slots.forget(*arg)
             elif kind == "abort":
                 p = self._requests.get(arg)
                 if p is not None:

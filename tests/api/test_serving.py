@@ -69,6 +69,11 @@ def test_new_version_and_delete_during_a_stream(live, second_lora):
 
         with c.stream("POST", "/v1/completions", json={"model": "ver", "prompt": "The quick brown fox", "stream": True, **LONG}) as s:
             assert stream_text(s, on_first=delete) == want_b
+        # the deleted version's GPU slot is free once its last request ended (and no key of it stays cached)
+        deadline = time.time() + 10
+        while any(k and k.startswith("versions/") for k in live.backend.engine.slots.resident("lora")):
+            assert time.time() < deadline
+            time.sleep(0.01)
 
 
 def test_many_tenants_stream_while_uploading_and_cold_loading(live, second_lora):
@@ -189,3 +194,37 @@ def test_queue_limit_and_tenant_limit(tmp_path_factory, live):
             assert cc.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
     finally:
         stop_server(srv)
+
+
+def test_finetune_upload_is_compressed_in_the_background(live, tmp_path):
+    import torch
+
+    from tests.helpers import hf_model
+
+    ft = hf_model(live.base_dir)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if "proj" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    ft.save_pretrained(tmp_path / "ft")
+    key = live.new_tenant("ft-owner")
+    with live.client(key) as c:
+        r = upload(c, "full", "finetune", tmp_path / "ft")
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "compressing" and r.json()["format"] == "finetune"
+        assert c.post("/v1/completions", json={"model": "full", "prompt": "hi"}).status_code == 404  # not ready yet
+        deadline = time.time() + 120
+        progress = []
+        while (a := c.get("/v1/adapters/full").json())["status"] == "compressing":
+            progress.append(a["progress"])
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert a["status"] == "ready" and a["progress"] == 1.0 and a["error"] is None, a
+        assert progress == sorted(progress)
+        assert text_of(c, "full", max_tokens=8) != text_of(c, live.backend.model_id, max_tokens=8)
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "config.json").write_text((tmp_path / "ft" / "config.json").read_text())
+        (bad / "model.safetensors").write_bytes((tmp_path / "ft" / "model.safetensors").read_bytes()[:1000])
+        r = upload(c, "broken", "finetune", bad)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_format"

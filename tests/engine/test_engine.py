@@ -139,3 +139,25 @@ def test_block_manager_accounting():
     assert len(seq.block_table) == 3 and bm.num_free == 1
     bm.free(seq)
     assert bm.num_free == 4 and seq.block_table == []
+
+
+def test_slot_pool_lru_pins_and_forget(world):
+    base, adapters = world
+    engine = engine_for(base, lora_slots=2)
+    pool = engine.slots
+    a, b, c = (load_delta(adapters[i], engine.spec, 8) for i in range(3))
+    sa, sb = pool.acquire(a), pool.acquire(b)
+    assert {sa, sb} == {0, 1} and pool.acquire(c) is None  # both pinned: c waits
+    pool.release(a)
+    assert pool.acquire(c) == sa and pool.evictions == 1  # a was the least recently used unpinned slot
+    assert pool.slot_of(a) is None and pool.acquire(b) == sb and pool.hits == 1
+    pool.forget("lora", b.key)  # deleted while pinned twice: freed only when its last request ends
+    pool.release(b)
+    assert pool.slot_of(b) == sb
+    pool.release(b)
+    assert pool.slot_of(b) is None and pool.resident("lora")[sb] is None
+    # the same content loaded by another tenant is another key: never shares the first tenant's slot
+    import dataclasses
+
+    other = dataclasses.replace(c, owner="someone-else")
+    assert other.key != c.key and pool.acquire(other) == sb

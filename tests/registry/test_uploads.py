@@ -20,7 +20,7 @@ from registry.deltas import BaseSpec, BitDelta, LoraDelta
 from registry.errors import AdapterMismatch, InvalidName, UnsupportedFormat, UploadTooLarge
 from registry.fingerprint import base_spec
 from registry.lora_format import CONFIG_FILE, WEIGHTS_FILE
-from registry.uploads import LORA_CONFIG, LORA_WEIGHTS, Staging
+from registry.uploads import FINETUNE_OPTIONAL, LORA_CONFIG, LORA_WEIGHTS, Staging
 from tests.helpers import make_bitdelta, make_lora, make_model_dir
 
 
@@ -173,7 +173,7 @@ def test_pickle_files_refused(reg: Registry, fmt: str, name: str) -> None:
 @pytest.mark.parametrize(
     ("fmt", "name"),
     [("lora", "README.md"), ("lora", "model.safetensors"), ("lora", "config.json"), ("bitdelta", "config.json"),
-     ("bitdelta", "delta.json"), ("finetune", "tokenizer.json"), ("finetune", "adapter_config.json"),
+     ("bitdelta", "delta.json"), ("finetune", "vocab.txt"), ("finetune", "adapter_config.json"),
      ("finetune", "model.gguf")],
 )  # fmt: skip
 def test_unknown_files_refused(reg: Registry, fmt: str, name: str) -> None:
@@ -384,8 +384,9 @@ def test_import_path_and_keep_only(reg: Registry, assets: Assets) -> None:
     assert isinstance(st.validate("lora", assets.spec), LoraDelta)
 
     st = reg.stage(format="finetune")
-    st.import_path(assets.model)  # tokenizer and generation files are skipped
-    assert sorted(st.files) == ["config.json", "model.safetensors"]
+    st.import_path(assets.model)  # the JSON files a fine-tune may carry come along; chat_template.jinja does not
+    assert {"config.json", "model.safetensors"} <= set(st.files) <= {"config.json", "model.safetensors",
+                                                                     *FINETUNE_OPTIONAL}
     assert st.validate("finetune", assets.spec) is None
     out = st.path / "delta.bitdelta.safetensors"
     shutil.copy(assets.bd1, out)  # what the compression writes next to the fine-tune
