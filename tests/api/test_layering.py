@@ -1,0 +1,32 @@
+"""DESIGN style point 1: the API layer imports no torch; only kernels/ imports triton; the registry knows no HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imported_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    return set(out.split())
+
+
+def test_api_imports_no_torch():
+    mods = imported_after("import serving.api.app, serving.client")
+    assert not mods & {"torch", "triton", "transformers"}
+
+
+def test_only_kernels_import_triton_and_registry_knows_no_http():
+    for path in ROOT.glob("*/**/*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in (".venv", "tests", "bench", "build") or "site-packages" in rel.parts:
+            continue
+        text = path.read_text()
+        if rel.parts[0] != "kernels":
+            assert "import triton" not in text, rel
+        if rel.parts[0] == "registry":
+            assert "fastapi" not in text and "starlette" not in text and "httpx" not in text, rel
