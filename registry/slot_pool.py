@@ -16,6 +16,7 @@ delta does not replace it hold the base tensor, so a row's lookup never needs to
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class SlotPool:
             self._projections[path] = p
         self._replacements: dict[str, Replacement] = {}
         self._tables = {"bitdelta": _SlotTable(bitdelta_slots), "lora": _SlotTable(lora_slots)}
+        self.load_seconds: list[float] = []  # host time of each load (copies enqueued), drained by the metrics
         self.hits = 0  # acquire found the delta resident
         self.loads = 0  # acquire copied it into a slot (a miss)
         self.evictions = 0  # ... replacing another delta
@@ -209,10 +211,12 @@ class SlotPool:
             if table.owner[slot] is not None:
                 self.evictions += 1
             table.assign(slot, delta.key)
+            t0 = time.perf_counter()
             if isinstance(delta, LoraDelta):
                 self._load_lora(slot, delta)
             else:
                 self._load_bitdelta(slot, delta)
+            self.load_seconds.append(time.perf_counter() - t0)
             self.loads += 1
         table.pin(slot)
         return slot

@@ -261,6 +261,8 @@ class Backend:
         if evictions > e0:
             m.adapter_evictions.labels("gpu").inc(evictions - e0)
         self._slot_counts = (hits, loads, evictions)
+        while slots.load_seconds:
+            m.adapter_load_seconds.labels("gpu").observe(slots.load_seconds.pop())
         if sched.num_preemptions > self._preemptions_seen:
             m.preemptions.inc(sched.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = sched.num_preemptions
