@@ -6,6 +6,7 @@ metadata per step and one device->host copy of the sampled tokens at the end; no
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -95,7 +96,7 @@ class ModelRunner:
         lora_slots = [s.lora_slot for s in seqs]
         token_deltas = self._delta_batch(bd_slots, lora_slots, query_lens)
         hidden = self.model(ids, attn, token_deltas)  # [N, D]
-        last = torch.tensor([sum(query_lens[: i + 1]) - 1 for i in range(len(seqs))], dtype=torch.int64)
+        last = torch.tensor([end - 1 for end in itertools.accumulate(query_lens)], dtype=torch.int64)
         last_hidden = hidden[last.to(self.device, non_blocking=True)]  # [B, D]
         seq_deltas = self._delta_batch(bd_slots, lora_slots, [1] * len(seqs))
         logits = self.model.compute_logits(last_hidden, seq_deltas)  # [B, V] float32

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 class AttentionGroup:
     """Sequences of one step padded together.
 
-    token_index:  [B, max_q] int64, row of the step's flat token array for each query (N = padding).
+    token_index:  [B, max_q] int64, row of the step's flat token array for each query (padding points at row 0:
+                  its output is dropped, and as a key it lies beyond every context length, so it is masked).
     valid:        [B, max_q] bool, the real queries.
     block_tables: [B, max_blocks] int64 (None without a KV cache: keys are the step's own tokens).
     mask:         [B, 1, max_q, max_ctx] bool, True = may attend.
@@ -74,7 +75,7 @@ def build_attention_batch(
     groups = []
     for members in (decodes, prefills):
         if members:
-            groups.append(_group(members, query_lens, context_lens, starts, block_tables, block_size, n, sliding_window, device))
+            groups.append(_group(members, query_lens, context_lens, starts, block_tables, block_size, sliding_window, device))
     return AttentionBatch(
         positions=torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True),
         slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True) if block_tables is not None else None,
@@ -83,11 +84,11 @@ def build_attention_batch(
     )
 
 
-def _group(members, query_lens, context_lens, starts, block_tables, block_size, n, window, device) -> AttentionGroup:
+def _group(members, query_lens, context_lens, starts, block_tables, block_size, window, device) -> AttentionGroup:
     max_q = max(query_lens[j] for j in members)
     max_ctx = max(context_lens[j] for j in members)
     b = len(members)
-    token_index = torch.full((b, max_q), n, dtype=torch.int64)
+    token_index = torch.zeros((b, max_q), dtype=torch.int64)
     valid = torch.zeros(b, max_q, dtype=torch.bool)
     q_pos = torch.zeros(b, max_q, dtype=torch.int64)
     ctx = torch.zeros(b, dtype=torch.int64)
@@ -137,19 +138,15 @@ def paged_attention(
         assert batch.slot_mapping is not None
         k_cache.view(-1, hkv, d).index_copy_(0, batch.slot_mapping, k)
         v_cache.view(-1, hkv, d).index_copy_(0, batch.slot_mapping, v)
-    pad = q.new_zeros(1, h, d)
-    q_padded = torch.cat([q, pad])
     out = torch.empty_like(q)
     for g in batch.groups:
-        qg = q_padded[g.token_index]  # [B, max_q, H, D]
+        qg = q[g.token_index]  # [B, max_q, H, D]
         if kv_cache is not None:
             assert g.block_tables is not None
             kg = k_cache[g.block_tables].flatten(1, 2)[:, : g.max_ctx]  # [B, max_ctx, Hkv, D]
             vg = v_cache[g.block_tables].flatten(1, 2)[:, : g.max_ctx]
         else:
-            kv_pad = k.new_zeros(1, hkv, d)
-            kg = torch.cat([k, kv_pad])[g.token_index]
-            vg = torch.cat([v, kv_pad])[g.token_index]
+            kg, vg = k[g.token_index], v[g.token_index]  # a whole prefill: the keys are the queries' tokens
         o = F.scaled_dot_product_attention(
             qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask, scale=scale, enable_gqa=h != hkv
         )  # [B, H, max_q, D]
