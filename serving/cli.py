@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="offline generation, no server")
-    g.add_argument("--model", required=True, help="local Hugging Face directory of the base model")
+    g.add_argument("--model", default=None, help="local Hugging Face directory of the base model (default: the demo)")
     g.add_argument("--adapter", default=None, help="a PEFT LoRA directory or a 1-bit delta file")
+    g.add_argument("--tenant", default=None, help="a demo tenant's fine-tune (german, spanish, bofh, italian); demo only")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--requests", type=Path, help="JSONL file of requests, run together as mixed batches")
@@ -126,9 +127,10 @@ def _add_compress_parser(sub) -> None:
 
 def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity and gain kept of a tenant's forms on held-out text")
-    e.add_argument("--base", required=True, type=Path, help="the base model's Hugging Face directory")
-    e.add_argument("--finetune", required=True, type=Path, help="the full fine-tune's Hugging Face directory")
-    e.add_argument("--text", required=True, type=Path, help="held-out text file")
+    e.add_argument("--tenant", default=None, help="a demo tenant (german, spanish, bofh, italian): all inputs from the demo")
+    e.add_argument("--base", type=Path, default=None, help="the base model's Hugging Face directory")
+    e.add_argument("--finetune", type=Path, default=None, help="the full fine-tune's Hugging Face directory")
+    e.add_argument("--text", type=Path, default=None, help="held-out text file")
     e.add_argument("--delta", type=Path, default=None, help="a 1-bit delta file (the distilled form)")
     e.add_argument("--lora", type=Path, default=None, help="a PEFT LoRA directory of the same fine-tune")
     e.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text evaluated")
@@ -200,21 +202,53 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_eval_inputs(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, str]:
+    """--tenant NAME: the demo base, the tenant's full fine-tune (a LoRA tenant's is its LoRA merged into the
+    base), its held-out text, its shipped 1-bit delta or LoRA. Returns (base, finetune, text)."""
+    from serving.demo import demo_dir, demo_tenants, read_heldout
+    from serving.evaluation import merge_lora
+
+    if any(getattr(args, k) is not None for k in ("base", "finetune", "text", "lora")):
+        raise CliError("--tenant takes every input from the demo: drop --base, --finetune, --text and --lora")
+    tenants = {t.name: t for t in demo_tenants()}
+    t = tenants.get(args.tenant)
+    if t is None:
+        raise CliError(f"--tenant {args.tenant}: not a demo tenant ({', '.join(tenants)})")
+    base = demo_dir() / "base"
+    text = "\n".join(read_heldout(t.heldout_path))
+    if t.kind == "lora":
+        args.lora = t.adapter_path
+        merge_lora(base, t.adapter_path, tmp)
+        return base, tmp, text
+    if args.delta is None and t.adapter_path.is_file() and args.distill_steps is None and args.calibration is None:
+        args.delta = t.adapter_path
+    return base, t.finetune_path, text
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    import tempfile
+
     from registry.compress import CompressOptions
     from serving.evaluation import evaluate
 
-    text = _read_text(args.text, "--text")
-    distill, calibration = _distill_args(args)
-    if args.delta is not None and distill is not None:
-        raise CliError("give --delta FILE or --distill-steps/--calibration, not both")
-    try:
-        report = evaluate(args.base, args.finetune, text, delta_path=args.delta, lora_dir=args.lora, distill=distill,
-                          calibration_text=calibration, options=CompressOptions(args.scale, args.other_tensors),
-                          max_tokens=args.max_tokens, window=args.window, device=args.device,
-                          kernel_backend=args.kernel_backend)  # fmt: skip
-    except (DeltaError, ValueError, OSError) as e:
-        raise CliError(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="deltaserve-eval-") as tmp:
+        if args.tenant is not None:
+            base, finetune, text = _demo_eval_inputs(args, Path(tmp))
+        else:
+            missing = [f"--{k}" for k in ("base", "finetune", "text") if getattr(args, k) is None]
+            if missing:
+                raise CliError(f"give --tenant NAME, or {', '.join(missing)}")
+            base, finetune, text = args.base, args.finetune, _read_text(args.text, "--text")
+        distill, calibration = _distill_args(args)
+        if args.delta is not None and distill is not None:
+            raise CliError("give --delta FILE or --distill-steps/--calibration, not both")
+        try:
+            report = evaluate(base, finetune, text, delta_path=args.delta, lora_dir=args.lora, distill=distill,
+                              calibration_text=calibration, options=CompressOptions(args.scale, args.other_tensors),
+                              max_tokens=args.max_tokens, window=args.window, device=args.device,
+                              kernel_backend=args.kernel_backend)  # fmt: skip
+        except (DeltaError, ValueError, OSError) as e:
+            raise CliError(str(e)) from None
     print(json.dumps(report.as_dict()) if args.json else report.table())
     return 0
 
@@ -277,6 +311,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from serving.engine.engine import LLMEngine
     from serving.engine.sampling_params import SamplingParams, SamplingParamsError
     from serving.models.config import UnsupportedModel
+
+    if args.model is None:  # the embedded demo, offline
+        from serving.demo import demo_dir, demo_tenants
+
+        args.model = str(demo_dir() / "base")
+        if args.tenant is not None:
+            tenants = {t.name: t for t in demo_tenants()}
+            if args.tenant not in tenants:
+                raise CliError(f"--tenant {args.tenant}: not a demo tenant ({', '.join(tenants)})")
+            if args.adapter is not None:
+                raise CliError("give --tenant or --adapter, not both")
+            args.adapter = str(tenants[args.tenant].adapter_path)
+    elif args.tenant is not None:
+        raise CliError("--tenant names a demo tenant: it works only without --model")
 
     if args.requests is not None:
         requests = _read_requests(args.requests, args)

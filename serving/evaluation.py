@@ -320,3 +320,31 @@ def evaluate(
         distill=report,
         extra={"base": str(base_dir), "finetune": str(finetune_dir)},
     )
+
+
+
+def merge_lora(base_dir: str | os.PathLike[str], lora_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Writes the full fine-tune a LoRA stands for, W + scaling * B @ A for every target projection, in the
+    base's storage dtype (config.json + model.safetensors). For tenants trained as LoRAs, whose fine-tune is
+    that merge. Streams one tensor at a time from the base."""
+    import shutil
+
+    from registry.checkpoint import Checkpoint
+    from registry.fingerprint import base_spec
+    from registry.lora_format import load_lora_dir
+    from registry.safetensors_io import write_safetensors_atomic
+
+    ckpt = Checkpoint(base_dir)
+    lora = load_lora_dir(lora_dir, base_spec(ckpt))
+    tensors = {}
+    for name in ckpt.names():
+        t = ckpt.get(name)
+        entry = lora.weights.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if entry is not None:
+            a, b = entry  # [r, in], [out, r]
+            t = (t.float() + lora.scaling * (b @ a)).to(t.dtype)
+        tensors[name] = t
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(base_dir) / "config.json", out / "config.json")
+    write_safetensors_atomic(out / "model.safetensors", tensors, {"format": "pt"})

@@ -90,10 +90,10 @@ def register_demo(backend) -> None:
     except NameTaken:
         pass
     for t in demo_tenants():
-        if registry.resolve("demo", t.name) is not None or t.delta_path is None or not t.delta_path.exists():
+        if registry.resolve("demo", t.name) is not None or not t.adapter_path.exists():
             continue
         staging = backend.stage()
-        staging.import_path(t.delta_path)
+        staging.import_path(t.adapter_path)
         delta = staging.validate(t.kind, backend.engine.spec, backend.engine.config.max_lora_rank)
         registry.commit_adapter("demo", t.name, t.kind, staging, delta)
 

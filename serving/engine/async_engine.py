@@ -111,7 +111,8 @@ class EngineLoop:
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()
         self._commands.put(("wake", None))
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     # ---- engine thread -------------------------------------------------------------------------------
     def _run(self) -> None:
