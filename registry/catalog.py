@@ -52,6 +52,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import NameTaken, NotFound
+from registry.fsync import fsync_dir
 from registry.names import validate_name
 from registry.uploads import DEFAULT_MAX_UPLOAD_BYTES, LORA_CONFIG, LORA_WEIGHTS, Staging, check_format
 
@@ -191,14 +192,6 @@ def content_sha256(kind: str, path: str | os.PathLike[str]) -> str:
         config = (path / LORA_CONFIG).read_bytes()
         return _sha256_stream(path / LORA_WEIGHTS, struct.pack("<Q", len(config)) + config)
     raise ValueError(f"unknown delta kind {kind!r}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _size(path: Path) -> int:
@@ -402,7 +395,7 @@ class Registry:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     # --- tenants ----------------------------------------------------------------------------------------
 
@@ -503,9 +496,9 @@ class Registry:
         shard = dest.parent
         if not shard.is_dir():
             shard.mkdir(mode=0o700)
-            _fsync_dir(shard.parent)
+            fsync_dir(shard.parent)
         os.rename(payload, dest)
-        _fsync_dir(shard)
+        fsync_dir(shard)
         return blob
 
     def _row(self, row_id: str) -> AdapterRecord | None:
@@ -711,5 +704,5 @@ class Registry:
         blobs/, where an identical upload would reuse it), then deleted."""
         grave = Path(tempfile.mkdtemp(prefix="gc-", dir=self.tmp))
         os.rename(path, grave / "blob")
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         shutil.rmtree(grave, ignore_errors=True)

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from registry.errors import AdapterMismatch, UnsupportedFormat
+from registry.fsync import fsync_dir
 
 MAX_HEADER_BYTES = 100_000_000
 """The largest JSON header accepted (the safetensors library's own limit)."""
@@ -270,9 +271,5 @@ def write_safetensors_atomic(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(directory)
     return h.hexdigest()

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO
 
 from registry.errors import AdapterMismatch, InvalidName, UnsupportedFormat, UploadTooLarge
+from registry.fsync import fsync_dir
 
 if TYPE_CHECKING:
     from registry.deltas import BaseSpec, Delta
@@ -120,14 +121,6 @@ def check_file_allowed(format: str, filename: str, present: Iterable[str] = ()) 
         raise UnsupportedFormat(
             f"file {filename} is not part of a {format} upload (expected {_expected(format)})", param=filename
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Staging:
@@ -434,7 +427,7 @@ class Staging:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
 
 class UploadWriter:

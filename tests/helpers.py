@@ -169,3 +169,20 @@ def greedy_tokens(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=2)
     return out[0, ids.shape[1] :].tolist()
+
+
+def save_finetune(base: Path, out: Path, seed: int, *, touch=lambda name: True, std: float = 0.03,
+                  max_shard_size: str | None = None) -> Path:  # fmt: skip
+    """A fine-tune of `base`: every tensor for which touch(name) holds gets noise whose size varies per
+    row (so per-row scales differ from per-matrix ones); saved with the base tokenizer."""
+    model = hf_model(base)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if touch(name):
+                rows = torch.rand(p.shape[0], *([1] * (p.dim() - 1)), generator=gen) + 0.2
+                p.add_(std * rows * torch.randn(p.shape, generator=gen))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    make_tokenizer().save_pretrained(out)
+    return out

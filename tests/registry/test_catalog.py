@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,20 +20,9 @@ from registry.deltas import Delta
 from registry.errors import InvalidName, NameTaken, NotFound, UnsupportedFormat
 from registry.loading import load_delta
 from registry.names import validate_name
-from tests.registry.test_uploads import Assets, add_files, build_assets, lora_files
+from tests.registry.assets import Assets, add_files, lora_files
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return build_assets(tmp_path_factory)
-
-
-@pytest.fixture
-def reg(tmp_path: Path) -> Iterator[Registry]:
-    with Registry(tmp_path / "reg") as r:
-        yield r
 
 
 def commit(reg: Registry, tenant: str, name: str, fmt: str, src: Path, assets: Assets) -> AdapterRecord:

@@ -24,26 +24,9 @@ from registry.slot_pool import SlotPool
 from serving.cli import main
 from serving.evaluation import delta_batch, prefill_logits
 from serving.models.loader import load_model
-from tests.helpers import hf_model, make_model_dir, make_tokenizer
+from tests.helpers import hf_model, make_model_dir, make_tokenizer, save_finetune
 
 UNCHANGED = {"model.layers.0.self_attn.k_proj.weight", "model.layers.1.post_attention_layernorm.weight"}
-
-
-def save_finetune(base: Path, out: Path, seed: int, *, touch=lambda name: True, std: float = 0.03,
-                  max_shard_size: str | None = None) -> Path:  # fmt: skip
-    """A fine-tune of `base`: every tensor for which touch(name) holds gets noise whose size varies per
-    row (so per-row scales differ from per-matrix ones); saved with the base tokenizer."""
-    model = hf_model(base)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if touch(name):
-                rows = torch.rand(p.shape[0], *([1] * (p.dim() - 1)), generator=gen) + 0.2
-                p.add_(std * rows * torch.randn(p.shape, generator=gen))
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out, **kwargs)
-    make_tokenizer().save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from registry.distill import (
 )
 from registry.fingerprint import base_spec
 from registry.loading import load_delta
-from tests.helpers import CORPUS, hf_model, make_model_dir, make_tokenizer
-from tests.registry.test_compress import save_finetune
+from tests.helpers import CORPUS, hf_model, make_model_dir, make_tokenizer, save_finetune
 
 CALIBRATION = " ".join(CORPUS[:6])
 FAST = DistillConfig(steps=25, lr=2e-3, seq_len=32, batch_size=4, device="cpu")
