@@ -70,6 +70,16 @@ class Backend:
         self._in_flight_lock = threading.Lock()
         self._slot_counts = (0, 0, 0)  # the slot pool's hits, loads, evictions already counted
         self._preemptions_seen = 0
+        # State gauges are read when /metrics is scraped, so they are right even while the engine is idle
+        # (e.g. just after an abort freed a disconnected client's KV blocks).
+        sched, slots = engine.scheduler, engine.slots
+        metrics.kv_usage.set_function(lambda: engine.blocks.usage)
+        metrics.queue_length.set_function(lambda: len(sched.waiting))
+        metrics.running.set_function(lambda: len(sched.running))
+        metrics.pending.set_function(lambda: self.loop.num_pending)
+        metrics.slots_in_use.labels("gpu_lora").set_function(lambda: slots.num_resident("lora"))
+        metrics.slots_in_use.labels("gpu_bitdelta").set_function(lambda: slots.num_resident("bitdelta"))
+        metrics.slots_in_use.labels("host").set_function(lambda: self.host_tier.num_items)
         for tier, n in (("gpu_lora", engine.config.lora_slots), ("gpu_bitdelta", engine.config.bitdelta_slots)):
             metrics.slots_total.labels(tier).set(n)
 
@@ -243,14 +253,8 @@ class Backend:
         running = sched.running
         m.batch_size.observe(len(outputs))
         m.distinct_tenants.observe(len({s.delta.key for s in running if s.delta is not None}))
-        m.queue_length.set(len(sched.waiting))
-        m.running.set(len(running))
-        m.pending.set(self.loop.num_pending)
-        m.kv_usage.set(engine.blocks.usage)
         m.generation_tokens.inc(len(outputs))
         slots = engine.slots
-        for tier, kind in (("gpu_lora", "lora"), ("gpu_bitdelta", "bitdelta")):
-            m.slots_in_use.labels(tier).set(slots.num_resident(kind))
         hits, loads, evictions = slots.hits, slots.loads, slots.evictions
         h0, l0, e0 = self._slot_counts
         if hits > h0:
@@ -274,4 +278,3 @@ class Backend:
         ).inc()
         if event == "load":
             m.adapter_load_seconds.labels("host").observe(seconds)
-        m.slots_in_use.labels("host").set(self.host_tier.num_items)
