@@ -56,23 +56,28 @@ class Scheduler:
                 scheduled.append(ScheduledSeq(seq, 1))
                 budget -= 1
                 i += 1
-        # 2. Prefills: admit waiting sequences in arrival order while everything they need is there.
+        # 2. Prefills: admit waiting sequences in arrival order while the token budget and the KV blocks allow.
+        # One whose delta finds every slot of its kind pinned waits (keeping its place) and the next ones go
+        # ahead, so a crowd of cold adapters never stalls the base or other tenants.
+        skipped: list[Sequence] = []
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             need = len(seq.token_ids)
             if need > budget or not self.blocks.can_allocate(seq):
                 break
+            self.waiting.popleft()
             if seq.delta is not None:
                 slot = self.slots.acquire(seq.delta)
-                if slot is None:  # every slot of its kind is pinned by running requests: wait for one
-                    break
+                if slot is None:
+                    skipped.append(seq)
+                    continue
                 seq.slot = slot
-            self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, need))
             budget -= need
+        self.waiting.extendleft(reversed(skipped))
         return scheduled
 
     def _preempt(self, seq: Sequence) -> None:

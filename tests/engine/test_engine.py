@@ -161,3 +161,19 @@ def test_slot_pool_lru_pins_and_forget(world):
 
     other = dataclasses.replace(c, owner="someone-else")
     assert other.key != c.key and pool.acquire(other) == sb
+
+
+def test_cold_adapters_waiting_for_a_slot_do_not_stall_others(world):
+    base, adapters = world
+    engine = engine_for(base, lora_slots=1)
+    a, b = (load_delta(adapters[i], engine.spec, 8) for i in range(2))
+    long = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    engine.add_request("a", "The quick", long, a)  # pins the only LoRA slot
+    engine.step()
+    engine.add_request("b", "To be", long, b)  # must wait for the slot ...
+    engine.add_request("base", "All that", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), None)
+    finished = []
+    for _ in range(5):
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["base"]  # ... while the base request behind it ran to the end
+    assert [s.request_id for s in engine.scheduler.waiting] == ["b"]
