@@ -163,6 +163,17 @@ class AdapterRecord:
         }
 
 
+def _next_version(db: sqlite3.Connection, tenant: str, name: str) -> int:
+    """The version a new upload of `tenant`'s `name` gets (inside the inserting transaction); NotFound if
+    the tenant does not exist."""
+    if not db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone():
+        raise NotFound(f"tenant {tenant!r} not found", "tenant")
+    (latest,) = db.execute(
+        "SELECT COALESCE(MAX(version), 0) FROM adapters WHERE tenant=? AND name=?", (tenant, name)
+    ).fetchone()
+    return latest + 1
+
+
 def blob_kind(format: str) -> str:
     """The kind of stored delta an upload format becomes: "lora" -> "lora", "bitdelta" and "finetune"
     (compressed to a 1-bit delta) -> "bitdelta"."""
@@ -527,14 +538,10 @@ class Registry:
             blob = self._place_blob(payload, kind, delta.sha256)
             try:
                 with self._tx() as db:
-                    if not db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone():
-                        raise NotFound(f"tenant {tenant!r} not found", "tenant")
-                    (latest,) = db.execute(
-                        "SELECT COALESCE(MAX(version), 0) FROM adapters WHERE tenant=? AND name=?", (tenant, name)
-                    ).fetchone()
                     db.execute(
                         f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'ready', 1.0, NULL, ?, ?, ?, ?)",
-                        (row_id, tenant, name, format, latest + 1, delta.sha256, _now(), size, rank, blob),
+                        (row_id, tenant, name, format, _next_version(db, tenant, name), delta.sha256, _now(), size,
+                         rank, blob),
                     )
             except BaseException:
                 self._gc([blob])
@@ -553,14 +560,9 @@ class Registry:
         check_format(format)
         row_id = "ad-" + secrets.token_hex(12)
         with self._lock, self._tx() as db:
-            if not db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone():
-                raise NotFound(f"tenant {tenant!r} not found", "tenant")
-            (latest,) = db.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM adapters WHERE tenant=? AND name=?", (tenant, name)
-            ).fetchone()
             db.execute(
                 f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 'compressing', 0.0, NULL, ?, NULL, NULL, NULL)",
-                (row_id, tenant, name, format, latest + 1, _now()),
+                (row_id, tenant, name, format, _next_version(db, tenant, name), _now()),
             )
         record = self._row(row_id)
         assert record is not None
