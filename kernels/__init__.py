@@ -47,12 +47,14 @@ def triton_available() -> bool:
     return True
 
 
-def select_delta_ops(backend: str = "auto") -> DeltaOps:
+def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
     """Picks the implementation of the delta ops; call once at start-up.
 
     Args:  backend: "triton" (the Triton kernels: needs CUDA, or TRITON_INTERPRET=1 for CPU tensors),
-           "torch" (the pure-torch references, any device), or "auto" (triton when CUDA is available and
-           triton imports, else torch).
+           "torch" (the pure-torch references, any device), or "auto" (triton when the tensors will live on
+           a CUDA device and triton imports, else torch).
+           device: where the engine keeps its tensors (None: CUDA when available); "auto" never picks
+           triton for a CPU engine on a GPU machine.
     Raises: ValueError for an unknown backend name; RuntimeError when "triton" cannot run here.
     """
     if backend not in BACKENDS:
@@ -60,7 +62,8 @@ def select_delta_ops(backend: str = "auto") -> DeltaOps:
     if backend == "auto":
         import torch
 
-        backend = "triton" if torch.cuda.is_available() and triton_available() else "torch"
+        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        backend = "triton" if on_cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("delta-kernel backend 'triton' requested but triton is not installed")

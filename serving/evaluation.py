@@ -279,7 +279,7 @@ def evaluate(
     max_rank = max((d.rank for d in loras), default=1)  # type: ignore[union-attr]
     pool = SlotPool(model.projection_paths(), dict(model.state_dict()), bitdelta_slots=n_bd, lora_slots=len(loras),
                     max_lora_rank=max_rank, dtype=dtype, device=dev)  # fmt: skip
-    ops = select_delta_ops(kernel_backend)
+    ops = select_delta_ops(kernel_backend, dev)
     bd_slots, lora_slots = [-1], [-1]  # row 0 of every batch: the base
     for _, _, d, _, _ in forms:
         assert d is not None

@@ -162,7 +162,7 @@ def chat_logprobs(backend, outs) -> dict:
 
 
 def usage_of(jobs: list[Job]) -> dict:
-    prompt = sum(len(j.prompt) for j in jobs if j.index == min(k.index for k in jobs if k.prompt_index == j.prompt_index))
+    prompt = sum({j.prompt_index: len(j.prompt) for j in jobs}.values())  # each prompt once, whatever n
     completion = sum(len(j.token_ids) for j in jobs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -95,7 +95,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             model,
             self.slots,
-            select_delta_ops(config.kernel_backend),
+            select_delta_ops(config.kernel_backend, self.device),
             num_kv_blocks=num_blocks,
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
