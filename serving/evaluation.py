@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from kernels import select_delta_ops
-from kernels.segments import build_slot_tiles
 from registry.compress import CompressOptions, check_pair, compress_pair, write_delta
 from registry.deltas import Delta
 from registry.distill import DistillConfig, DistillReport, distill_delta
@@ -136,18 +135,9 @@ def _windows(ids: Sequence[int], window: int) -> list[list[int]]:
 
 def delta_batch(pool: SlotPool, ops, bd_slots: Sequence[int], lora_slots: Sequence[int], lens: Sequence[int],
                  device: torch.device) -> DeltaBatch:  # fmt: skip
-    """As serving.engine.model_runner builds it for a step: rows laid out sequence after sequence."""
-    row_slot: list[int] = []
-    for slot, n in zip(bd_slots, lens):
-        row_slot.extend([slot] * n)
-    return DeltaBatch(
-        ops=ops,
-        pools=pool,
-        bitdelta=build_slot_tiles(bd_slots, lens, device),
-        lora=build_slot_tiles(lora_slots, lens, device),
-        bitdelta_row_slot=torch.tensor(row_slot, dtype=torch.int64).to(device),
-        lora_buf=torch.zeros(sum(lens), pool.max_lora_rank, dtype=torch.float32, device=device),
-    )
+    """As the model runner builds it for a step (a scratch buffer of this batch's size: evaluation only)."""
+    buf = torch.zeros(sum(lens), pool.max_lora_rank, dtype=torch.float32, device=device)
+    return DeltaBatch.build(ops, pool, bd_slots, lora_slots, lens, buf, device)
 
 
 @dataclass

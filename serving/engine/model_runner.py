@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from kernels import DeltaOps
-from kernels.segments import build_slot_tiles
 from registry.slot_pool import SlotPool
 from serving.engine.sampler import RowSampling, Sampler, make_generator
 from serving.engine.scheduler import ScheduledSeq
@@ -62,18 +61,7 @@ class ModelRunner:
         return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
 
     def _delta_batch(self, bd_slots: Seq[int], lora_slots: Seq[int], lens: Seq[int]) -> DeltaBatch:
-        bitdelta = build_slot_tiles(bd_slots, lens, self.device)
-        row_slot: list[int] = []
-        for slot, n in zip(bd_slots, lens):
-            row_slot.extend([slot] * n)
-        return DeltaBatch(
-            ops=self.ops,
-            pools=self.slots,
-            bitdelta=bitdelta,
-            lora=build_slot_tiles(lora_slots, lens, self.device),
-            bitdelta_row_slot=torch.tensor(row_slot, dtype=torch.int64).to(self.device, non_blocking=True),
-            lora_buf=self.lora_scratch[: sum(lens)],
-        )
+        return DeltaBatch.build(self.ops, self.slots, bd_slots, lora_slots, lens, self.lora_scratch, self.device)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> StepResult:

@@ -24,13 +24,16 @@ class AttentionGroup:
 
     token_index:  [B, max_q] int64, row of the step's flat token array for each query (padding points at row 0:
                   its output is dropped, and as a key it lies beyond every context length, so it is masked).
-    valid:        [B, max_q] bool, the real queries.
+    valid_flat:   [R] int64, positions of the real queries in the flattened [B * max_q] grid.
+    valid_rows:   [R] int64, their rows in the step's flat token array (integer indices, computed on the
+                  host, so scattering the output back needs no device sync).
     block_tables: [B, max_blocks] int64 (None without a KV cache: keys are the step's own tokens).
     mask:         [B, 1, max_q, max_ctx] bool, True = may attend.
     """
 
     token_index: torch.Tensor
-    valid: torch.Tensor
+    valid_flat: torch.Tensor
+    valid_rows: torch.Tensor
     block_tables: torch.Tensor | None
     mask: torch.Tensor
     max_ctx: int
@@ -111,9 +114,11 @@ def _group(members, query_lens, context_lens, starts, block_tables, block_size, 
             row = list(block_tables[j])[:max_blocks]
             tables[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
         tables = tables.to(device, non_blocking=True)
+    valid_flat = valid.flatten().nonzero().squeeze(1)
     return AttentionGroup(
         token_index=token_index.to(device, non_blocking=True),
-        valid=valid.to(device, non_blocking=True),
+        valid_flat=valid_flat.to(device, non_blocking=True),
+        valid_rows=token_index.flatten()[valid_flat].to(device, non_blocking=True),
         block_tables=tables,
         mask=mask.unsqueeze(1).to(device, non_blocking=True),
         max_ctx=max_ctx,
@@ -150,5 +155,6 @@ def paged_attention(
         o = F.scaled_dot_product_attention(
             qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask, scale=scale, enable_gqa=h != hkv
         )  # [B, H, max_q, D]
-        out[g.token_index[g.valid]] = o.transpose(1, 2)[g.valid]
+        b, max_q = g.token_index.shape
+        out[g.valid_rows] = o.transpose(1, 2).reshape(b * max_q, h, d)[g.valid_flat]
     return out

@@ -13,6 +13,7 @@ Per row i (a token, or a sequence's last position for the lm_head):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import DeltaOps
-from kernels.segments import SlotTiles
+from kernels.segments import SlotTiles, build_slot_tiles
 from registry.slot_pool import SlotPool
 
 
@@ -39,6 +40,32 @@ class DeltaBatch:
     lora: SlotTiles
     bitdelta_row_slot: torch.Tensor
     lora_buf: torch.Tensor
+
+    @classmethod
+    def build(
+        cls,
+        ops: DeltaOps,
+        pools: SlotPool,
+        bitdelta_slots: Sequence[int],
+        lora_slots: Sequence[int],
+        lens: Sequence[int],
+        lora_buf: torch.Tensor,
+        device: torch.device,
+    ) -> DeltaBatch:
+        """For rows laid out sequence after sequence: sequence j owns lens[j] consecutive rows and uses 1-bit
+        slot bitdelta_slots[j] and LoRA slot lora_slots[j] (-1 = none). lora_buf: scratch of at least
+        [sum(lens), r_max] float32, owned by the caller (allocated once)."""
+        row_slot: list[int] = []
+        for slot, n in zip(bitdelta_slots, lens):
+            row_slot.extend([slot] * n)
+        return cls(
+            ops=ops,
+            pools=pools,
+            bitdelta=build_slot_tiles(bitdelta_slots, lens, device),
+            lora=build_slot_tiles(lora_slots, lens, device),
+            bitdelta_row_slot=torch.tensor(row_slot, dtype=torch.int64).to(device, non_blocking=True),
+            lora_buf=lora_buf[: len(row_slot)],
+        )
 
     def gather_rows(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """[N, *base.shape]: each row's copy of tensor `name` (its tenant's replacement, else the base);
