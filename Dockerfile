@@ -18,12 +18,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
+    DELTASERVE_KERNEL_CACHE=/opt/deltaserve-kernels \
     VIRTUAL_ENV=/opt/deltaserve \
     PATH=/opt/deltaserve/bin:$PATH
 
-# Triton compiles a small C launcher the first time a kernel runs: it needs a C compiler and libc headers.
+# Triton compiles a small C launcher the first time a kernel runs: it needs a C compiler and libc headers. The CPU
+# delta kernels (kernels/csrc) are C++, built once below into DELTASERVE_KERNEL_CACHE.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # torch first, in its own layer: it is the large download and changes least often.
@@ -38,6 +40,7 @@ COPY registry /src/registry
 COPY loadtest /src/loadtest
 RUN pip install /src \
     && rm -rf /src \
+    && python -m kernels.cpu_extension \
     && python -c "import torch, serving.cli; from serving.demo import demo_tenants, demo_dir; \
 assert (demo_dir() / 'base' / 'config.json').is_file(), 'demo assets not installed'; demo_tenants(); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda)"

@@ -20,7 +20,12 @@ if TYPE_CHECKING:
 
     from kernels.segments import SlotTiles
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")
+
+# How a backend's 1-bit slot pool lays out the packed signs (kernels.bitdelta): "rows" is the contract's own
+# [S, out, ceil(in/8)]; "blocked16" interleaves 16 output rows, [S, ceil(out/16), ceil(in/8), 16], for the CPU
+# kernel's table lookups. The slot pool stores signs in the layout of the backend that reads them.
+SIGN_LAYOUTS = ("rows", "blocked16")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class DeltaOps:
     bitdelta_apply: Callable[..., None]
     lora_shrink: Callable[..., None]
     lora_expand: Callable[..., None]
+    sign_layout: str = "rows"
 
 
 def triton_interpreting() -> bool:
@@ -47,15 +53,47 @@ def triton_available() -> bool:
     return True
 
 
+_cpu_module: Any = None
+
+
+def cpu_kernels() -> Any:
+    """The compiled CPU kernels module (kernels/cpu_extension.py); RuntimeError when this machine has none."""
+    global _cpu_module
+    if _cpu_module is None:
+        from kernels import cpu_extension
+
+        _cpu_module = cpu_extension.load()
+        if _cpu_module is None:
+            raise RuntimeError(
+                f"the compiled CPU delta kernels are unavailable here ({cpu_extension.unavailable_reason()})"
+            )
+    return _cpu_module
+
+
+def call_cpu_kernel(name: str, out: torch.Tensor, *args: Any) -> None:
+    """Runs compiled kernel `name`(out, *args), which updates `out` in place. The kernels read rows with unit
+    column stride: a strided `out` goes through a contiguous copy that is written back (inputs are the caller's
+    to pass contiguous)."""
+    kernel = getattr(_cpu_module or cpu_kernels(), name)
+    if out.stride(-1) == 1:
+        kernel(out, *args)
+        return
+    tmp = out.contiguous()
+    kernel(tmp, *args)
+    out.copy_(tmp)
+
+
 def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
     """Picks the implementation of the delta ops; call once at start-up.
 
     Args:  backend: "triton" (the Triton kernels: needs CUDA, or TRITON_INTERPRET=1 for CPU tensors),
-           "torch" (the pure-torch references, any device), or "auto" (triton when the tensors will live on
-           a CUDA device and triton imports, else torch).
+           "cpu" (the compiled CPU kernels of kernels/csrc, built by scripts/setup.sh), "torch" (the pure-torch
+           references, any device), or "auto": triton when the tensors will live on a CUDA device and triton
+           imports; on the CPU the compiled kernels, or the references (with one log line saying why) when this
+           machine cannot build them.
            device: where the engine keeps its tensors (None: CUDA when available); "auto" never picks
            triton for a CPU engine on a GPU machine.
-    Raises: ValueError for an unknown backend name; RuntimeError when "triton" cannot run here.
+    Raises: ValueError for an unknown backend name; RuntimeError when "triton" or "cpu" cannot run here.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown delta-kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -63,7 +101,12 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
         import torch
 
         on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-        backend = "triton" if on_cuda and triton_available() else "torch"
+        if on_cuda:
+            backend = "triton" if triton_available() else "torch"
+        else:
+            from kernels import cpu_extension
+
+            backend = "cpu" if cpu_extension.load() is not None else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("delta-kernel backend 'triton' requested but triton is not installed")
@@ -78,6 +121,20 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
         from kernels.lora import lora_expand, lora_shrink
 
         return DeltaOps(name="triton", bitdelta_apply=bitdelta_apply, lora_shrink=lora_shrink, lora_expand=lora_expand)
+    if backend == "cpu":
+        if device is not None and str(device).split(":")[0] != "cpu":
+            raise RuntimeError(f"delta-kernel backend 'cpu' runs on CPU tensors, not on {device}")
+        cpu_kernels()  # raises with the reason when they cannot be built here
+        from kernels.bitdelta import bitdelta_apply_cpu
+        from kernels.lora import lora_expand_cpu, lora_shrink_cpu
+
+        return DeltaOps(
+            name="cpu",
+            bitdelta_apply=bitdelta_apply_cpu,
+            lora_shrink=lora_shrink_cpu,
+            lora_expand=lora_expand_cpu,
+            sign_layout="blocked16",
+        )
     from kernels.bitdelta import bitdelta_apply_ref
     from kernels.lora import lora_expand_ref, lora_shrink_ref
 
@@ -126,13 +183,17 @@ def check_tensor(op: str, name: str, t: Any, dtype: torch.dtype, shape: tuple[in
 
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+    # The message is only built on failure: these checks run before every kernel launch.
     if t.dtype != dtype or t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{op}: {name} must be {dtype} {want}, got {t.dtype} {list(t.shape)}")
 
 
 def check_same_device(op: str, tiles: SlotTiles, **tensors: torch.Tensor) -> None:
     """Raises ValueError unless all tensors and the tile arrays are on one device."""
+    device = tiles.order.device
+    if all(t.device == device for t in tensors.values()) and tiles.tile_slot.device == device:
+        return
     named = dict(tensors)
     named.update(
         {
@@ -142,10 +203,8 @@ def check_same_device(op: str, tiles: SlotTiles, **tensors: torch.Tensor) -> Non
             "tiles.tile_rows": tiles.tile_rows,
         }
     )
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+    listing = ", ".join(f"{name} on {t.device}" for name, t in named.items())
+    raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
 
 
 def check_triton_device(op: str, t: torch.Tensor) -> None:
@@ -160,18 +219,9 @@ def check_triton_device(op: str, t: torch.Tensor) -> None:
 def check_tiles(op: str, tiles: SlotTiles, n_rows: int, n_slots: int) -> None:
     """Host-side sanity checks of a SlotTiles against a batch of `n_rows` rows and a pool of `n_slots` slots.
 
-    No device sync: the device arrays' values are not read (tiles.slots, on the host, is checked instead).
+    No device sync: the device arrays' values are not read (tiles.slots, on the host, is checked instead). The
+    arrays' dtypes and the tile count are checked once, when the SlotTiles is made.
     """
-    import torch
-
-    for name in ("order", "tile_slot", "tile_start", "tile_rows"):
-        t = getattr(tiles, name)
-        if t.dtype != torch.int32 or t.dim() != 1:
-            raise ValueError(f"{op}: tiles.{name} must be int32 [*], got {t.dtype} {list(t.shape)}")
-    if tiles.tile_slot.shape[0] != tiles.num_tiles:
-        raise ValueError(
-            f"{op}: tiles.num_tiles is {tiles.num_tiles} but tiles.tile_slot has {tiles.tile_slot.shape[0]}"
-        )
     if tiles.order.shape[0] > n_rows:
         raise ValueError(f"{op}: tiles cover {tiles.order.shape[0]} rows but the batch has only {n_rows}")
     if tiles.slots and (tiles.slots[0] < 0 or tiles.slots[-1] >= n_slots):
@@ -181,10 +231,3 @@ def check_tiles(op: str, tiles: SlotTiles, n_rows: int, n_slots: int) -> None:
 def tiles_bucket(num_tiles: int) -> int:
     """Coarse tile count for the kernels' autotune keys: 1, 2, 4, ..., 64 (few tiles want narrower blocks)."""
     return min(64, 1 << max(0, num_tiles - 1).bit_length())
-
-
-def tile_slot_of_rows(tiles: SlotTiles) -> torch.Tensor:
-    """[R] int32: the slot of each row of tiles.order (no host sync)."""
-    import torch
-
-    return torch.repeat_interleave(tiles.tile_slot, tiles.tile_rows.long(), output_size=tiles.order.shape[0])

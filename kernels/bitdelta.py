@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 
 from kernels import (
+    call_cpu_kernel,
     check_float,
     check_same_device,
     check_tensor,
     check_tiles,
     check_triton_device,
     dot_precision,
-    tile_slot_of_rows,
     tiles_bucket,
     triton_interpreting,
     upcast_dot,
@@ -65,6 +65,48 @@ def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = to
     bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1
     bits = bits.reshape(packed.shape[0], -1)[:, :in_features]
     return bits.to(dtype) * 2 - 1
+
+
+# The CPU kernel's slot-pool layout ("blocked16"): the sign bytes of 16 consecutive output rows side by side, so
+# one 16-byte load holds the same input columns of 16 outputs (kernels/csrc/bitdelta_cpu.cpp explains why).
+SIGN_BLOCK = 16
+
+
+def interleave_signs(packed: torch.Tensor) -> torch.Tensor:
+    """The contract's packed signs in the blocked16 layout: a byte transpose, no bit moves.
+
+    Args:  packed: [..., out, W] uint8 (CONTRACT §4 layout).
+    Returns: [..., ceil(out/16), W, 16] uint8 where [..., b, k, i] = packed[..., 16b + i, k] (0 for rows >= out).
+    """
+    *lead, out_f, width = packed.shape
+    blocks = -(-out_f // SIGN_BLOCK)
+    padded = packed.new_zeros(*lead, blocks * SIGN_BLOCK, width)
+    padded[..., :out_f, :] = packed
+    return padded.view(*lead, blocks, SIGN_BLOCK, width).transpose(-1, -2).contiguous()
+
+
+def deinterleave_signs(blocked: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Inverse of interleave_signs: [..., ceil(out/16), W, 16] -> [..., out, W]."""
+    *lead, blocks, width, block = blocked.shape
+    return blocked.transpose(-1, -2).reshape(*lead, blocks * block, width)[..., :out_features, :]
+
+
+def sign_pool_shape(layout: str, n_slots: int, out_features: int, in_features: int) -> tuple[int, ...]:
+    """The shape of a slot pool of packed signs in `layout` (kernels.SIGN_LAYOUTS)."""
+    if layout == "rows":
+        return (n_slots, out_features, packed_width(in_features))
+    if layout == "blocked16":
+        return (n_slots, -(-out_features // SIGN_BLOCK), packed_width(in_features), SIGN_BLOCK)
+    raise ValueError(f"unknown sign layout {layout!r}")
+
+
+def to_sign_layout(layout: str, packed: torch.Tensor) -> torch.Tensor:
+    """One slot's contract-layout signs [out, W] as that slot's entry of a pool in `layout`."""
+    if layout == "rows":
+        return packed
+    if layout == "blocked16":
+        return interleave_signs(packed)
+    raise ValueError(f"unknown sign layout {layout!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,22 +294,47 @@ def bitdelta_apply(
         _bitdelta_apply_tuned[lambda meta: (tiles.num_tiles, triton.cdiv(out_f, meta["BLOCK_N"]))](*args, **consts)
 
 
+def _check_blocked_signs(op: str, y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor) -> None:
+    out_f, in_f = y.shape[1], x.shape[1]
+    check_tensor(op, "signs", signs, torch.uint8, (None, -(-out_f // SIGN_BLOCK), packed_width(in_f), SIGN_BLOCK))
+
+
+def bitdelta_apply_cpu(
+    y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, tiles: SlotTiles
+) -> None:
+    """Adds every row's 1-bit delta to y with the compiled CPU kernel (kernels/csrc/bitdelta_cpu.cpp): lookup
+    tables over groups of 4 sign bits, each distinct slot's signs read once, never unpacked.
+
+    Semantics:  as bitdelta_apply (float32 accumulation, added to y in float32, cast back).
+    Args:  as bitdelta_apply, on CPU tensors, except the sign pool's layout:
+           signs: [S, ceil(out/16), ceil(in/8), 16] uint8, the contract's signs in the blocked16 layout
+           (interleave_signs: byte [s, b, k, i] is byte k of output row 16b + i).
+    """
+    op = "bitdelta_apply_cpu"
+    check_float(op, "y", y, 2)
+    check_float(op, "x", x, 2)
+    if x.dtype != y.dtype or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{op}: x {x.dtype} {list(x.shape)} and y {y.dtype} {list(y.shape)} must match in dtype and rows")
+    _check_blocked_signs(op, y, x, signs)
+    check_tensor(op, "scales", scales, torch.float32, (signs.shape[0], y.shape[1]))
+    check_same_device(op, tiles, y=y, x=x, signs=signs, scales=scales)
+    check_tiles(op, tiles, y.shape[0], signs.shape[0])
+    if tiles.empty or y.shape[1] == 0:
+        return
+    call_cpu_kernel("bitdelta_apply", y, x.contiguous(), signs.contiguous(), scales.contiguous(), tiles.order, tiles.ranges)
+
+
 def bitdelta_apply_ref(
     y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, tiles: SlotTiles
 ) -> None:
-    """Pure-torch bitdelta_apply, same semantics and arguments (unpacks each distinct slot's signs; no host sync).
+    """Pure-torch bitdelta_apply, same semantics and arguments: per distinct slot, its signs unpacked once and one
+    matrix product over that slot's rows (no host sync; cost grows with the slots' signs, not rows x slots).
 
     Semantics:  y[i] += scales[s] * (x[i] @ unpack(signs[s]).T)   for every row i of a tile of slot s.
     Args:  as bitdelta_apply.
     """
     _check_bitdelta_args("bitdelta_apply_ref", y, x, signs, scales, tiles)
-    if tiles.empty:
-        return
-    row_slot = tile_slot_of_rows(tiles)
-    xs = x.index_select(0, tiles.order).float()  # [R, in]
-    delta = torch.zeros(xs.shape[0], y.shape[1], dtype=torch.float32, device=y.device)
-    for s in tiles.slots:
-        d = (xs @ unpack_signs(signs[s], x.shape[1]).T) * scales[s]
-        delta += torch.where((row_slot == s)[:, None], d, 0.0)
-    rows = tiles.order.long()
-    y[rows] = (y[rows].float() + delta).to(y.dtype)
+    for s, start, end in tiles.slot_ranges:
+        rows = tiles.order[start:end].long()
+        delta = (x.index_select(0, rows).float() @ unpack_signs(signs[s], x.shape[1]).T) * scales[s]
+        y[rows] = (y.index_select(0, rows).float() + delta).to(y.dtype)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 
 from kernels import (
+    call_cpu_kernel,
     check_float,
     check_same_device,
     check_tensor,
     check_tiles,
     check_triton_device,
     dot_precision,
-    tile_slot_of_rows,
     tiles_bucket,
     triton_interpreting,
     upcast_dot,
@@ -344,29 +344,53 @@ def lora_apply(
     lora_expand(y, buf, bt, scaling, ranks, tiles)
 
 
-def _rank_mask(ranks: torch.Tensor, row_slot: torch.Tensor, r_max: int) -> torch.Tensor:
-    """[R, r_max] bool: True for the rank columns each row's slot uses (no host sync)."""
-    cols = torch.arange(r_max, device=ranks.device)
-    return cols[None, :] < ranks.long()[row_slot.long()][:, None]
+def lora_shrink_cpu(buf: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, tiles: SlotTiles) -> None:
+    """lora_shrink with the compiled CPU kernel (kernels/csrc/lora_cpu.cpp): one call for every tenant of the
+    step, each slot's A read once for all of its rows.
+
+    Semantics and arguments: as lora_shrink, on CPU tensors.
+    """
+    _check_shrink_args("lora_shrink_cpu", buf, x, a, ranks, tiles)
+    if tiles.empty or buf.shape[1] == 0:
+        return
+    call_cpu_kernel("lora_shrink", buf, x.contiguous(), a.contiguous(), ranks, tiles.order, tiles.ranges)
+
+
+def lora_expand_cpu(
+    y: torch.Tensor,
+    buf: torch.Tensor,
+    bt: torch.Tensor,
+    scaling: torch.Tensor,
+    ranks: torch.Tensor,
+    tiles: SlotTiles,
+) -> None:
+    """lora_expand with the compiled CPU kernel (kernels/csrc/lora_cpu.cpp): each slot's B read once.
+
+    Semantics and arguments: as lora_expand, on CPU tensors.
+    """
+    _check_expand_args("lora_expand_cpu", y, buf, bt, scaling, ranks, tiles)
+    if tiles.empty or y.shape[1] == 0:
+        return
+    call_cpu_kernel("lora_expand", y, buf.contiguous(), bt.contiguous(), scaling, ranks, tiles.order, tiles.ranges)
+
+
+def _within_rank(t: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """t [r_max, d] as float32 with the rows at and past `rank` (a device scalar) zeroed: never read (no sync)."""
+    rows = torch.arange(t.shape[0], device=t.device)
+    return torch.where((rows < rank)[:, None], t.float(), 0.0)
 
 
 def lora_shrink_ref(buf: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, tiles: SlotTiles) -> None:
-    """Pure-torch lora_shrink, same semantics and arguments (no host sync).
+    """Pure-torch lora_shrink, same semantics and arguments: one product per distinct slot over its rows
+    (no host sync).
 
     Semantics:  buf[i, r] = x[i] @ a[s, r] for r < ranks[s], 0 past it, for every row i of a tile of slot s.
     Args:  as lora_shrink.
     """
     _check_shrink_args("lora_shrink_ref", buf, x, a, ranks, tiles)
-    if tiles.empty:
-        return
-    row_slot = tile_slot_of_rows(tiles)
-    xs = x.index_select(0, tiles.order).float()  # [R, in]
-    cols = torch.arange(a.shape[1], device=a.device)
-    out = torch.zeros(xs.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
-    for s in tiles.slots:
-        a_s = torch.where((cols < ranks[s])[:, None], a[s].float(), 0.0)  # rows past the rank: never used
-        out += torch.where((row_slot == s)[:, None], xs @ a_s.T, 0.0)
-    buf[tiles.order.long()] = out
+    for s, start, end in tiles.slot_ranges:
+        rows = tiles.order[start:end].long()
+        buf[rows] = x.index_select(0, rows).float() @ _within_rank(a[s], ranks[s]).T
 
 
 def lora_expand_ref(
@@ -377,25 +401,19 @@ def lora_expand_ref(
     ranks: torch.Tensor,
     tiles: SlotTiles,
 ) -> None:
-    """Pure-torch lora_expand, same semantics and arguments (no host sync).
+    """Pure-torch lora_expand, same semantics and arguments: one product per distinct slot over its rows
+    (no host sync).
 
     Semantics:  y[i] += scaling[s] * (buf[i, :ranks[s]] @ bt[s, :ranks[s], :])   for every row i of a tile of
                 slot s (buf rounded to bt's dtype first, as the kernel does).
     Args:  as lora_expand.
     """
     _check_expand_args("lora_expand_ref", y, buf, bt, scaling, ranks, tiles)
-    if tiles.empty:
-        return
-    row_slot = tile_slot_of_rows(tiles)
-    rows = tiles.order.long()
-    bs = buf[rows].to(bt.dtype).float()
-    bs = torch.where(_rank_mask(ranks, row_slot, bt.shape[1]), bs, 0.0)  # [R, r_max]
-    delta = torch.zeros(bs.shape[0], y.shape[1], dtype=torch.float32, device=y.device)
-    cols = torch.arange(bt.shape[1], device=bt.device)
-    for s in tiles.slots:
-        bt_s = torch.where((cols < ranks[s])[:, None], bt[s].float(), 0.0)  # rows past the rank: never used
-        delta += torch.where((row_slot == s)[:, None], (bs @ bt_s) * scaling[s], 0.0)
-    y[rows] = (y[rows].float() + delta).to(y.dtype)
+    for s, start, end in tiles.slot_ranges:
+        rows = tiles.order[start:end].long()
+        w = _within_rank(buf.index_select(0, rows).T.to(bt.dtype), ranks[s]).T  # [rows, r_max], past the rank 0
+        delta = (w @ _within_rank(bt[s], ranks[s])) * scaling[s]
+        y[rows] = (y.index_select(0, rows).float() + delta).to(y.dtype)
 
 
 def lora_apply_ref(

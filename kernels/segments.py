@@ -7,7 +7,7 @@ copied to the device once, and shared by every layer of the step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,7 +26,9 @@ class SlotTiles:
     tile_rows:  [T] int32   how many rows each tile has (1..TILE_ROWS).
     num_tiles:  T, a host int so launches need no device sync.
     slots:      the distinct slots, on the host, ascending (for torch loops and metrics).
-    slot_ranges: for each distinct slot, (slot, start, end): its rows are `order[start:end]` (host ints).
+    slot_ranges: for each distinct slot, (slot, start, end): its rows are `order[start:end]` (host ints),
+                 consecutive ranges covering `order` in ascending slot order.
+    ranges:      slot_ranges as a host int64 tensor [n, 3], for the compiled CPU kernels (built once per step).
     """
 
     order: torch.Tensor
@@ -36,6 +38,15 @@ class SlotTiles:
     num_tiles: int
     slots: tuple[int, ...]
     slot_ranges: tuple[tuple[int, int, int], ...] = ()
+    ranges: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.int64))
+
+    def __post_init__(self) -> None:
+        for name in ("order", "tile_slot", "tile_start", "tile_rows"):
+            t = getattr(self, name)
+            if t.dtype != torch.int32 or t.dim() != 1:
+                raise ValueError(f"tiles.{name} must be int32 [*], got {t.dtype} {list(t.shape)}")
+        if self.tile_slot.shape[0] != self.num_tiles:
+            raise ValueError(f"tiles.num_tiles is {self.num_tiles} but tiles.tile_slot has {self.tile_slot.shape[0]}")
 
     @property
     def empty(self) -> bool:
@@ -86,6 +97,7 @@ def build_slot_tiles(
         num_tiles=t,
         slots=tuple(sorted(by_slot)),
         slot_ranges=tuple(slot_ranges),
+        ranges=torch.tensor(slot_ranges, dtype=torch.int64).reshape(-1, 3),
     )
 
 

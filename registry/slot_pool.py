@@ -6,7 +6,9 @@ pinned; when a new delta needs a slot and none is free, the least recently used 
 reused.
 
 Per projection P (module path as in the HF state dict):
-  1-bit: signs [S_bd, out, ceil(in/8)] uint8, scales [S_bd, out] float32 (0 where the delta leaves P alone)
+  1-bit: signs uint8 in the delta kernels' layout (kernels.SIGN_LAYOUTS: the contract's [S_bd, out, ceil(in/8)],
+         or [S_bd, ceil(out/16), ceil(in/8), 16] for the CPU kernels), scales [S_bd, out] float32 (0 where the
+         delta leaves P alone)
   LoRA:  a [S_lora, r_max, in], bt [S_lora, r_max, out] (B transposed; ranks below r_max zero-padded),
          scaling [S_lora] float32, ranks [S_lora] int32
 Replacements (1-bit files may replace any other base tensor exactly, CONTRACT §4): one pool per replaced
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.bitdelta import packed_width
+from kernels.bitdelta import sign_pool_shape, to_sign_layout
 from registry.deltas import BitDelta, Delta, LoraDelta
 from registry.errors import AdapterMismatch
 
@@ -108,9 +110,12 @@ class SlotPool:
         max_lora_rank: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        sign_layout: str = "rows",
     ):
         """projections: module path -> (out, in). base_tensors: every tensor of the served model by
-        state-dict name (on `device`): the source of replacement pools' base rows."""
+        state-dict name (on `device`): the source of replacement pools' base rows (a CPU linear weight may be
+        oneDNN-packed: it is unpacked when a replacement pool needs its rows). sign_layout: how the
+        1-bit kernels that will read the pool want the packed signs (DeltaOps.sign_layout)."""
         if bitdelta_slots < 0 or lora_slots < 0 or max_lora_rank < 1:
             raise ValueError("slot counts must be >= 0 and max_lora_rank >= 1")
         self.dtype = dtype
@@ -118,12 +123,14 @@ class SlotPool:
         self.num_bitdelta_slots = bitdelta_slots
         self.num_lora_slots = lora_slots
         self.max_lora_rank = max_lora_rank
+        self.sign_layout = sign_layout
         self._base = base_tensors
         self._projections: dict[str, ProjectionPools] = {}
         for path, (out_f, in_f) in projections.items():
             p = ProjectionPools(out_f, in_f)
             if bitdelta_slots:
-                p.signs = torch.zeros(bitdelta_slots, out_f, packed_width(in_f), dtype=torch.uint8, device=device)
+                shape = sign_pool_shape(sign_layout, bitdelta_slots, out_f, in_f)
+                p.signs = torch.zeros(shape, dtype=torch.uint8, device=device)
                 p.scales = torch.zeros(bitdelta_slots, out_f, dtype=torch.float32, device=device)
             if lora_slots:
                 p.lora_a = torch.zeros(lora_slots, max_lora_rank, in_f, dtype=dtype, device=device)
@@ -181,6 +188,10 @@ class SlotPool:
                     f"replacement {name!r} has shape {tuple(tensor.shape)}, the base has {tuple(base.shape)}",
                     param=name,
                 )
+
+    def _dense_base(self, name: str) -> torch.Tensor:
+        t = self._base[name]
+        return t.to_dense() if t.is_mkldnn else t  # a CPU-packed linear weight (serving.models.tenant_layers)
 
     # ---- acquire / release -------------------------------------------------------------------------
     def slot_of(self, delta: Delta) -> int | None:
@@ -244,16 +255,16 @@ class SlotPool:
                 p.scales[slot].zero_()  # this delta leaves P as in the base
                 continue
             sign, scale = entry
-            p.signs[slot].copy_(sign, non_blocking=True)
+            p.signs[slot].copy_(to_sign_layout(self.sign_layout, sign), non_blocking=True)
             p.scales[slot].copy_(scale.to(torch.float32).expand(p.out_features), non_blocking=True)
         for name, rep in self._replacements.items():
             if name not in delta.replacements and slot in rep.replaced_slots:
-                rep.pool[slot].copy_(self._base[name])
+                rep.pool[slot].copy_(self._dense_base(name))
                 rep.replaced_slots.discard(slot)
         for name, tensor in delta.replacements.items():
             rep = self._replacements.get(name)
             if rep is None:
-                base = self._base[name]
+                base = self._dense_base(name)
                 # Created once, on the first delta that replaces this name; every row starts as the base.
                 rep = Replacement(base.unsqueeze(0).repeat(self.num_bitdelta_slots, *([1] * base.dim())))
                 self._replacements[name] = rep

@@ -21,4 +21,7 @@ else
     exit 1; }
 fi
 python -m pip install -q -e ".[dev]"
+# The compiled CPU delta kernels (kernels/csrc), built once for this machine into ~/.cache/deltaserve/kernels
+# (or $DELTASERVE_KERNEL_CACHE). Without a compiler the engine falls back to the torch references, and says so.
+python -m kernels.cpu_extension || echo "setup: the CPU delta kernels were not built; CPU serving uses the slower torch references" >&2
 echo "setup: done ($(python -c 'import torch; print("torch", torch.__version__)'))"

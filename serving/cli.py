@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kernels import BACKENDS
 from registry.errors import DeltaError
 
 
@@ -29,7 +30,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None
     p.add_argument("--bitdelta-slots", type=int, default=d(4), help="GPU slots for 1-bit deltas")
     p.add_argument("--lora-slots", type=int, default=d(8), help="GPU slots for LoRA adapters")
     p.add_argument("--max-lora-rank", type=int, default=d(64))
-    p.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default=d("auto"))
+    p.add_argument("--kernel-backend", choices=list(BACKENDS), default=d("auto"))
 
 
 def _add_client_flags(p: argparse.ArgumentParser, key_env: str) -> None:
@@ -135,7 +136,7 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--lora", type=Path, default=None, help="a PEFT LoRA directory of the same fine-tune")
     e.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text evaluated")
     e.add_argument("--window", type=int, default=256, help="tokens per scored window")
-    e.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default="auto")
+    e.add_argument("--kernel-backend", choices=list(BACKENDS), default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_distill_flags(e)
 

@@ -267,9 +267,9 @@ def evaluate(
     n_bd = sum(1 for f in forms if f[2] is not None and f[2].kind == "bitdelta")
     loras = [f[2] for f in forms if f[2] is not None and f[2].kind == "lora"]
     max_rank = max((d.rank for d in loras), default=1)  # type: ignore[union-attr]
-    pool = SlotPool(model.projection_paths(), dict(model.state_dict()), bitdelta_slots=n_bd, lora_slots=len(loras),
-                    max_lora_rank=max_rank, dtype=dtype, device=dev)  # fmt: skip
     ops = select_delta_ops(kernel_backend, dev)
+    pool = SlotPool(model.projection_paths(), dict(model.state_dict()), bitdelta_slots=n_bd, lora_slots=len(loras),
+                    max_lora_rank=max_rank, dtype=dtype, device=dev, sign_layout=ops.sign_layout)  # fmt: skip
     bd_slots, lora_slots = [-1], [-1]  # row 0 of every batch: the base
     for _, _, d, _, _ in forms:
         assert d is not None

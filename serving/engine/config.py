@@ -19,7 +19,8 @@ class EngineConfig:
     bitdelta_slots: int = 4  # GPU slots for 1-bit deltas
     lora_slots: int = 8  # GPU slots for LoRA deltas
     max_lora_rank: int = 64
-    kernel_backend: str = "auto"  # auto | triton | torch (see kernels.select_delta_ops)
+    kernel_backend: str = "auto"  # auto | triton | cpu | torch (see kernels.select_delta_ops)
+    pack_cpu_weights: bool = True  # CPU: base linear weights in oneDNN's packed layout (faster GEMMs)
     seed: int = 0  # the sampler's generator for unseeded requests
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ from serving.engine.sequence import SeqStatus, Sequence, TokenLogprob
 from serving.models.config import ModelConfig
 from serving.models.llama import LlamaForCausalLM
 from serving.models.loader import load_model_from_checkpoint, resolve_device, resolve_dtype
+from serving.models.tenant_layers import cpu_weight_packing_available, pack_cpu_weights
 
 
 @dataclass
@@ -76,6 +77,9 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
+        if self.device.type == "cpu" and config.pack_cpu_weights and cpu_weight_packing_available():
+            pack_cpu_weights(model, rows_hint=config.max_num_seqs)
+        ops = select_delta_ops(config.kernel_backend, self.device)
         self.slots = SlotPool(
             model.projection_paths(),
             dict(model.state_dict()),
@@ -84,6 +88,7 @@ class LLMEngine:
             max_lora_rank=config.max_lora_rank,
             dtype=self.dtype,
             device=self.device,
+            sign_layout=ops.sign_layout,
         )
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
         if num_blocks * config.block_size < self.max_model_len:
@@ -95,7 +100,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             model,
             self.slots,
-            select_delta_ops(config.kernel_backend, self.device),
+            ops,
             num_kv_blocks=num_blocks,
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,

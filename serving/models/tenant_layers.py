@@ -9,6 +9,9 @@ Per row i (a token, or a sequence's last position for the lm_head):
                         + scaling[l] * (x[i] @ A[l].T) @ B[l].T  if row i has LoRA slot l
                    where a 1-bit delta replaces W or b exactly, row i uses its tenant's tensor instead.
   TenantRMSNorm / TenantEmbedding: row i uses its tenant's replaced weight if there is one.
+
+On the CPU the engine repacks the base weights of the linears once (pack_cpu_weights): oneDNN's blocked layout
+runs the decode-sized GEMMs about 3x faster than the default (MKL) path on the CPUs we measured.
 """
 
 from __future__ import annotations
@@ -90,9 +93,20 @@ class TenantLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
+    def pack_for_cpu(self, rows_hint: int) -> None:
+        """Replaces the weight by oneDNN's prepacked copy (an opaque CPU tensor of the same shape and dtype);
+        `rows_hint` is the typical number of rows per call. state_dict() then holds the packed tensor, whose
+        .to_dense() gives the usual layout back."""
+        assert self.weight.device.type == "cpu" and not self.weight.is_mkldnn
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows_hint)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+
     def forward(self, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
         # x: [N, in] -> y: [N, out]
-        y = F.linear(x, self.weight, self.bias)
+        if self.weight.is_mkldnn:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if deltas is None:
             return y
         ops = deltas.ops
@@ -126,6 +140,25 @@ class TenantLinear(nn.Module):
                 bias_rep = deltas.pools.replacement(f"{self.path}.bias")
                 bias = bias_rep.pool[slot] if bias_rep is not None else self.bias
             y[rows] = F.linear(x[rows], rep.pool[slot], bias)
+
+
+def cpu_weight_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def pack_cpu_weights(model: nn.Module, rows_hint: int) -> int:
+    """Packs every TenantLinear's weight for the CPU (TenantLinear.pack_for_cpu), except a weight shared with
+    another module (a tied lm_head: the embedding lookup needs the dense table). Returns how many were packed."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    packed = 0
+    for m in model.modules():
+        if isinstance(m, TenantLinear) and owners[id(m.weight)] == 1 and m.weight.dtype in (torch.float32, torch.bfloat16):
+            m.pack_for_cpu(rows_hint)
+            packed += 1
+    return packed
 
 
 class TenantRMSNorm(nn.Module):

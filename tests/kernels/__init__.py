@@ -7,10 +7,14 @@ tolerance table per dtype, over the tenant mixes below (punica's test_sgmv style
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from kernels import DeltaOps, cpu_kernels, select_delta_ops
+from kernels.bitdelta import to_sign_layout
 from kernels.segments import SlotTiles, build_slot_tiles
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,3 +94,32 @@ def assert_untouched(after: torch.Tensor, before: torch.Tensor, row_slots: list[
     rows = [i for i, s in enumerate(row_slots) if s < 0]
     if rows:
         assert torch.equal(after[rows], before[rows]), "rows with slot -1 were modified"
+
+
+# The CPU-side backends every kernel test runs: the Triton kernels (interpreted here), the compiled CPU kernels on
+# this CPU's best path and on their portable path, and the torch references.
+BACKENDS = ("triton", "cpu", "cpu-generic", "torch")
+
+
+@contextmanager
+def backend_ops(backend: str) -> Iterator[DeltaOps]:
+    """The DeltaOps of a test backend; "cpu-generic" forces the compiled kernels' portable code meanwhile."""
+    if not backend.startswith("cpu"):
+        yield select_delta_ops(backend)
+        return
+    ops = select_delta_ops("cpu")  # raises (fails the test) when the kernels cannot be built: setup.sh builds them
+    if backend == "cpu":
+        yield ops
+        return
+    module = cpu_kernels()
+    module.set_isa("generic")
+    try:
+        assert module.isa() == "generic"
+        yield ops
+    finally:
+        module.set_isa("auto")
+
+
+def pool_signs(ops: DeltaOps, signs: torch.Tensor) -> torch.Tensor:
+    """A [S, out, W] contract-layout sign pool in the layout `ops` reads."""
+    return to_sign_layout(ops.sign_layout, signs)

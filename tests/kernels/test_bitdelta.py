@@ -13,13 +13,31 @@ import pytest
 import torch
 
 from kernels import DeltaOps, select_delta_ops
-from kernels.bitdelta import bitdelta_apply, bitdelta_apply_ref, pack_signs, packed_width, unpack_signs
+from kernels.bitdelta import (
+    bitdelta_apply,
+    bitdelta_apply_cpu,
+    bitdelta_apply_ref,
+    deinterleave_signs,
+    interleave_signs,
+    pack_signs,
+    packed_width,
+    unpack_signs,
+)
 from kernels.segments import build_slot_tiles
-from tests.kernels import DTYPES, Mix, assert_close, assert_untouched, random_signs, tenant_mixes
+from tests.kernels import (
+    BACKENDS,
+    DTYPES,
+    Mix,
+    assert_close,
+    assert_untouched,
+    backend_ops,
+    pool_signs,
+    random_signs,
+    tenant_mixes,
+)
 
 N_SLOTS = 8
 MIXES = tenant_mixes(N_SLOTS)
-BACKENDS = ("triton", "torch")
 # (in, out): odd sizes (not multiples of 8 nor of the blocks), a multiple of 8 but not of the K block, exact blocks.
 SHAPES = ((37, 45), (136, 33), (128, 64))
 
@@ -57,6 +75,18 @@ def test_unpack_rejects_a_wrong_width() -> None:
         unpack_signs(torch.zeros(2, 3, dtype=torch.uint8), 37)
 
 
+def test_blocked16_layout_hand_example() -> None:
+    # [b, k, i] is byte k of output row 16b + i; rows past `out` are zero; the bytes themselves are unchanged.
+    packed = torch.arange(18 * 3, dtype=torch.uint8).reshape(18, 3)  # 18 rows: two blocks, the second padded
+    blocked = interleave_signs(packed)
+    assert blocked.shape == (2, 3, 16)
+    assert int(blocked[0, 2, 5]) == int(packed[5, 2]) and int(blocked[1, 0, 1]) == int(packed[17, 0])
+    assert torch.equal(blocked[1, :, 2:], torch.zeros(3, 14, dtype=torch.uint8))
+    assert torch.equal(deinterleave_signs(blocked, 18), packed)
+    pool = torch.randint(0, 256, (4, 45, 5), dtype=torch.uint8)  # leading slot dimension
+    assert torch.equal(deinterleave_signs(interleave_signs(pool), 45), pool)
+
+
 # ---- bitdelta_apply against dense math ----
 
 
@@ -84,10 +114,10 @@ def _dense_expected(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, scale
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bitdelta_apply_matches_dense(backend: str, dtype: torch.dtype, mix: Mix, in_f: int, out_f: int) -> None:
-    ops = select_delta_ops(backend)
     dense, signs, scales, x, y = _problem(mix, in_f, out_f, dtype)
     before = y.clone()
-    ops.bitdelta_apply(y, x, signs, scales, mix.tiles())
+    with backend_ops(backend) as ops:
+        ops.bitdelta_apply(y, x, pool_signs(ops, signs), scales, mix.tiles())
     assert y.dtype == dtype
     assert_close(y, _dense_expected(before, x, dense, scales, mix.row_slots()), dtype, f"{backend} {mix.name}")
     assert_untouched(y, before, mix.row_slots())
@@ -115,8 +145,59 @@ def test_padding_bits_do_not_count_as_minus_one(backend: str) -> None:
     scales = torch.full((1, out_f), 0.5)
     x = torch.randn(n, in_f)
     y = torch.zeros(n, out_f)
-    select_delta_ops(backend).bitdelta_apply(y, x, signs, scales, build_slot_tiles([0], [n]))
+    with backend_ops(backend) as ops:
+        ops.bitdelta_apply(y, x, pool_signs(ops, signs), scales, build_slot_tiles([0], [n]))
     torch.testing.assert_close(y, 0.5 * x.sum(dim=1, keepdim=True).expand(n, out_f), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_bits_set_to_one_add_nothing(backend: str) -> None:
+    # Files are checked for zero padding bits, but the kernels must not depend on it: a padding column has no input.
+    in_f, out_f, n = 37, 20, 4
+    positive = torch.rand(out_f, in_f, generator=torch.Generator().manual_seed(5)) > 0.5
+    clean = pack_signs(positive)[None]
+    dirty = clean.clone()
+    dirty[0, :, -1] |= 0b11100000  # the 3 padding bits of the last byte
+    scales = torch.full((1, out_f), 0.25)
+    x = torch.randn(n, in_f)
+    tiles = build_slot_tiles([0], [n])
+    with backend_ops(backend) as ops:
+        y_clean, y_dirty = torch.zeros(n, out_f), torch.zeros(n, out_f)
+        ops.bitdelta_apply(y_clean, x, pool_signs(ops, clean), scales, tiles)
+        ops.bitdelta_apply(y_dirty, x, pool_signs(ops, dirty), scales, tiles)
+    torch.testing.assert_close(y_dirty, y_clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu-generic"])
+@pytest.mark.parametrize("in_f,out_f", [(1024, 2816), (2816, 1024), (4100, 70)])
+def test_cpu_kernel_at_model_sizes(backend: str, in_f: int, out_f: int) -> None:
+    # Real projection sizes (several work items per slot, K loops of hundreds of bytes), prefill and decode rows.
+    mix = Mix("prefill_decode", (0, 1, -1, 2, 3, 0), (9, 1, 2, 1, 1, 1))
+    gen = torch.Generator().manual_seed(7)
+    signs = torch.randint(0, 256, (4, out_f, packed_width(in_f)), dtype=torch.uint8, generator=gen)
+    if in_f % 8:
+        signs[:, :, -1] &= (1 << (in_f % 8)) - 1
+    scales = torch.rand(4, out_f, generator=gen) * 0.01
+    x = torch.randn(mix.n_rows, in_f, generator=gen)
+    y = torch.randn(mix.n_rows, out_f, generator=gen)
+    expected = y.clone()
+    bitdelta_apply_ref(expected, x, signs, scales, mix.tiles())
+    with backend_ops(backend) as ops:
+        ops.bitdelta_apply(y, x, pool_signs(ops, signs), scales, mix.tiles())
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_kernel_updates_strided_outputs_in_place() -> None:
+    # y a column-strided view (its rows are not unit-stride): the kernel writes through a copy, exactly once.
+    mix = MIXES[1]
+    _, signs, scales, x, _ = _problem(mix, 37, 45, torch.float32)
+    base = torch.randn(45, mix.n_rows)
+    y = base.T  # [n_rows, 45], column stride n_rows
+    expected = y.clone()
+    bitdelta_apply_ref(expected, x, signs, scales, mix.tiles())
+    with backend_ops("cpu") as ops:
+        ops.bitdelta_apply(y, x, pool_signs(ops, signs), scales, mix.tiles())
+    torch.testing.assert_close(base.T, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -130,7 +211,8 @@ def test_strided_views(backend: str) -> None:
     x_big[:, 9:] = x
     y_view, x_view = y_big[:, 7 : 7 + out_f], x_big[:, 9:]
     before_big = y_big.clone()
-    select_delta_ops(backend).bitdelta_apply(y_view, x_view, signs, scales, mix.tiles())
+    with backend_ops(backend) as ops:
+        ops.bitdelta_apply(y_view, x_view, pool_signs(ops, signs), scales, mix.tiles())
     expected = _dense_expected(before_big[:, 7 : 7 + out_f], x, dense, scales, mix.row_slots())
     assert_close(y_view, expected, torch.float32, backend)
     assert torch.equal(y_big[:, :7], before_big[:, :7])
@@ -138,6 +220,15 @@ def test_strided_views(backend: str) -> None:
 
 
 # ---- argument checks ----
+
+
+def test_cpu_kernel_rejects_a_pool_in_the_wrong_layout() -> None:
+    mix = MIXES[0]
+    _, signs, scales, x, y = _problem(mix, 37, 45, torch.float32)
+    with pytest.raises(ValueError, match=r"signs must be torch.uint8 \[\*, 3, 5, 16\]"):
+        bitdelta_apply_cpu(y, x, signs, scales, mix.tiles())  # the contract's rows layout, not blocked16
+    with pytest.raises(ValueError, match="pool has 4 slots"):
+        bitdelta_apply_cpu(y, x, interleave_signs(signs[:4]), scales[:4], mix.tiles())
 
 
 @pytest.mark.parametrize("op", [bitdelta_apply, bitdelta_apply_ref])
@@ -167,9 +258,9 @@ def test_bitdelta_apply_rejects_bad_arguments(op) -> None:
 def test_reference_signatures_match_the_kernels() -> None:
     from kernels import lora
 
-    pairs = [(bitdelta_apply, bitdelta_apply_ref)] + [
+    pairs = [(bitdelta_apply, bitdelta_apply_ref), (bitdelta_apply_cpu, bitdelta_apply_ref)] + [
         (getattr(lora, name), getattr(lora, f"{name}_ref")) for name in ("lora_shrink", "lora_expand", "lora_apply")
-    ]
+    ] + [(getattr(lora, f"{name}_cpu"), getattr(lora, f"{name}_ref")) for name in ("lora_shrink", "lora_expand")]
     for kernel, ref in pairs:
         assert inspect.signature(kernel) == inspect.signature(ref), kernel.__name__
 
@@ -183,8 +274,15 @@ def test_select_delta_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     triton_ops = select_delta_ops("triton")  # allowed here: TRITON_INTERPRET=1 (tests/conftest.py)
     assert triton_ops.name == "triton" and triton_ops.bitdelta_apply is bitdelta_apply
     assert triton_ops.lora_shrink is lora.lora_shrink
-    expected_auto = "triton" if torch.cuda.is_available() else "torch"
+    cpu_ops = select_delta_ops("cpu")
+    assert cpu_ops.name == "cpu" and cpu_ops.bitdelta_apply is bitdelta_apply_cpu and cpu_ops.sign_layout == "blocked16"
+    assert cpu_ops.lora_shrink is lora.lora_shrink_cpu and cpu_ops.lora_expand is lora.lora_expand_cpu
+    assert torch_ops.sign_layout == triton_ops.sign_layout == "rows"
+    expected_auto = "triton" if torch.cuda.is_available() else "cpu"
     assert select_delta_ops().name == select_delta_ops("auto").name == expected_auto
+    assert select_delta_ops("auto", "cpu").name == "cpu"  # a CPU engine, even on a GPU machine
+    with pytest.raises(RuntimeError, match="runs on CPU tensors"):
+        select_delta_ops("cpu", "cuda")
     with pytest.raises(ValueError, match="unknown delta-kernel backend"):
         select_delta_ops("cuda")
     if not torch.cuda.is_available():

@@ -6,17 +6,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import select_delta_ops
-from kernels.lora import lora_apply, lora_apply_ref, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
-from tests.kernels import DTYPES, Mix, assert_close, assert_untouched, tenant_mixes
+from kernels.lora import (
+    lora_expand,
+    lora_expand_cpu,
+    lora_expand_ref,
+    lora_shrink,
+    lora_shrink_cpu,
+    lora_shrink_ref,
+)
+from tests.kernels import BACKENDS, DTYPES, Mix, assert_close, assert_untouched, backend_ops, tenant_mixes
 
 N_SLOTS = 8
 R_MAX = 128
 RANKS = (1, 3, 8, 16, 64, 128, 5, 32)  # slot s has rank RANKS[s]: every mix mixes ranks
 MIXES = tenant_mixes(N_SLOTS)
-BACKENDS = ("triton", "torch")
-APPLY = {"triton": lora_apply, "torch": lora_apply_ref}
 IN_F, OUT_F = 37, 45  # not multiples of 8 nor of any block
+
+
+def apply(backend: str, y, x, a, bt, scaling, ranks, tiles, buf) -> None:
+    """LoRA as the layers run it: the backend's shrink into buf, then its expand into y."""
+    with backend_ops(backend) as ops:
+        ops.lora_shrink(buf, x, a, ranks, tiles)
+        ops.lora_expand(y, buf, bt, scaling, ranks, tiles)
 
 
 def _problem(mix: Mix, dtype: torch.dtype, in_f: int = IN_F, out_f: int = OUT_F, seed: int = 0, pad: float = 0.0):
@@ -54,7 +65,7 @@ def _dense_apply(y, x, a, bt, scaling, row_slots: list[int]) -> torch.Tensor:
 def test_lora_apply_matches_dense(backend: str, dtype: torch.dtype, mix: Mix) -> None:
     a, bt, scaling, ranks, x, y, buf = _problem(mix, dtype)
     before = y.clone()
-    APPLY[backend](y, x, a, bt, scaling, ranks, mix.tiles(), buf)
+    apply(backend, y, x, a, bt, scaling, ranks, mix.tiles(), buf)
     assert y.dtype == dtype
     assert_close(y, _dense_apply(before, x, a, bt, scaling, mix.row_slots()), dtype, f"{backend} {mix.name}")
     assert_untouched(y, before, mix.row_slots())
@@ -65,8 +76,8 @@ def test_lora_apply_matches_dense(backend: str, dtype: torch.dtype, mix: Mix) ->
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lora_shrink_fills_rank_columns_and_zeroes_the_rest(backend: str, dtype: torch.dtype, mix: Mix) -> None:
     a, _, _, ranks, x, _, buf = _problem(mix, dtype, seed=1)
-    ops = select_delta_ops(backend)
-    ops.lora_shrink(buf, x, a, ranks, mix.tiles())
+    with backend_ops(backend) as ops:
+        ops.lora_shrink(buf, x, a, ranks, mix.tiles())
     row_slots = mix.row_slots()
     for i, h in _dense_shrink(x, a, row_slots).items():
         r = RANKS[row_slots[i]]
@@ -86,7 +97,8 @@ def test_lora_expand_alone(backend: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(9)
     buf = torch.randn(mix.n_rows, R_MAX, generator=gen)
     before = y.clone()
-    select_delta_ops(backend).lora_expand(y, buf, bt, scaling, ranks, mix.tiles())
+    with backend_ops(backend) as ops:
+        ops.lora_expand(y, buf, bt, scaling, ranks, mix.tiles())
     expected = before.double().clone()
     for i, s in enumerate(mix.row_slots()):
         r = RANKS[s]
@@ -101,7 +113,7 @@ def test_pool_rows_past_the_rank_are_never_read(backend: str) -> None:
     mix = MIXES[1]
     a, bt, scaling, ranks, x, y, buf = _problem(mix, torch.float32, seed=3, pad=float("nan"))
     before = y.clone()
-    APPLY[backend](y, x, a, bt, scaling, ranks, mix.tiles(), buf)
+    apply(backend, y, x, a, bt, scaling, ranks, mix.tiles(), buf)
     assert not torch.isnan(y).any() and not torch.isnan(buf).any()
     assert_close(y, _dense_apply(before, x, a, bt, scaling, mix.row_slots()), torch.float32, backend)
 
@@ -125,7 +137,7 @@ def test_lora_larger_rank_pool_and_sizes(backend: str) -> None:
     y = torch.randn(mix.n_rows, out_f, generator=gen).half()
     buf = torch.empty(mix.n_rows, r_max)
     before = y.clone()
-    APPLY[backend](y, x, a, bt, scaling, ranks, mix.tiles(), buf)
+    apply(backend, y, x, a, bt, scaling, ranks, mix.tiles(), buf)
     expected = before.double().clone()
     for i, s in enumerate(mix.row_slots()):
         if s >= 0:
@@ -135,9 +147,35 @@ def test_lora_larger_rank_pool_and_sizes(backend: str) -> None:
     assert_untouched(y, before, mix.row_slots())
 
 
-@pytest.mark.parametrize("which", ["kernel", "ref"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu-generic"])
+@pytest.mark.parametrize("in_f,out_f,r_max", [(1024, 2816, 16), (2816, 1024, 64), (4100, 70, 16)])
+def test_cpu_kernels_at_model_sizes(backend: str, in_f: int, out_f: int, r_max: int) -> None:
+    # Real projection sizes (several work items per slot, long K loops), prefill and decode rows, ranks mixed.
+    mix = Mix("prefill_decode", (0, 1, -1, 2, 3, 0), (9, 1, 2, 1, 1, 1))
+    gen = torch.Generator().manual_seed(8)
+    ranks_list = [r_max, 1, r_max // 2, 3]
+    a, bt = torch.zeros(4, r_max, in_f), torch.zeros(4, r_max, out_f)
+    for s, r in enumerate(ranks_list):
+        a[s, :r] = torch.randn(r, in_f, generator=gen) / in_f**0.5
+        bt[s, :r] = torch.randn(r, out_f, generator=gen) / r**0.5
+    scaling, ranks = torch.rand(4, generator=gen), torch.tensor(ranks_list, dtype=torch.int32)
+    x = torch.randn(mix.n_rows, in_f, generator=gen)
+    y = torch.randn(mix.n_rows, out_f, generator=gen)
+    expected, buf_ref, buf = y.clone(), torch.zeros(mix.n_rows, r_max), torch.zeros(mix.n_rows, r_max)
+    lora_shrink_ref(buf_ref, x, a, ranks, mix.tiles())
+    lora_expand_ref(expected, buf_ref, bt, scaling, ranks, mix.tiles())
+    apply(backend, y, x, a, bt, scaling, ranks, mix.tiles(), buf)
+    torch.testing.assert_close(buf, buf_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["kernel", "cpu", "ref"])
 def test_lora_rejects_bad_arguments(which: str) -> None:
-    shrink, expand = (lora_shrink, lora_expand) if which == "kernel" else (lora_shrink_ref, lora_expand_ref)
+    shrink, expand = {
+        "kernel": (lora_shrink, lora_expand),
+        "cpu": (lora_shrink_cpu, lora_expand_cpu),
+        "ref": (lora_shrink_ref, lora_expand_ref),
+    }[which]
     mix = MIXES[0]
     a, bt, scaling, ranks, x, y, buf = _problem(mix, torch.bfloat16)
     tiles = mix.tiles()
