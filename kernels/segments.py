@@ -6,10 +6,23 @@ copied to the device once, and shared by every layer of the step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+# Puts host values on the device as a 1-D tensor: the engine passes one that writes into its one per-step transfer
+# (serving/engine/staging.py); None means a copy of its own.
+Stage = Callable[[Sequence[int], torch.dtype], torch.Tensor]
+
+
+def copy_stage(device: torch.device | str) -> Stage:
+    """A Stage that copies each array on its own (tests, tools, anything outside an engine step)."""
+
+    def stage(values: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    return stage
 
 # Rows of one slot handled by one program of a delta kernel. tl.dot needs at least 16 rows, and a decode
 # step rarely has more than 16 rows of one tenant, so one tile usually covers a whole tenant.
@@ -54,11 +67,12 @@ class SlotTiles:
 
 
 def build_slot_tiles(
-    seq_slots: Sequence[int], seq_lens: Sequence[int], device: torch.device | str = "cpu"
+    seq_slots: Sequence[int], seq_lens: Sequence[int], device: torch.device | str = "cpu", stage: Stage | None = None
 ) -> SlotTiles:
     """Tiles for a batch laid out sequence after sequence: sequence j owns `seq_lens[j]` consecutive rows.
 
     seq_slots[j] is the slot of sequence j, -1 for base only. For a decode step every length is 1.
+    stage: how the arrays reach `device` (default: one copy of their own).
     """
     if len(seq_slots) != len(seq_lens):
         raise ValueError(f"seq_slots has {len(seq_slots)} entries, seq_lens {len(seq_lens)}")
@@ -85,9 +99,8 @@ def build_slot_tiles(
             tile_slot.append(slot)
             tile_start.append(t0)
             tile_rows.append(min(TILE_ROWS, len(order) - t0))
-    # One host->device copy for all four arrays.
-    packed = torch.tensor(order + tile_slot + tile_start + tile_rows, dtype=torch.int32)
-    packed = packed.to(device, non_blocking=True)
+    # One array for all four (a single transfer even without a shared stage).
+    packed = (stage or copy_stage(device))(order + tile_slot + tile_start + tile_rows, torch.int32)
     r, t = len(order), len(tile_slot)
     return SlotTiles(
         order=packed[:r],
@@ -99,11 +112,3 @@ def build_slot_tiles(
         slot_ranges=tuple(slot_ranges),
         ranges=torch.tensor(slot_ranges, dtype=torch.int64).reshape(-1, 3),
     )
-
-
-def row_slots(seq_slots: Sequence[int], seq_lens: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """[N] int32: the slot of every row of a batch laid out sequence after sequence (-1 = base only)."""
-    out: list[int] = []
-    for slot, n in zip(seq_slots, seq_lens):
-        out.extend([slot] * n)
-    return torch.tensor(out, dtype=torch.int32).to(device, non_blocking=True)

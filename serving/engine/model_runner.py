@@ -1,7 +1,8 @@
 """Runs one scheduled step on the device: builds the step's metadata once, runs the model, samples.
 
 Owns the KV cache (allocated once), the LoRA scratch buffer and the sampler. One host->device copy of
-metadata per step and one device->host copy of the sampled tokens at the end; nothing else syncs.
+metadata per step (serving/engine/staging.py) and one device->host copy of the sampled tokens at the end;
+nothing else syncs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from registry.slot_pool import SlotPool
 from serving.engine.sampler import RowSampling, Sampler, make_generator
 from serving.engine.scheduler import ScheduledSeq
 from serving.engine.sequence import TokenLogprob
+from serving.engine.staging import StepStaging
 from serving.models.attention import build_attention_batch
 from serving.models.llama import LlamaForCausalLM
 from serving.models.tenant_layers import DeltaBatch
@@ -54,14 +56,15 @@ class ModelRunner:
         model.bind_kv_cache([(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)])
         self.lora_scratch = torch.zeros(max_num_batched_tokens, slots.max_lora_rank, dtype=torch.float32, device=device)
         self.sampler = Sampler(seed)
+        self.staging = StepStaging(device)
 
     @staticmethod
     def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
         c = model.config
         return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
 
-    def _delta_batch(self, bd_slots: Seq[int], lora_slots: Seq[int], lens: Seq[int]) -> DeltaBatch:
-        return DeltaBatch.build(self.ops, self.slots, bd_slots, lora_slots, lens, self.lora_scratch, self.device)
+    def _delta_batch(self, bd_slots: Seq[int], lora_slots: Seq[int], lens: Seq[int], stage: StepStaging) -> DeltaBatch:
+        return DeltaBatch.build(self.ops, self.slots, bd_slots, lora_slots, lens, self.lora_scratch, self.device, stage)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
@@ -71,7 +74,9 @@ class ModelRunner:
         input_ids: list[int] = []
         for s, n in zip(seqs, query_lens):
             input_ids.extend(s.token_ids[s.num_computed : s.num_computed + n])
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        # Every host array of the step goes into one staged transfer (uploaded below, before any kernel).
+        stage = self.staging.begin()
+        ids = stage(input_ids, torch.int64)
         attn = build_attention_batch(
             query_lens,
             context_lens,
@@ -79,14 +84,21 @@ class ModelRunner:
             self.block_size,
             self.device,
             self.model.config.sliding_window,
+            stage,
         )
         bd_slots = [s.bitdelta_slot for s in seqs]
         lora_slots = [s.lora_slot for s in seqs]
-        token_deltas = self._delta_batch(bd_slots, lora_slots, query_lens)
+        token_deltas = self._delta_batch(bd_slots, lora_slots, query_lens, stage)
+        decode_only = all(n == 1 for n in query_lens)  # then the last positions are all rows, with the same deltas
+        if not decode_only:
+            last = stage([end - 1 for end in itertools.accumulate(query_lens)], torch.int64)
+            seq_deltas = self._delta_batch(bd_slots, lora_slots, [1] * len(seqs), stage)
+        stage.upload()
         hidden = self.model(ids, attn, token_deltas)  # [N, D]
-        last = torch.tensor([end - 1 for end in itertools.accumulate(query_lens)], dtype=torch.int64)
-        last_hidden = hidden[last.to(self.device, non_blocking=True)]  # [B, D]
-        seq_deltas = self._delta_batch(bd_slots, lora_slots, [1] * len(seqs))
+        if decode_only:
+            last_hidden, seq_deltas = hidden, token_deltas
+        else:
+            last_hidden = hidden[last]  # [B, D]
         logits = self.model.compute_logits(last_hidden, seq_deltas)  # [B, V] float32
 
         rows = []

@@ -6,16 +6,20 @@ new tokens' keys and values at their slots, then each sequence's queries attend 
 
 Sequences are processed in groups of similar query length (decodes: 1 query; prefills: many), each
 padded to its group's longest query and context, with a mask (causal, context length, sliding window)
-built once per step and shared by every layer. This is the pure-torch path used everywhere for now.
+computed on the device once per step, from each query's position and each sequence's length, and shared by
+every layer. This is the pure-torch path used everywhere for now.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+from kernels.segments import Stage, copy_stage
 
 
 @dataclass(frozen=True)
@@ -28,15 +32,30 @@ class AttentionGroup:
     valid_rows:   [R] int64, their rows in the step's flat token array (integer indices, computed on the
                   host, so scattering the output back needs no device sync).
     block_tables: [B, max_blocks] int64 (None without a KV cache: keys are the step's own tokens).
-    mask:         [B, 1, max_q, max_ctx] bool, True = may attend.
+    q_pos:        [B, max_q] int64, each query's position (padding queries: 0).
+    ctx:          [B] int64, each sequence's context length.
+    window:       the sliding window (None: none).
+    mask:         [B, 1, max_q, max_ctx] bool, True = may attend: key k <= the query's position, k < ctx, and
+                  within the window. Computed on first use, after the step's metadata reached the device; a
+                  padding query (position 0) attends to key 0 only, so no row is fully masked.
     """
 
     token_index: torch.Tensor
     valid_flat: torch.Tensor
     valid_rows: torch.Tensor
     block_tables: torch.Tensor | None
-    mask: torch.Tensor
+    q_pos: torch.Tensor
+    ctx: torch.Tensor
+    window: int | None
     max_ctx: int
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        k_pos = torch.arange(self.max_ctx, device=self.ctx.device)
+        mask = (k_pos[None, None, :] <= self.q_pos[:, :, None]) & (k_pos[None, None, :] < self.ctx[:, None, None])
+        if self.window is not None:
+            mask &= k_pos[None, None, :] > self.q_pos[:, :, None] - self.window
+        return mask.unsqueeze(1)
 
 
 @dataclass(frozen=True)
@@ -56,11 +75,14 @@ def build_attention_batch(
     block_size: int,
     device: torch.device | str,
     sliding_window: int | None = None,
+    stage: Stage | None = None,
 ) -> AttentionBatch:
     """Metadata of one step. Sequence j contributes `query_lens[j]` new tokens (laid out one sequence after
     another) and has `context_lens[j]` tokens in all, the new ones included, so its queries sit at
     positions context_lens[j] - query_lens[j] ... context_lens[j] - 1. Without block tables (no KV cache)
-    every sequence must be a whole prefill (query_len == context_len)."""
+    every sequence must be a whole prefill (query_len == context_len). stage: how host arrays reach the
+    device (the engine's one transfer per step; default one copy each)."""
+    stage = stage or copy_stage(device)
     n = sum(query_lens)
     positions: list[int] = []
     slots: list[int] = []
@@ -78,49 +100,46 @@ def build_attention_batch(
     groups = []
     for members in (decodes, prefills):
         if members:
-            groups.append(_group(members, query_lens, context_lens, starts, block_tables, block_size, sliding_window, device))
+            groups.append(_group(members, query_lens, context_lens, starts, block_tables, block_size, sliding_window, stage))
     return AttentionBatch(
-        positions=torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True) if block_tables is not None else None,
+        positions=stage(positions, torch.int64),
+        slot_mapping=stage(slots, torch.int64) if block_tables is not None else None,
         groups=tuple(groups),
         num_tokens=n,
     )
 
 
-def _group(members, query_lens, context_lens, starts, block_tables, block_size, window, device) -> AttentionGroup:
+def _group(members, query_lens, context_lens, starts, block_tables, block_size, window, stage) -> AttentionGroup:
     max_q = max(query_lens[j] for j in members)
     max_ctx = max(context_lens[j] for j in members)
     b = len(members)
     token_index = torch.zeros((b, max_q), dtype=torch.int64)
-    valid = torch.zeros(b, max_q, dtype=torch.bool)
-    q_pos = torch.zeros(b, max_q, dtype=torch.int64)
+    q_pos = torch.zeros(b, max_q, dtype=torch.int64)  # padding queries sit at position 0: they attend to key 0 only
     ctx = torch.zeros(b, dtype=torch.int64)
+    valid = torch.zeros(b, max_q, dtype=torch.bool)
     for i, j in enumerate(members):
         q, c = query_lens[j], context_lens[j]
         token_index[i, :q] = torch.arange(starts[j], starts[j] + q)
         valid[i, :q] = True
         q_pos[i, :q] = torch.arange(c - q, c)
         ctx[i] = c
-    k_pos = torch.arange(max_ctx)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
-    if window is not None:
-        mask &= k_pos[None, None, :] > q_pos[:, :, None] - window
-    mask[:, :, 0] |= ~valid  # padding queries attend to one key, so no row is fully masked (NaN)
     tables = None
     if block_tables is not None:
         max_blocks = (max_ctx + block_size - 1) // block_size
-        tables = torch.zeros(b, max_blocks, dtype=torch.int64)
+        host_tables = torch.zeros(b, max_blocks, dtype=torch.int64)
         for i, j in enumerate(members):
             row = list(block_tables[j])[:max_blocks]
-            tables[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-        tables = tables.to(device, non_blocking=True)
+            host_tables[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        tables = stage(host_tables, torch.int64).view(b, max_blocks)
     valid_flat = valid.flatten().nonzero().squeeze(1)
     return AttentionGroup(
-        token_index=token_index.to(device, non_blocking=True),
-        valid_flat=valid_flat.to(device, non_blocking=True),
-        valid_rows=token_index.flatten()[valid_flat].to(device, non_blocking=True),
+        token_index=stage(token_index, torch.int64).view(b, max_q),
+        valid_flat=stage(valid_flat, torch.int64),
+        valid_rows=stage(token_index.flatten()[valid_flat], torch.int64),
         block_tables=tables,
-        mask=mask.unsqueeze(1).to(device, non_blocking=True),
+        q_pos=stage(q_pos, torch.int64).view(b, max_q),
+        ctx=stage(ctx, torch.int64),
+        window=window,
         max_ctx=max_ctx,
     )
 

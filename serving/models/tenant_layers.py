@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import DeltaOps
-from kernels.segments import SlotTiles, build_slot_tiles
+from kernels.segments import SlotTiles, Stage, build_slot_tiles, copy_stage
 from registry.slot_pool import SlotPool
 
 
@@ -54,19 +54,22 @@ class DeltaBatch:
         lens: Sequence[int],
         lora_buf: torch.Tensor,
         device: torch.device,
+        stage: Stage | None = None,
     ) -> DeltaBatch:
         """For rows laid out sequence after sequence: sequence j owns lens[j] consecutive rows and uses 1-bit
         slot bitdelta_slots[j] and LoRA slot lora_slots[j] (-1 = none). lora_buf: scratch of at least
-        [sum(lens), r_max] float32, owned by the caller (allocated once)."""
+        [sum(lens), r_max] float32, owned by the caller (allocated once). stage: how the host arrays reach
+        the device (the engine's one transfer per step; default one copy each)."""
+        stage = stage or copy_stage(device)
         row_slot: list[int] = []
         for slot, n in zip(bitdelta_slots, lens):
             row_slot.extend([slot] * n)
         return cls(
             ops=ops,
             pools=pools,
-            bitdelta=build_slot_tiles(bitdelta_slots, lens, device),
-            lora=build_slot_tiles(lora_slots, lens, device),
-            bitdelta_row_slot=torch.tensor(row_slot, dtype=torch.int64).to(device, non_blocking=True),
+            bitdelta=build_slot_tiles(bitdelta_slots, lens, device, stage),
+            lora=build_slot_tiles(lora_slots, lens, device, stage),
+            bitdelta_row_slot=stage(row_slot, torch.int64),
             lora_buf=lora_buf[: len(row_slot)],
         )
 

@@ -312,3 +312,14 @@ def test_importing_kernels_is_light_and_does_not_fool_transformers() -> None:
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_slot_tiles_are_checked_when_made() -> None:
+    # The launchers trust a SlotTiles' dtypes and tile count (checked once, here), so a wrong one never launches.
+    good = build_slot_tiles([0, 1, 1], [1, 1, 1])
+    fields = {f: getattr(good, f) for f in ("order", "tile_slot", "tile_start", "tile_rows", "num_tiles", "slots")}
+    with pytest.raises(ValueError, match=r"tiles.order must be int32 \[\*\], got torch.int64"):
+        type(good)(**{**fields, "order": good.order.long()})
+    with pytest.raises(ValueError, match="tiles.num_tiles is 5 but tiles.tile_slot has 2"):
+        type(good)(**{**fields, "num_tiles": 5})
+    assert good.ranges.tolist() == [[0, 0, 1], [1, 1, 3]] and good.ranges.dtype == torch.int64
