@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import re
 import statistics
@@ -76,6 +77,9 @@ def copy_bandwidth_gbps(mib: int, iters: int, warmup: int) -> float:
 
 
 def git_commit() -> str:
+    """HEAD (+"-dirty"), or $DELTASERVE_COMMIT where the tree travelled without .git (the GPU machine)."""
+    if os.environ.get("DELTASERVE_COMMIT"):
+        return os.environ["DELTASERVE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout

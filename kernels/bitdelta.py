@@ -162,6 +162,8 @@ if triton is not None:
         slot = tl.load(tile_slot_ptr + tile).to(tl.int64)
         start = tl.load(tile_start_ptr + tile)
         n_rows = tl.load(tile_rows_ptr + tile)
+        if n_rows == 0:  # a padding tile of a fixed-size (CUDA-graph) launch: nothing to read or write
+            return
 
         offs_m = tl.arange(0, TILE_M)
         row_mask = offs_m < n_rows

@@ -67,12 +67,19 @@ class SlotTiles:
 
 
 def build_slot_tiles(
-    seq_slots: Sequence[int], seq_lens: Sequence[int], device: torch.device | str = "cpu", stage: Stage | None = None
+    seq_slots: Sequence[int],
+    seq_lens: Sequence[int],
+    device: torch.device | str = "cpu",
+    stage: Stage | None = None,
+    pad_to: int | None = None,
 ) -> SlotTiles:
     """Tiles for a batch laid out sequence after sequence: sequence j owns `seq_lens[j]` consecutive rows.
 
     seq_slots[j] is the slot of sequence j, -1 for base only. For a decode step every length is 1.
     stage: how the arrays reach `device` (default: one copy of their own).
+    pad_to: for launches of a fixed size (a CUDA graph replays the grid it captured): when the batch has any
+    tile, `order` and the tile arrays are padded to pad_to entries, the extra tiles empty (0 rows, slot 0), which
+    the kernels skip. The host-side `slots` and `slot_ranges` describe the real rows only.
     """
     if len(seq_slots) != len(seq_lens):
         raise ValueError(f"seq_slots has {len(seq_slots)} entries, seq_lens {len(seq_lens)}")
@@ -99,6 +106,14 @@ def build_slot_tiles(
             tile_slot.append(slot)
             tile_start.append(t0)
             tile_rows.append(min(TILE_ROWS, len(order) - t0))
+    if pad_to is not None and tile_slot:
+        if pad_to < max(len(order), len(tile_slot)):
+            raise ValueError(f"pad_to={pad_to} is below the batch's {len(order)} rows or {len(tile_slot)} tiles")
+        extra = pad_to - len(tile_slot)
+        tile_start.extend([len(order)] * extra)
+        tile_slot.extend([0] * extra)
+        tile_rows.extend([0] * extra)
+        order.extend([0] * (pad_to - len(order)))  # covered by no tile: never read
     # One array for all four (a single transfer even without a shared stage).
     packed = (stage or copy_stage(device))(order + tile_slot + tile_start + tile_rows, torch.int32)
     r, t = len(order), len(tile_slot)

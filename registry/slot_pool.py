@@ -156,6 +156,10 @@ class SlotPool:
     def has_replacements(self) -> bool:
         return bool(self._replacements)
 
+    def replaces_any(self, bitdelta_slots) -> bool:
+        """True when one of these 1-bit slots holds a delta that replaces a base tensor."""
+        return any(rep.replaced_slots.intersection(bitdelta_slots) for rep in self._replacements.values())
+
     # ---- checks ------------------------------------------------------------------------------------
     def check_servable(self, delta: Delta) -> None:
         """Raises AdapterMismatch if this pool cannot hold `delta` (independent of what is loaded)."""

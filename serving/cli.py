@@ -31,6 +31,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None
     p.add_argument("--lora-slots", type=int, default=d(8), help="GPU slots for LoRA adapters")
     p.add_argument("--max-lora-rank", type=int, default=d(64))
     p.add_argument("--kernel-backend", choices=list(BACKENDS), default=d("auto"))
+    p.add_argument("--cuda-graphs", action="store_true", default=d(False),
+                   help="GPU: replay decode steps from CUDA graphs (not yet validated on a GPU; off by default)")
 
 
 def _add_client_flags(p: argparse.ArgumentParser, key_env: str) -> None:
@@ -266,6 +268,7 @@ def _engine_config(args: argparse.Namespace, max_num_batched_tokens: int | None 
         lora_slots=args.lora_slots,
         max_lora_rank=args.max_lora_rank,
         kernel_backend=args.kernel_backend,
+        cuda_graphs=args.cuda_graphs,
         **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
     )
 
@@ -383,7 +386,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 SERVE_FLAGS = ("model", "host", "port", "registry", "admin_key", "device", "dtype", "public_metrics", "max_model_len",
                "max_num_seqs", "max_pending", "tenant_max_concurrent", "bitdelta_slots", "lora_slots", "max_lora_rank",
-               "host_cache_mb", "max_upload_mb", "drain_timeout", "num_kv_blocks", "kernel_backend", "preload")
+               "host_cache_mb", "max_upload_mb", "drain_timeout", "num_kv_blocks", "kernel_backend", "cuda_graphs",
+               "preload")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

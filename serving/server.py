@@ -39,6 +39,7 @@ class ServerSettings(BaseSettings):
     drain_timeout: float = Field(default=30.0, ge=0)
     num_kv_blocks: int | None = None
     kernel_backend: str = "auto"
+    cuda_graphs: bool = False
     preload: list[str] = Field(default_factory=list)  # "tenant/adapter" to load onto the GPU at start-up
 
 
@@ -62,7 +63,7 @@ def build_backend(settings: ServerSettings, registry):
             device=settings.device, dtype=settings.dtype, max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs, bitdelta_slots=settings.bitdelta_slots, lora_slots=settings.lora_slots,
             max_lora_rank=settings.max_lora_rank, num_kv_blocks=settings.num_kv_blocks,
-            kernel_backend=settings.kernel_backend,
+            kernel_backend=settings.kernel_backend, cuda_graphs=settings.cuda_graphs,
         ),
     )
     backend = Backend(

@@ -186,3 +186,45 @@ def save_finetune(base: Path, out: Path, seed: int, *, touch=lambda name: True, 
     model.save_pretrained(out, **kwargs)
     make_tokenizer().save_pretrained(out)
     return out
+
+
+MIXED_PROMPTS = [
+    "The quick brown fox",
+    "To be",
+    "A journey of a thousand miles begins with a single step, and then",
+    "def main():",
+    "All that glitters",
+    "Caf\u00e9 cr\u00e8me",
+]
+
+
+def mixed_tenants(root: Path):
+    """The central test's world: a Qwen2 base (untied, q/k/v biases, GQA) and its tenants — LoRA r2, r8 (three
+    targets) and rsLoRA r4 saved by peft; 1-bit deltas with per-row and per-matrix scales, and one that also
+    replaces norms, a bias, the embeddings and the lm_head. Returns (base_dir, {name: (file or None, merged HF
+    model)})."""
+    base_dir = make_model_dir(root / "base", arch="qwen2")
+    tenants = {"base": (None, hf_model(base_dir))}
+    tenants["lora-r2"] = make_lora(base_dir, root / "lora-r2", r=2, seed=1)
+    tenants["lora-r8"] = make_lora(base_dir, root / "lora-r8", r=8, seed=2, targets=["q_proj", "v_proj", "down_proj"])
+    tenants["lora-r4-rs"] = make_lora(base_dir, root / "lora-r4", r=4, seed=3, rslora=True)
+    tenants["bd-row"] = make_bitdelta(base_dir, root / "bd-row.safetensors", seed=4, per_row=True, replace=False)
+    tenants["bd-mat"] = make_bitdelta(base_dir, root / "bd-mat.safetensors", seed=5, per_row=False, replace=False)
+    tenants["bd-repl"] = make_bitdelta(base_dir, root / "bd-repl.safetensors", seed=6, per_row=True, replace=True)
+    return base_dir, tenants
+
+
+def run_in_waves(engine, requests, deltas, params) -> dict[str, list[int]]:
+    """Runs (request id, tenant, prompt) requests joining in three waves, every other step, while earlier ones
+    decode (deltas: tenant -> Delta or None); returns each request's generated tokens."""
+    waves = [requests[0::3], requests[1::3], requests[2::3]]
+    got: dict[str, list[int]] = {rid: [] for rid, _, _ in requests}
+    steps = 0
+    while waves or engine.has_unfinished():
+        if waves and steps % 2 == 0:
+            for rid, name, prompt in waves.pop(0):
+                engine.add_request(rid, prompt, params, deltas[name])
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+        steps += 1
+    return got

@@ -1,4 +1,9 @@
-"""The paged KV cache's bookkeeping: which blocks each sequence owns. Plain Python, no tensors."""
+"""The paged KV cache's bookkeeping: which blocks each sequence owns. Plain Python, no tensors.
+
+Block NULL_BLOCK (0) of the cache is never given to a sequence: block-table padding points at it, and padded
+rows of a fixed-size (CUDA-graph) decode step write their keys and values into it, so neither ever touches
+another sequence's cache. Sequences get blocks 1..num_blocks; the cache holds num_blocks + 1.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,15 @@ from collections import deque
 
 from serving.engine.sequence import Sequence
 
+NULL_BLOCK = 0
+
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
+        """num_blocks: the blocks sequences may use (the cache has one more, NULL_BLOCK)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] = deque(range(NULL_BLOCK + 1, num_blocks + 1))
 
     @property
     def num_free(self) -> int:

@@ -21,6 +21,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     kernel_backend: str = "auto"  # auto | triton | cpu | torch (see kernels.select_delta_ops)
     pack_cpu_weights: bool = True  # CPU: base linear weights in oneDNN's packed layout (faster GEMMs)
+    cuda_graphs: bool = False  # GPU: decode steps replayed from CUDA graphs (serving/engine/cuda_graphs.py)
     seed: int = 0  # the sampler's generator for unseeded requests
 
     def __post_init__(self) -> None:

@@ -74,6 +74,8 @@ class LLMEngine:
             raise ValueError(
                 f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
             )
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs the engine on a CUDA device")
         self.eos_token_ids = set(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
@@ -107,6 +109,7 @@ class LLMEngine:
             device=self.device,
             dtype=self.dtype,
             seed=config.seed,
+            decode_graphs=(config.max_num_seqs, self.max_model_len, True) if config.cuda_graphs else None,
         )
         self._seqs: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -134,7 +137,7 @@ class LLMEngine:
         else:
             budget = self.config.kv_cache_cpu_bytes
         wanted = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
-        return max(1, min(wanted, int(budget // per_block)))
+        return max(1, min(wanted, int(budget // per_block) - 1))  # one more is the NULL_BLOCK
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(

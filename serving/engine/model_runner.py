@@ -15,6 +15,7 @@ import torch
 
 from kernels import DeltaOps
 from registry.slot_pool import SlotPool
+from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.sampler import RowSampling, Sampler, make_generator
 from serving.engine.scheduler import ScheduledSeq
 from serving.engine.sequence import TokenLogprob
@@ -43,7 +44,10 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         seed: int = 0,
+        decode_graphs: tuple[int, int, bool] | None = None,
     ):
+        """decode_graphs: (largest batch, longest context in tokens, capture) to run decode steps through
+        serving/engine/cuda_graphs.py (capture=False: its padded inputs run eagerly, as on a CPU); None: off."""
         self.model = model
         self.slots = slots
         self.ops = ops
@@ -51,12 +55,17 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         c = model.config
-        shape = (c.num_layers, 2, num_kv_blocks, block_size, c.num_kv_heads, c.head_dim)
+        # num_kv_blocks usable blocks plus the NULL_BLOCK (serving/engine/block_manager.py)
+        shape = (c.num_layers, 2, num_kv_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
         model.bind_kv_cache([(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)])
         self.lora_scratch = torch.zeros(max_num_batched_tokens, slots.max_lora_rank, dtype=torch.float32, device=device)
         self.sampler = Sampler(seed)
         self.staging = StepStaging(device)
+        self.graphs: DecodeGraphs | None = None
+        if decode_graphs is not None:
+            max_batch, max_len, capture = decode_graphs
+            self.graphs = DecodeGraphs(self, min(max_batch, max_num_batched_tokens), -(-max_len // block_size), capture)
 
     @staticmethod
     def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -68,6 +77,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        seqs = [s.seq for s in scheduled]
+        logits = None
+        if self.graphs is not None and all(s.num_tokens == 1 for s in scheduled):
+            bd_slots = {s.bitdelta_slot for s in seqs if s.bitdelta_slot >= 0}
+            key = self.graphs.key_for(seqs, self.slots.has_replacements and self.slots.replaces_any(bd_slots))
+            if key is not None:
+                logits = self.graphs.run(seqs, key)
+        if logits is None:
+            logits = self._forward(scheduled)
+        return self._sample(seqs, logits)
+
+    def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """The step's last-position logits [B, V] float32, eagerly."""
         seqs = [s.seq for s in scheduled]
         query_lens = [s.num_tokens for s in scheduled]
         context_lens = [s.seq.num_computed + s.num_tokens for s in scheduled]
@@ -99,8 +121,9 @@ class ModelRunner:
             last_hidden, seq_deltas = hidden, token_deltas
         else:
             last_hidden = hidden[last]  # [B, D]
-        logits = self.model.compute_logits(last_hidden, seq_deltas)  # [B, V] float32
+        return self.model.compute_logits(last_hidden, seq_deltas)  # [B, V] float32
 
+    def _sample(self, seqs: list, logits: torch.Tensor) -> StepResult:
         rows = []
         for s in seqs:
             if s.generator is None and s.params.seed is not None:

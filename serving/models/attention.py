@@ -76,12 +76,14 @@ def build_attention_batch(
     device: torch.device | str,
     sliding_window: int | None = None,
     stage: Stage | None = None,
+    pad_ctx_to: int | None = None,
 ) -> AttentionBatch:
     """Metadata of one step. Sequence j contributes `query_lens[j]` new tokens (laid out one sequence after
     another) and has `context_lens[j]` tokens in all, the new ones included, so its queries sit at
     positions context_lens[j] - query_lens[j] ... context_lens[j] - 1. Without block tables (no KV cache)
     every sequence must be a whole prefill (query_len == context_len). stage: how host arrays reach the
-    device (the engine's one transfer per step; default one copy each)."""
+    device (the engine's one transfer per step; default one copy each). pad_ctx_to: the decode group's keys
+    padded to at least this many (a CUDA graph replays fixed shapes)."""
     stage = stage or copy_stage(device)
     n = sum(query_lens)
     positions: list[int] = []
@@ -98,9 +100,11 @@ def build_attention_batch(
     decodes = [j for j, q in enumerate(query_lens) if q == 1]
     prefills = [j for j, q in enumerate(query_lens) if q > 1]
     groups = []
-    for members in (decodes, prefills):
+    for members, pad in ((decodes, pad_ctx_to), (prefills, None)):
         if members:
-            groups.append(_group(members, query_lens, context_lens, starts, block_tables, block_size, sliding_window, stage))
+            groups.append(
+                _group(members, query_lens, context_lens, starts, block_tables, block_size, sliding_window, stage, pad)
+            )
     return AttentionBatch(
         positions=stage(positions, torch.int64),
         slot_mapping=stage(slots, torch.int64) if block_tables is not None else None,
@@ -109,9 +113,9 @@ def build_attention_batch(
     )
 
 
-def _group(members, query_lens, context_lens, starts, block_tables, block_size, window, stage) -> AttentionGroup:
+def _group(members, query_lens, context_lens, starts, block_tables, block_size, window, stage, pad_ctx_to) -> AttentionGroup:
     max_q = max(query_lens[j] for j in members)
-    max_ctx = max(context_lens[j] for j in members)
+    max_ctx = max([context_lens[j] for j in members] + [pad_ctx_to or 0])
     b = len(members)
     token_index = torch.zeros((b, max_q), dtype=torch.int64)
     q_pos = torch.zeros(b, max_q, dtype=torch.int64)  # padding queries sit at position 0: they attend to key 0 only

@@ -55,11 +55,13 @@ class DeltaBatch:
         lora_buf: torch.Tensor,
         device: torch.device,
         stage: Stage | None = None,
+        pad_tiles_to: int | None = None,
     ) -> DeltaBatch:
         """For rows laid out sequence after sequence: sequence j owns lens[j] consecutive rows and uses 1-bit
         slot bitdelta_slots[j] and LoRA slot lora_slots[j] (-1 = none). lora_buf: scratch of at least
         [sum(lens), r_max] float32, owned by the caller (allocated once). stage: how the host arrays reach
-        the device (the engine's one transfer per step; default one copy each)."""
+        the device (the engine's one transfer per step; default one copy each). pad_tiles_to: fixed-size tile
+        arrays for a CUDA graph (kernels.segments.build_slot_tiles)."""
         stage = stage or copy_stage(device)
         row_slot: list[int] = []
         for slot, n in zip(bitdelta_slots, lens):
@@ -67,11 +69,18 @@ class DeltaBatch:
         return cls(
             ops=ops,
             pools=pools,
-            bitdelta=build_slot_tiles(bitdelta_slots, lens, device, stage),
-            lora=build_slot_tiles(lora_slots, lens, device, stage),
+            bitdelta=build_slot_tiles(bitdelta_slots, lens, device, stage, pad_tiles_to),
+            lora=build_slot_tiles(lora_slots, lens, device, stage, pad_tiles_to),
             bitdelta_row_slot=stage(row_slot, torch.int64),
             lora_buf=lora_buf[: len(row_slot)],
         )
+
+    @property
+    def touches_replacements(self) -> bool:
+        """True when a row of this batch uses a delta that replaces some base tensor (host-side decisions follow)."""
+        if self.bitdelta.empty or not self.pools.has_replacements:
+            return False
+        return self.pools.replaces_any(self.bitdelta.slots)
 
     def gather_rows(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """[N, *base.shape]: each row's copy of tensor `name` (its tenant's replacement, else the base);

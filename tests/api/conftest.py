@@ -47,9 +47,10 @@ def start_server(root: Path, base_dir: Path, **overrides) -> LiveServer:
     from serving.api.app import create_app
     from serving.server import ServerSettings, build_backend, make_server
 
-    settings = ServerSettings(model=base_dir, registry=root / "registry", admin_key=ADMIN_KEY, device="cpu",
-                              dtype="float32", port=free_port(), max_model_len=128, max_lora_rank=8, num_kv_blocks=64,
-                              kernel_backend="torch", max_upload_mb=1, **overrides)
+    defaults = dict(model=base_dir, registry=root / "registry", admin_key=ADMIN_KEY, device="cpu", dtype="float32",
+                    port=free_port(), max_model_len=128, max_lora_rank=8, num_kv_blocks=64, kernel_backend="torch",
+                    max_upload_mb=1)  # fmt: skip
+    settings = ServerSettings(**{**defaults, **overrides})
     registry = Registry(settings.registry, max_upload_bytes=settings.max_upload_mb << 20)
     registry.ensure_admin_key(settings.admin_key)
     backend = build_backend(settings, registry)

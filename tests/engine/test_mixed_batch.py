@@ -14,31 +14,13 @@ from registry.loading import load_delta
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
-from tests.helpers import greedy_tokens, hf_model, make_bitdelta, make_lora, make_model_dir
+from tests.helpers import MIXED_PROMPTS as PROMPTS
+from tests.helpers import greedy_tokens, mixed_tenants, run_in_waves
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixed")
-    base_dir = make_model_dir(root / "base", arch="qwen2")  # untied, q/k/v biases, GQA
-    tenants = {"base": (None, hf_model(base_dir))}
-    tenants["lora-r2"] = make_lora(base_dir, root / "lora-r2", r=2, seed=1)
-    tenants["lora-r8"] = make_lora(base_dir, root / "lora-r8", r=8, seed=2, targets=["q_proj", "v_proj", "down_proj"])
-    tenants["lora-r4-rs"] = make_lora(base_dir, root / "lora-r4", r=4, seed=3, rslora=True)
-    tenants["bd-row"] = make_bitdelta(base_dir, root / "bd-row.safetensors", seed=4, per_row=True, replace=False)
-    tenants["bd-mat"] = make_bitdelta(base_dir, root / "bd-mat.safetensors", seed=5, per_row=False, replace=False)
-    tenants["bd-repl"] = make_bitdelta(base_dir, root / "bd-repl.safetensors", seed=6, per_row=True, replace=True)
-    return base_dir, tenants
-
-
-PROMPTS = [
-    "The quick brown fox",
-    "To be",
-    "A journey of a thousand miles begins with a single step, and then",
-    "def main():",
-    "All that glitters",
-    "Caf\u00e9 cr\u00e8me",
-]
+    return mixed_tenants(tmp_path_factory.mktemp("mixed"))
 
 
 @pytest.mark.parametrize("backend,max_tokens", [("torch", 12), ("cpu", 12), ("triton", 4)])
@@ -52,17 +34,7 @@ def test_mixed_batch_matches_merged_finetunes(world, backend, max_tokens):
     # Every tenant with several prompts; requests join in three waves, while earlier ones decode.
     requests = [(f"{name}/{i}", name, PROMPTS[(i + j) % len(PROMPTS)])
                 for j, name in enumerate(tenants) for i in range(1 if backend == "triton" else 2)]
-    waves = [requests[0::3], requests[1::3], requests[2::3]]
-    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    got: dict[str, list[int]] = {rid: [] for rid, _, _ in requests}
-    steps = 0
-    while waves or engine.has_unfinished():
-        if waves and steps % 2 == 0:
-            for rid, name, prompt in waves.pop(0):
-                engine.add_request(rid, prompt, greedy, deltas[name])
-        for out in engine.step():
-            got[out.request_id].extend(out.new_token_ids)
-        steps += 1
+    got = run_in_waves(engine, requests, deltas, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     for rid, name, prompt in requests:
         assert got[rid] == greedy_tokens(tenants[name][1], engine.tokenizer, prompt, max_tokens), f"{rid}: {prompt!r}"
     # Tenants really differ from the base (the test could fail): at least most of them change the tokens.

@@ -323,3 +323,22 @@ def test_slot_tiles_are_checked_when_made() -> None:
     with pytest.raises(ValueError, match="tiles.num_tiles is 5 but tiles.tile_slot has 2"):
         type(good)(**{**fields, "num_tiles": 5})
     assert good.ranges.tolist() == [[0, 0, 1], [1, 1, 3]] and good.ranges.dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_tiles_give_the_same_result(backend: str) -> None:
+    # A fixed-size launch (CUDA graphs) pads the tiles with empty ones: the kernels must skip them.
+    base = MIXES[4]  # interleaved_none: 11 rows, 4 slots; padded as a graph pads it, with rows of no delta
+    mix = Mix("padded", base.seq_slots + (-1,) * 5, base.seq_lens + (1,) * 5)
+    _, signs, scales, x, y = _problem(mix, 37, 45, torch.float32, seed=6)
+    padded = build_slot_tiles(mix.seq_slots, mix.seq_lens, pad_to=16)
+    assert padded.num_tiles == 16 and padded.order.shape[0] == 16 and padded.tile_rows[-1].item() == 0
+    assert padded.slot_ranges == mix.tiles().slot_ranges
+    y_plain, y_padded = y.clone(), y.clone()
+    with backend_ops(backend) as ops:
+        ops.bitdelta_apply(y_plain, x, pool_signs(ops, signs), scales, mix.tiles())
+        ops.bitdelta_apply(y_padded, x, pool_signs(ops, signs), scales, padded)
+    assert torch.equal(y_padded, y_plain)
+    with pytest.raises(ValueError, match="pad_to=3 is below the batch's 6 rows or 4 tiles"):
+        build_slot_tiles(mix.seq_slots, mix.seq_lens, pad_to=3)
+    assert build_slot_tiles([-1, -1], [1, 1], pad_to=8).empty  # no delta row: nothing to pad

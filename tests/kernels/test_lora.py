@@ -195,3 +195,18 @@ def test_lora_rejects_bad_arguments(which: str) -> None:
         expand(y, buf, bt, scaling.bfloat16(), ranks, tiles)
     with pytest.raises(ValueError, match="tiles cover 8 rows but the batch has only 4"):
         expand(y[:4], buf[:4], bt, scaling, ranks, tiles)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_tiles_give_the_same_result(backend: str) -> None:
+    # A fixed-size launch (CUDA graphs) pads the tiles with empty ones: the kernels must skip them.
+    from kernels.segments import build_slot_tiles
+
+    base = MIXES[4]  # padded as a graph pads it, with rows of no delta
+    mix = Mix("padded", base.seq_slots + (-1,) * 5, base.seq_lens + (1,) * 5)
+    a, bt, scaling, ranks, x, y, buf = _problem(mix, torch.float32, seed=5)
+    padded = build_slot_tiles(mix.seq_slots, mix.seq_lens, pad_to=16)
+    y_plain, y_padded, buf2 = y.clone(), y.clone(), buf.clone()
+    apply(backend, y_plain, x, a, bt, scaling, ranks, mix.tiles(), buf)
+    apply(backend, y_padded, x, a, bt, scaling, ranks, padded, buf2)
+    assert torch.equal(y_padded, y_plain) and torch.equal(buf2, buf)

@@ -1,0 +1,85 @@
+"""Decode steps through the CUDA-graph path's padded, fixed-size inputs (serving/engine/cuda_graphs.py), run
+eagerly on the CPU: the same greedy tokens as the plain path, for mixed tenants and contexts that cross block
+and bucket boundaries. Capture and replay themselves need a GPU (tests/gpu/test_engine_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from registry.loading import load_delta
+from serving.engine.config import EngineConfig
+from serving.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraphs
+from serving.engine.engine import LLMEngine
+from serving.engine.sampling_params import SamplingParams
+from tests.helpers import make_bitdelta, make_lora, make_model_dir
+
+PROMPTS = ["The quick brown fox", "To be", "A journey of a thousand miles begins with a single step", "def main():",
+           "All that glitters", "Caf\u00e9 cr\u00e8me"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs")
+    base = make_model_dir(root / "base", arch="qwen2")
+    lora, _ = make_lora(base, root / "lora", r=4, seed=1)
+    bd, _ = make_bitdelta(base, root / "bd.safetensors", seed=2, per_row=True, replace=False)
+    repl, _ = make_bitdelta(base, root / "repl.safetensors", seed=3, per_row=True, replace=True)
+    return base, {"lora": lora, "bd": bd, "repl": repl}
+
+
+def _engine(base, graphs: bool) -> LLMEngine:
+    cfg = EngineConfig(device="cpu", dtype="float32", kernel_backend="torch", bitdelta_slots=3, lora_slots=2,
+                       max_lora_rank=8, max_model_len=96, max_num_batched_tokens=256, block_size=4)  # fmt: skip
+    engine = LLMEngine.from_model_dir(base, cfg)
+    if graphs:
+        engine.runner.graphs = DecodeGraphs(engine.runner, max_batch=64, max_ctx_blocks=24, capture=False)
+    return engine
+
+
+@pytest.mark.parametrize("tenants", [("base",), ("base", "lora", "bd"), ("lora", "bd", "repl", "base")])
+def test_padded_decode_gives_the_same_tokens(world, tenants) -> None:
+    base, files = world
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)  # 30 tokens: contexts cross buckets
+
+    def run(graphs: bool):
+        engine = _engine(base, graphs)
+        deltas = {n: load_delta(p, engine.spec, 8) for n, p in files.items()}
+        reqs = [(p, greedy, deltas.get(tenants[i % len(tenants)])) for i, p in enumerate(PROMPTS[:5])]
+        return [c.token_ids for c in engine.generate(reqs)], engine.runner.graphs
+
+    plain, _ = run(False)
+    padded, graphs = run(True)
+    assert padded == plain
+    if "repl" in tenants:  # a delta that replaces base tensors: its steps run eagerly
+        assert all(not k.bitdelta for k in graphs.graphs) or graphs.replays < 29
+    else:
+        assert graphs.replays == 29  # every decode step (the first step of 30 is the prefill)
+        keys = set(graphs.graphs)
+        assert {k.batch for k in keys} == {8}  # 5 rows padded to the bucket of 8
+        assert len({k.ctx_blocks for k in keys}) >= 2  # contexts of 5..58 tokens cross the 4- and 8-block buckets
+        assert all(k.bitdelta == ("bd" in tenants) and k.lora == ("lora" in tenants) for k in keys)
+
+
+def test_keys() -> None:
+    class Seq:
+        def __init__(self, computed, bd=-1, lora=-1):
+            self.num_computed, self.bitdelta_slot, self.lora_slot = computed, bd, lora
+
+    class Runner:
+        block_size = 16
+
+    g = DecodeGraphs(Runner(), max_batch=40, max_ctx_blocks=8, capture=False)  # type: ignore[arg-type]
+    k = g.key_for([Seq(15), Seq(16, bd=0)], False)
+    assert (k.batch, k.ctx_blocks, k.bitdelta, k.lora) == (2, 2, True, False)  # 17 tokens: 2 blocks
+    assert g.key_for([Seq(40, lora=1)] * 3, False).batch == 4 and g.key_for([Seq(40)] * 3, False).ctx_blocks == 4
+    assert g.key_for([Seq(1)] * 33, False).batch == 40  # above the last bucket under the limit: the limit
+    assert g.key_for([Seq(1)] * 41, False) is None  # above max_batch: eager
+    assert g.key_for([Seq(1)], True) is None  # a delta that replaces base tensors: eager
+    assert g.key_for([Seq(120)], False).ctx_blocks == 8  # capped at the longest context
+    assert BATCH_BUCKETS[0] == 1 and list(BATCH_BUCKETS) == sorted(BATCH_BUCKETS)
+
+
+def test_cuda_graphs_need_a_gpu(world) -> None:
+    base, _ = world
+    with pytest.raises(ValueError, match="cuda_graphs needs the engine on a CUDA device"):
+        LLMEngine.from_model_dir(base, EngineConfig(device="cpu", cuda_graphs=True, max_model_len=64))
