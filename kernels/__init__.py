@@ -36,6 +36,7 @@ class DeltaOps:
     bitdelta_apply: Callable[..., None]
     lora_shrink: Callable[..., None]
     lora_expand: Callable[..., None]
+    lora_apply: Callable[..., None]  # lora_shrink then lora_expand (the CPU kernels do both in one pass)
     sign_layout: str = "rows"
 
 
@@ -118,28 +119,39 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
                 "imported, to run the kernels on CPU tensors in Triton's interpreter); use backend 'torch' or 'auto'"
             )
         from kernels.bitdelta import bitdelta_apply
-        from kernels.lora import lora_expand, lora_shrink
+        from kernels.lora import lora_apply, lora_expand, lora_shrink
 
-        return DeltaOps(name="triton", bitdelta_apply=bitdelta_apply, lora_shrink=lora_shrink, lora_expand=lora_expand)
+        return DeltaOps(
+            name="triton",
+            bitdelta_apply=bitdelta_apply,
+            lora_shrink=lora_shrink,
+            lora_expand=lora_expand,
+            lora_apply=lora_apply,
+        )
     if backend == "cpu":
         if device is not None and str(device).split(":")[0] != "cpu":
             raise RuntimeError(f"delta-kernel backend 'cpu' runs on CPU tensors, not on {device}")
         cpu_kernels()  # raises with the reason when they cannot be built here
         from kernels.bitdelta import bitdelta_apply_cpu
-        from kernels.lora import lora_expand_cpu, lora_shrink_cpu
+        from kernels.lora import lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
 
         return DeltaOps(
             name="cpu",
             bitdelta_apply=bitdelta_apply_cpu,
             lora_shrink=lora_shrink_cpu,
             lora_expand=lora_expand_cpu,
+            lora_apply=lora_apply_cpu,
             sign_layout="blocked16",
         )
     from kernels.bitdelta import bitdelta_apply_ref
-    from kernels.lora import lora_expand_ref, lora_shrink_ref
+    from kernels.lora import lora_apply_ref, lora_expand_ref, lora_shrink_ref
 
     return DeltaOps(
-        name="torch", bitdelta_apply=bitdelta_apply_ref, lora_shrink=lora_shrink_ref, lora_expand=lora_expand_ref
+        name="torch",
+        bitdelta_apply=bitdelta_apply_ref,
+        lora_shrink=lora_shrink_ref,
+        lora_expand=lora_expand_ref,
+        lora_apply=lora_apply_ref,
     )
 
 

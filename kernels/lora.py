@@ -378,6 +378,29 @@ def lora_expand_cpu(
     call_cpu_kernel("lora_expand", y, buf.contiguous(), bt.contiguous(), scaling, ranks, tiles.order, tiles.ranges)
 
 
+def lora_apply_cpu(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scaling: torch.Tensor,
+    ranks: torch.Tensor,
+    tiles: SlotTiles,
+    buf: torch.Tensor,
+) -> None:
+    """lora_apply with the compiled CPU kernel: shrink and expand in one pass per tenant (its A then its B),
+    one call for every tenant of the step.
+
+    Semantics and arguments: as lora_apply, on CPU tensors (buf is written as lora_shrink writes it).
+    """
+    _check_shrink_args("lora_apply_cpu", buf, x, a, ranks, tiles)
+    _check_expand_args("lora_apply_cpu", y, buf, bt, scaling, ranks, tiles)
+    if tiles.empty or buf.shape[1] == 0:
+        return
+    call_cpu_kernel("lora_apply", y, x.contiguous(), a.contiguous(), bt.contiguous(), scaling, ranks, tiles.order,
+                    tiles.ranges, buf)  # fmt: skip
+
+
 def _within_rank(t: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """t [r_max, d] as float32 with the rows at and past `rank` (a device scalar) zeroed: never read (no sync)."""
     rows = torch.arange(t.shape[0], device=t.device)

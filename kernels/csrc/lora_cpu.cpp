@@ -8,6 +8,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <array>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -50,9 +52,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void shrink_block(const T* 
     __m512 xv[NR];
     for (int i = 0; i < NR; ++i) xv[i] = _mm512_loadu_ps(X + i * Kp + k);
     for (int j = 0; j < NJ; ++j) {
-      // Each A row is a short stream (in * sizeof(T) bytes) the hardware prefetcher barely ramps up on: fetch the
-      // row NJ further on (the next pass, or the next slot's) while this one computes.
-      _mm_prefetch(reinterpret_cast<const char*>(a + (j + NJ) * a_stride + k), _MM_HINT_T0);
       const __m512 av = load16<T>(a + j * a_stride + k, m);
       for (int i = 0; i < NR; ++i) acc[j][i] = _mm512_fmadd_ps(av, xv[i], acc[j][i]);
     }
@@ -62,7 +61,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void shrink_block(const T* 
 }
 
 // out[i][j] (row stride kRankBlock) = X[i] . A[j] for nr rows and nj <= kRankBlock rank rows: register tiles of
-// 4 rank rows x 4 activation rows, or 8 rank rows x 1 row for what is left (a decode row).
+// 4 rank rows x 4 activation rows, and 4 rank rows x 1 row for what is left (a decode row): measured on Zen 5,
+// four concurrent A streams run closer to the memory's bandwidth than eight or sixteen.
 template <typename T>
 using ShrinkBlock = void (*)(const T*, int64_t, const float*, int64_t, int64_t, float*);
 
@@ -90,8 +90,8 @@ void shrink_tile_avx512(const T* a, int64_t a_row, const float* X, int64_t Kp, i
         for (int64_t jj = 0; jj < g; ++jj) out[(i + ii) * kRankBlock + j + jj] = tmp[ii * g + jj];
     }
   for (; i < nr; ++i)
-    for (int64_t j = 0; j < nj; j += 8) {
-      const int64_t g = std::min<int64_t>(8, nj - j);
+    for (int64_t j = 0; j < nj; j += 4) {
+      const int64_t g = std::min<int64_t>(4, nj - j);
       one_row[g](a + j * a_row, a_row, X + i * Kp, Kp, in, tmp);
       for (int64_t jj = 0; jj < g; ++jj) out[i * kRankBlock + j + jj] = tmp[jj];
     }
@@ -134,68 +134,159 @@ void shrink_generic(const T* a, int64_t a_stride, int64_t nj, const float* X, in
     }
 }
 
+// Everything one call reads; the per-item functions below work on rows [i0, i1) of `order` of one segment.
+template <typename T>
+struct Lora {
+  const float* X = nullptr;  // gathered float32 rows, [rows][Kp], row r = order[first + r]
+  int64_t Kp = 0, in = 0, first = 0;
+  const T* a = nullptr;
+  int64_t a_slot = 0, a_row = 0, r_max = 0;
+  const T* bt = nullptr;
+  int64_t t_slot = 0, t_row = 0, out = 0;
+  const float* scaling = nullptr;
+  const int32_t* ranks = nullptr;
+  const int32_t* order = nullptr;
+  float* buf = nullptr;
+  int64_t b_stride = 0;
+  T* y = nullptr;
+  int64_t y_stride = 0;
+  bool avx512 = false;
+
+  int64_t rank(int64_t slot) const { return std::min<int64_t>(std::max<int32_t>(ranks[slot], 0), r_max); }
+
+  // buf[order[i], j0 : j0 + kRankBlock] for rows [i0, i1): the rank columns computed, the rest 0.
+  void shrink(const Segment& sg, int64_t j0, int64_t i0, int64_t i1, std::vector<float>& part) const {
+    const int64_t nr = i1 - i0;
+    const int64_t nj = std::max<int64_t>(0, std::min(kRankBlock, rank(sg.slot) - j0));  // rank columns computed
+    const int64_t width = std::min(kRankBlock, r_max - j0);                              // columns written
+    part.assign(nr * kRankBlock, 0.0f);  // [nr][kRankBlock]
+    const T* a0 = a + sg.slot * a_slot + j0 * a_row;
+    const float* X0 = X + (i0 - first) * Kp;
+#if defined(__x86_64__)
+    if (avx512) {
+      shrink_tile_avx512<T>(a0, a_row, X0, Kp, in, nr, nj, part.data());
+    } else
+#endif
+    {
+      std::vector<float> tmp(nr * nj);
+      shrink_generic<T>(a0, a_row, nj, X0, Kp, in, nr, tmp.data());
+      for (int64_t i = 0; i < nr; ++i)
+        for (int64_t j = 0; j < nj; ++j) part[i * kRankBlock + j] = tmp[i * nj + j];
+    }
+    for (int64_t i = 0; i < nr; ++i)
+      std::memcpy(buf + static_cast<int64_t>(order[i0 + i]) * b_stride + j0, part.data() + i * kRankBlock,
+                  width * sizeof(float));
+  }
+
+  // y[order[i], n0 : n0 + nb] += scaling * round(buf[order[i], :rank]) @ bt[slot, :rank, n0 : n0 + nb].
+  void expand(const Segment& sg, int64_t n0, int64_t nb, int64_t i0, int64_t i1, std::vector<float>& w,
+              std::vector<float>& acc) const {
+    const int64_t nr = i1 - i0, r = rank(sg.slot);
+    if (r == 0) return;  // this slot's delta leaves the projection alone: y + 0 rounds to y
+    const float scale = scaling[sg.slot];
+    w.resize(nr * r);  // the buffer rounded to the weights' dtype, as the reference does before the product
+    for (int64_t i = 0; i < nr; ++i) {
+      const float* src = buf + static_cast<int64_t>(order[i0 + i]) * b_stride;
+      for (int64_t k = 0; k < r; ++k) w[i * r + k] = to_f32<T>(from_f32<T>(src[k]));
+    }
+    const int64_t width = 16 * ((nb + 15) / 16);  // accumulator rows padded to whole 16-float chunks
+    acc.assign(nr * width, 0.0f);
+    const T* t0 = bt + sg.slot * t_slot + n0;
+    bool done = false;
+#if defined(__x86_64__)
+    if (avx512) {
+      int64_t i = 0;
+      for (; i + 4 <= nr; i += 4) expand_rows<T, 4>(t0, t_row, r, w.data() + i * r, r, nb, acc.data() + i * width, width);
+      for (; i < nr; ++i) expand_rows<T, 1>(t0, t_row, r, w.data() + i * r, r, nb, acc.data() + i * width, width);
+      done = true;
+    }
+#endif
+    if (!done)
+      for (int64_t i = 0; i < nr; ++i)
+        for (int64_t k = 0; k < r; ++k) {
+          const float wk = w[i * r + k];
+          const T* row = t0 + k * t_row;
+          float* acc_i = acc.data() + i * width;
+          for (int64_t n = 0; n < nb; ++n) acc_i[n] += wk * to_f32<T>(row[n]);
+        }
+    for (int64_t i = 0; i < nr; ++i) {
+      T* yr = y + static_cast<int64_t>(order[i0 + i]) * y_stride + n0;
+      const float* acc_i = acc.data() + i * width;
+      for (int64_t n = 0; n < nb; ++n) yr[n] = from_f32<T>(to_f32<T>(yr[n]) + scale * acc_i[n]);
+    }
+  }
+};
+
+// Rows of the segments cut for the threads: whole segments when there are enough of them, else row chunks (one
+// tenant's many rows) so that every thread has work. (segment index, i0, i1).
+std::vector<std::array<int64_t, 3>> row_items(const std::vector<Segment>& segs) {
+  const int64_t threads = at::get_num_threads(), n_segs = static_cast<int64_t>(segs.size());
+  const int64_t rows = segs.back().end - segs.front().start;
+  const int64_t chunk =
+      n_segs >= 2 * threads ? INT64_MAX : std::max<int64_t>(4, 4 * ((rows + 16 * threads - 1) / (16 * threads)));
+  std::vector<std::array<int64_t, 3>> items;
+  for (int64_t g = 0; g < n_segs; ++g)
+    for (int64_t i0 = segs[g].start; i0 < segs[g].end;) {
+      const int64_t i1 = i0 + std::min(chunk, segs[g].end - i0);
+      items.push_back({g, i0, i1});
+      i0 = i1;
+    }
+  return items;
+}
+
+template <typename T>
+void gather(Lora<T>& L, const torch::Tensor& x, const std::vector<Segment>& segs) {
+  L.in = x.size(1);
+  L.Kp = 16 * ((L.in + 15) / 16);
+  L.first = segs.front().start;
+  const int64_t rows = segs.back().end - L.first;
+  static thread_local std::vector<float> xbuf;
+  if (static_cast<int64_t>(xbuf.size()) < rows * L.Kp) xbuf.resize(rows * L.Kp);
+  float* X = xbuf.data();
+  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+    gather_rows_f32(x, L.order, L.first + b, L.first + e, L.Kp, X + b * L.Kp);
+  });
+  L.X = X;
+}
+
+template <typename T>
+void set_a(Lora<T>& L, const torch::Tensor& a) {
+  L.a = a.data_ptr<T>();
+  L.a_slot = a.stride(0);
+  L.a_row = a.stride(1);
+  L.r_max = a.size(1);
+}
+
+template <typename T>
+void set_bt(Lora<T>& L, const torch::Tensor& bt, const torch::Tensor& y, const float* scaling) {
+  L.bt = bt.data_ptr<T>();
+  L.t_slot = bt.stride(0);
+  L.t_row = bt.stride(1);
+  L.r_max = bt.size(1);
+  L.out = y.size(1);
+  L.y = y.data_ptr<T>();
+  L.y_stride = y.stride(0);
+  L.scaling = scaling;
+}
+
 template <typename T>
 void run_shrink(torch::Tensor& buf, const torch::Tensor& x, const torch::Tensor& a, const int32_t* ranks,
                 const torch::Tensor& order, const std::vector<Segment>& segs) {
-  const int64_t in = x.size(1), r_max = a.size(1);
-  const int64_t Kp = 16 * ((in + 15) / 16);
-  const int32_t* ord = order.data_ptr<int32_t>();
-  const int64_t first = segs.front().start, rows = segs.back().end - first;
-  static thread_local std::vector<float> xbuf;
-  if (static_cast<int64_t>(xbuf.size()) < rows * Kp) xbuf.resize(rows * Kp);
-  float* X = xbuf.data();
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) { gather_rows_f32(x, ord, first + b, first + e, Kp, X + b * Kp); });
-
-  const T* ap = a.data_ptr<T>();
-  const int64_t a_slot = a.stride(0), a_row = a.stride(1);
-  float* bp = buf.data_ptr<float>();
-  const int64_t b_stride = buf.stride(0);
-  const bool avx512 = use_avx512();
-
-  // Work items: (segment, block of kRankBlock rank columns, rows). A step with few segments (one tenant's many
-  // rows) also splits rows, so every thread has work.
-  struct Item {
-    int64_t seg, j0, i0, i1;
-  };
-  const int64_t threads = at::get_num_threads();
-  const int64_t n_segs = static_cast<int64_t>(segs.size());
-  const int64_t row_chunk = n_segs >= 2 * threads ? INT64_MAX : std::max<int64_t>(4, 4 * ((rows + 16 * threads - 1) / (16 * threads)));
-  std::vector<Item> items;
-  for (int64_t g = 0; g < n_segs; ++g)
-    for (int64_t j0 = 0; j0 < r_max; j0 += kRankBlock)
-      for (int64_t i0 = segs[g].start; i0 < segs[g].end;) {
-        const int64_t i1 = i0 + std::min(row_chunk, segs[g].end - i0);
-        items.push_back({g, j0, i0, i1});
-        i0 = i1;
-      }
-
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+  Lora<T> L;
+  L.order = order.data_ptr<int32_t>();
+  L.ranks = ranks;
+  L.buf = buf.data_ptr<float>();
+  L.b_stride = buf.stride(0);
+  L.avx512 = use_avx512();
+  gather(L, x, segs);
+  set_a(L, a);
+  const auto items = row_items(segs);
+  const int64_t blocks = (L.r_max + kRankBlock - 1) / kRankBlock;
+  at::parallel_for(0, static_cast<int64_t>(items.size()) * blocks, 1, [&](int64_t b, int64_t e) {
     std::vector<float> part;
     for (int64_t it = b; it < e; ++it) {
-      const Item& item = items[it];
-      const Segment& sg = segs[item.seg];
-      const int64_t nr = item.i1 - item.i0;
-      const int64_t rank = std::min<int64_t>(std::max<int32_t>(ranks[sg.slot], 0), r_max);
-      const int64_t nj = std::max<int64_t>(0, std::min(kRankBlock, rank - item.j0));  // rank columns computed
-      const int64_t width = std::min(kRankBlock, r_max - item.j0);                     // columns written
-      part.assign(nr * kRankBlock, 0.0f);  // [nr][kRankBlock]; columns at and past the rank stay 0
-      const T* a0 = ap + sg.slot * a_slot + item.j0 * a_row;
-      const float* X0 = X + (item.i0 - first) * Kp;
-#if defined(__x86_64__)
-      if (avx512) {
-        shrink_tile_avx512<T>(a0, a_row, X0, Kp, in, nr, nj, part.data());
-      } else
-#endif
-      {
-        std::vector<float> tmp(nr * nj);
-        shrink_generic<T>(a0, a_row, nj, X0, Kp, in, nr, tmp.data());
-        for (int64_t i = 0; i < nr; ++i)
-          for (int64_t j = 0; j < nj; ++j) part[i * kRankBlock + j] = tmp[i * nj + j];
-      }
-      for (int64_t i = 0; i < nr; ++i) {
-        float* dst = bp + static_cast<int64_t>(ord[item.i0 + i]) * b_stride + item.j0;
-        std::memcpy(dst, part.data() + i * kRankBlock, width * sizeof(float));
-      }
+      const auto& [g, i0, i1] = items[it / blocks];
+      L.shrink(segs[g], (it % blocks) * kRankBlock, i0, i1, part);
     }
   });
 }
@@ -203,66 +294,51 @@ void run_shrink(torch::Tensor& buf, const torch::Tensor& x, const torch::Tensor&
 template <typename T>
 void run_expand(torch::Tensor& y, const torch::Tensor& buf, const torch::Tensor& bt, const float* scaling,
                 const int32_t* ranks, const torch::Tensor& order, const std::vector<Segment>& segs) {
-  const int64_t out = y.size(1), r_max = bt.size(1);
-  const int32_t* ord = order.data_ptr<int32_t>();
-  const float* bp = buf.data_ptr<float>();
-  const int64_t b_stride = buf.stride(0);
-  const T* tp = bt.data_ptr<T>();
-  const int64_t t_slot = bt.stride(0), t_row = bt.stride(1);
-  T* yp = y.data_ptr<T>();
-  const int64_t y_stride = y.stride(0);
+  Lora<T> L;
+  L.order = order.data_ptr<int32_t>();
+  L.ranks = ranks;
+  L.buf = buf.data_ptr<float>();
+  L.b_stride = buf.stride(0);
+  L.avx512 = use_avx512();
+  set_bt(L, bt, y, scaling);
   // Work items: each segment's outputs cut into as few blocks as still give every thread work; a block streams
   // whole runs of B's rows (a segment alone in the step is split, many segments keep theirs whole).
-  const int64_t threads = at::get_num_threads();
-  const int64_t want = std::max<int64_t>(1, (2 * threads + static_cast<int64_t>(segs.size()) - 1) /
-                                                static_cast<int64_t>(segs.size()));
-  const int64_t kOutBlock = 16 * ((out + 16 * want - 1) / (16 * want));
-  const int64_t blocks = (out + kOutBlock - 1) / kOutBlock;
-  const int64_t items = static_cast<int64_t>(segs.size()) * blocks;
-  const bool avx512 = use_avx512();
-  at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+  const int64_t threads = at::get_num_threads(), n_segs = static_cast<int64_t>(segs.size());
+  const int64_t want = std::max<int64_t>(1, (2 * threads + n_segs - 1) / n_segs);
+  const int64_t block = 16 * ((L.out + 16 * want - 1) / (16 * want));
+  const int64_t blocks = (L.out + block - 1) / block;
+  at::parallel_for(0, n_segs * blocks, 1, [&](int64_t b, int64_t e) {
     std::vector<float> w, acc;
-    for (int64_t item = b; item < e; ++item) {
-      const Segment& sg = segs[item / blocks];
-      const int64_t n0 = (item % blocks) * kOutBlock;
-      const int64_t nb = std::min(kOutBlock, out - n0);
-      const int64_t nr = sg.end - sg.start;
-      const int64_t rank = std::min<int64_t>(std::max<int32_t>(ranks[sg.slot], 0), r_max);
-      const float scale = scaling[sg.slot];
-      if (rank == 0) continue;  // this slot's delta leaves the projection alone: y + 0 rounds to y
-      // The buffer rounded to the weights' dtype, as the reference does before the product.
-      w.resize(nr * std::max<int64_t>(rank, 1));
-      for (int64_t i = 0; i < nr; ++i) {
-        const float* src = bp + static_cast<int64_t>(ord[sg.start + i]) * b_stride;
-        for (int64_t r = 0; r < rank; ++r) w[i * rank + r] = to_f32<T>(from_f32<T>(src[r]));
-      }
-      acc.assign(nr * kOutBlock, 0.0f);  // [nr][kOutBlock], a multiple of 16 floats per row
-      const T* t0 = tp + sg.slot * t_slot + n0;
-      bool done = false;
-#if defined(__x86_64__)
-      if (avx512) {
-        int64_t i = 0;
-        for (; i + 4 <= nr; i += 4)
-          expand_rows<T, 4>(t0, t_row, rank, w.data() + i * rank, rank, nb, acc.data() + i * kOutBlock, kOutBlock);
-        for (; i < nr; ++i)
-          expand_rows<T, 1>(t0, t_row, rank, w.data() + i * rank, rank, nb, acc.data() + i * kOutBlock, kOutBlock);
-        done = true;
-      }
-#endif
-      if (!done) {
-        for (int64_t i = 0; i < nr; ++i)
-          for (int64_t r = 0; r < rank; ++r) {
-            const float wr = w[i * rank + r];
-            const T* row = t0 + r * t_row;
-            float* a = acc.data() + i * kOutBlock;
-            for (int64_t n = 0; n < nb; ++n) a[n] += wr * to_f32<T>(row[n]);
-          }
-      }
-      for (int64_t i = 0; i < nr; ++i) {
-        T* yr = yp + static_cast<int64_t>(ord[sg.start + i]) * y_stride + n0;
-        const float* a = acc.data() + i * kOutBlock;
-        for (int64_t n = 0; n < nb; ++n) yr[n] = from_f32<T>(to_f32<T>(yr[n]) + scale * a[n]);
-      }
+    for (int64_t it = b; it < e; ++it) {
+      const Segment& sg = segs[it / blocks];
+      const int64_t n0 = (it % blocks) * block;
+      L.expand(sg, n0, std::min(block, L.out - n0), sg.start, sg.end, w, acc);
+    }
+  });
+}
+
+// Shrink and expand in one pass per item: a segment's A and then its B stream back to back, with one parallel
+// region and one call per projection (at decode the fixed cost of a call is a fair share of a small LoRA's time).
+template <typename T>
+void run_apply(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt,
+               const float* scaling, const int32_t* ranks, const torch::Tensor& order, const std::vector<Segment>& segs,
+               torch::Tensor& buf) {
+  Lora<T> L;
+  L.order = order.data_ptr<int32_t>();
+  L.ranks = ranks;
+  L.buf = buf.data_ptr<float>();
+  L.b_stride = buf.stride(0);
+  L.avx512 = use_avx512();
+  gather(L, x, segs);
+  set_a(L, a);
+  set_bt(L, bt, y, scaling);
+  const auto items = row_items(segs);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+    std::vector<float> part, w, acc;
+    for (int64_t it = b; it < e; ++it) {
+      const auto& [g, i0, i1] = items[it];
+      for (int64_t j0 = 0; j0 < L.r_max; j0 += kRankBlock) L.shrink(segs[g], j0, i0, i1, part);
+      L.expand(segs[g], 0, L.out, i0, i1, w, acc);
     }
   });
 }
@@ -310,6 +386,27 @@ void lora_expand_cpu(torch::Tensor y, torch::Tensor buf, torch::Tensor bt, torch
     case torch::kFloat: run_expand<float>(y, buf, bt, sc, rk, order, segs); break;
     case torch::kBFloat16: run_expand<c10::BFloat16>(y, buf, bt, sc, rk, order, segs); break;
     case torch::kHalf: run_expand<c10::Half>(y, buf, bt, sc, rk, order, segs); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", y.scalar_type());
+  }
+}
+
+// lora_shrink_cpu then lora_expand_cpu in one call (same arguments as both; buf is written as shrink writes it).
+void lora_apply_cpu(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor bt, torch::Tensor scaling,
+                    torch::Tensor ranks, torch::Tensor order, torch::Tensor segments, torch::Tensor buf) {
+  check_common(order, ranks);
+  TORCH_CHECK(buf.scalar_type() == torch::kFloat && buf.stride(1) == 1 && x.stride(1) == 1 && a.stride(2) == 1 &&
+                  y.stride(1) == 1 && bt.stride(2) == 1 && scaling.is_contiguous() &&
+                  scaling.scalar_type() == torch::kFloat && a.size(1) == bt.size(1) && a.scalar_type() == y.scalar_type() &&
+                  bt.scalar_type() == y.scalar_type(),
+              "lora_apply_cpu: layout");
+  const auto segs = read_segments(segments, order.size(0), a.size(0));
+  if (segs.empty() || buf.size(1) == 0) return;
+  const int32_t* rk = ranks.data_ptr<int32_t>();
+  const float* sc = scaling.data_ptr<float>();
+  switch (y.scalar_type()) {
+    case torch::kFloat: run_apply<float>(y, x, a, bt, sc, rk, order, segs, buf); break;
+    case torch::kBFloat16: run_apply<c10::BFloat16>(y, x, a, bt, sc, rk, order, segs, buf); break;
+    case torch::kHalf: run_apply<c10::Half>(y, x, a, bt, sc, rk, order, segs, buf); break;
     default: TORCH_CHECK(false, "unsupported dtype ", y.scalar_type());
   }
 }

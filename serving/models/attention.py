@@ -50,6 +50,12 @@ class AttentionGroup:
     max_ctx: int
 
     @cached_property
+    def own_keys(self) -> torch.Tensor:
+        """[B, max_ctx, 1, 1] bool: the key positions that hold this sequence's own tokens (k < ctx)."""
+        k_pos = torch.arange(self.max_ctx, device=self.ctx.device)
+        return (k_pos[None, :] < self.ctx[:, None])[:, :, None, None]
+
+    @cached_property
     def mask(self) -> torch.Tensor:
         k_pos = torch.arange(self.max_ctx, device=self.ctx.device)
         mask = (k_pos[None, None, :] <= self.q_pos[:, :, None]) & (k_pos[None, None, :] < self.ctx[:, None, None])
@@ -175,6 +181,12 @@ def paged_attention(
             vg = v_cache[g.block_tables].flatten(1, 2)[:, : g.max_ctx]
         else:
             kg, vg = k[g.token_index], v[g.token_index]  # a whole prefill: the keys are the queries' tokens
+        # Keys at and past a sequence's length are not its own: stale entries of other sequences in its last
+        # block, block-table padding (the null block), padding rows. The mask excludes them, but a masked Inf or
+        # NaN still propagates (0 * NaN = NaN), so they are zeroed: no value another tenant left in the cache can
+        # reach this row.
+        own = g.own_keys  # [B, max_ctx, 1, 1]
+        kg, vg = kg.where(own, 0.0), vg.where(own, 0.0)
         o = F.scaled_dot_product_attention(
             qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask, scale=scale, enable_gqa=h != hkv
         )  # [B, H, max_q, D]

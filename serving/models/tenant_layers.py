@@ -126,9 +126,8 @@ class TenantLinear(nn.Module):
         if pools is not None and not deltas.bitdelta.empty and pools.signs is not None:
             ops.bitdelta_apply(y, x, pools.signs, pools.scales, deltas.bitdelta)
         if pools is not None and not deltas.lora.empty and pools.lora_a is not None:
-            buf = deltas.lora_buf
-            ops.lora_shrink(buf, x, pools.lora_a, pools.lora_ranks, deltas.lora)
-            ops.lora_expand(y, buf, pools.lora_bt, pools.lora_scaling, pools.lora_ranks, deltas.lora)
+            ops.lora_apply(y, x, pools.lora_a, pools.lora_bt, pools.lora_scaling, pools.lora_ranks, deltas.lora,
+                           deltas.lora_buf)  # fmt: skip
         if deltas.pools.has_replacements and not deltas.bitdelta.empty:
             self._apply_replacements(y, x, deltas)
         return y

@@ -260,7 +260,7 @@ def test_reference_signatures_match_the_kernels() -> None:
 
     pairs = [(bitdelta_apply, bitdelta_apply_ref), (bitdelta_apply_cpu, bitdelta_apply_ref)] + [
         (getattr(lora, name), getattr(lora, f"{name}_ref")) for name in ("lora_shrink", "lora_expand", "lora_apply")
-    ] + [(getattr(lora, f"{name}_cpu"), getattr(lora, f"{name}_ref")) for name in ("lora_shrink", "lora_expand")]
+    ] + [(getattr(lora, f"{name}_cpu"), getattr(lora, f"{name}_ref")) for name in ("lora_shrink", "lora_expand", "lora_apply")]
     for kernel, ref in pairs:
         assert inspect.signature(kernel) == inspect.signature(ref), kernel.__name__
 
@@ -277,6 +277,7 @@ def test_select_delta_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu_ops = select_delta_ops("cpu")
     assert cpu_ops.name == "cpu" and cpu_ops.bitdelta_apply is bitdelta_apply_cpu and cpu_ops.sign_layout == "blocked16"
     assert cpu_ops.lora_shrink is lora.lora_shrink_cpu and cpu_ops.lora_expand is lora.lora_expand_cpu
+    assert cpu_ops.lora_apply is lora.lora_apply_cpu and torch_ops.lora_apply is lora.lora_apply_ref
     assert torch_ops.sign_layout == triton_ops.sign_layout == "rows"
     expected_auto = "triton" if torch.cuda.is_available() else "cpu"
     assert select_delta_ops().name == select_delta_ops("auto").name == expected_auto

@@ -24,10 +24,14 @@ IN_F, OUT_F = 37, 45  # not multiples of 8 nor of any block
 
 
 def apply(backend: str, y, x, a, bt, scaling, ranks, tiles, buf) -> None:
-    """LoRA as the layers run it: the backend's shrink into buf, then its expand into y."""
+    """LoRA as the layers run it (the backend's lora_apply), checked against its shrink then its expand."""
+    y2, buf2 = y.clone(), buf.clone()
     with backend_ops(backend) as ops:
-        ops.lora_shrink(buf, x, a, ranks, tiles)
-        ops.lora_expand(y, buf, bt, scaling, ranks, tiles)
+        ops.lora_apply(y, x, a, bt, scaling, ranks, tiles, buf)
+        ops.lora_shrink(buf2, x, a, ranks, tiles)
+        ops.lora_expand(y2, buf2, bt, scaling, ranks, tiles)
+    assert torch.equal(y, y2) or torch.allclose(y, y2, rtol=0, atol=0, equal_nan=True), "lora_apply != shrink + expand"
+    assert torch.equal(buf, buf2) or torch.allclose(buf, buf2, rtol=0, atol=0, equal_nan=True)
 
 
 def _problem(mix: Mix, dtype: torch.dtype, in_f: int = IN_F, out_f: int = OUT_F, seed: int = 0, pad: float = 0.0):
