@@ -8,9 +8,12 @@ Only the base fingerprint carries a "sha256:" prefix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from registry.magnitudes import Magnitude
 
 
 @dataclass(frozen=True)
@@ -21,12 +24,15 @@ class BaseSpec:
     tensors:      state-dict name -> (shape, dtype as stored on disk), e.g. "model.norm.weight" -> ((64,), bf16).
     projections:  module paths of the attention and MLP projections, e.g. "model.layers.0.self_attn.q_proj".
     tie_word_embeddings: lm_head shares model.embed_tokens.weight (then "lm_head.weight" is not in `tensors`).
+    magnitudes:   state-dict name -> Magnitude (max |x|, Frobenius norm) of the served weights, measured when an
+                  engine loads them (registry.magnitudes); deltas absurd against them are refused. Empty: not checked.
     """
 
     fingerprint: str
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
     projections: frozenset[str]
     tie_word_embeddings: bool = False
+    magnitudes: Mapping[str, Magnitude] = field(default_factory=dict)
 
     def projection_shape(self, path: str) -> tuple[int, int]:
         """(out, in) of a projection."""

@@ -8,6 +8,7 @@ server drives it from one thread of its own; offline generation calls `generate(
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from kernels import select_delta_ops
 from registry.checkpoint import Checkpoint
 from registry.deltas import BaseSpec, Delta
 from registry.fingerprint import base_spec
+from registry.magnitudes import measure as measure_magnitudes
 from registry.slot_pool import SlotPool
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
@@ -64,7 +66,6 @@ class LLMEngine:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
-        self.spec = spec
         mc: ModelConfig = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -79,6 +80,8 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
+        # What the served weights look like, for refusing deltas absurd against them (before any repacking).
+        self.spec = dataclasses.replace(spec, magnitudes=measure_magnitudes(dict(model.state_dict())))
         if self.device.type == "cpu" and config.pack_cpu_weights and cpu_weight_packing_available():
             pack_cpu_weights(model, rows_hint=config.max_num_seqs)
         ops = select_delta_ops(config.kernel_backend, self.device)
