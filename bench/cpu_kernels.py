@@ -6,7 +6,7 @@ in float32, with 32 decode rows shared by 1, 8 and 32 distinct tenants, median w
   base_onednn     the same with the weight prepacked for oneDNN (what the engine runs on CPU)
   bitdelta        our compiled 1-bit kernel (kernels/csrc/bitdelta_cpu.cpp), the delta alone
   bitdelta_ref    the torch reference (per distinct slot: unpack, matmul)
-  lora_r16        our compiled shrink + expand at rank 16 (kernels/csrc/lora_cpu.cpp)
+  lora_r16        our compiled LoRA at rank 16, shrink and expand in one pass (kernels/csrc/lora_cpu.cpp)
   lora_r16_ref    the torch references
 Each measurement cycles through enough copies of the weights and slot pools to exceed the last-level cache, so
 the bytes come from memory as in a model's step. Floor = bytes it must read / read bandwidth measured here
@@ -83,8 +83,7 @@ def bench_projection(in_f: int, out_f: int, bw: float, iters: int) -> list[dict]
                          n_tenants * out_f * (packed_width(in_f) + 4)),  # fmt: skip
             "bitdelta_ref": (lambda c: ref.bitdelta_apply(y, x, signs[c], scales, tiles),
                              n_tenants * out_f * (packed_width(in_f) + 4)),  # fmt: skip
-            "lora_r16": (lambda c: (cpu.lora_shrink(buf, x, a[c], ranks, tiles),
-                                    cpu.lora_expand(y, buf, bt[c], scaling, ranks, tiles)),
+            "lora_r16": (lambda c: cpu.lora_apply(y, x, a[c], bt[c], scaling, ranks, tiles, buf),
                          n_tenants * RANK * (in_f + out_f) * 4),  # fmt: skip
             "lora_r16_ref": (lambda c: (ref.lora_shrink(buf, x, a[c], ranks, tiles),
                                         ref.lora_expand(y, buf, bt[c], scaling, ranks, tiles)),

@@ -19,8 +19,9 @@ Stage = Callable[[Sequence[int], torch.dtype], torch.Tensor]
 def copy_stage(device: torch.device | str) -> Stage:
     """A Stage that copies each array on its own (tests, tools, anything outside an engine step)."""
 
-    def stage(values: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    def stage(values: Sequence[int] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        return t.to(dtype).reshape(-1).to(device, non_blocking=True)
 
     return stage
 

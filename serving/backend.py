@@ -74,7 +74,7 @@ class Backend:
         # (e.g. just after an abort freed a disconnected client's KV blocks).
         sched, slots = engine.scheduler, engine.slots
         metrics.kv_usage.set_function(lambda: engine.blocks.usage)
-        metrics.queue_length.set_function(lambda: len(sched.waiting))
+        metrics.queue_length.set_function(lambda: sched.num_waiting)
         metrics.running.set_function(lambda: len(sched.running))
         metrics.pending.set_function(lambda: self.loop.num_pending)
         metrics.slots_in_use.labels("gpu_lora").set_function(lambda: slots.num_resident("lora"))
@@ -190,7 +190,7 @@ class Backend:
             self._in_flight[tenant.name] = n + 1
         try:
             request_id = uuid.uuid4().hex
-            async for out in self.loop.stream(request_id, prompt, params, resolved.delta):
+            async for out in self.loop.stream(request_id, prompt, params, resolved.delta, tenant.name):
                 yield out
         finally:
             with self._in_flight_lock:

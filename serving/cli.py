@@ -27,6 +27,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d("auto"))
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=d(64), help="sequences in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d(4096), help="tokens in one step (prefill chunks + decodes)")
+    p.add_argument("--prefill-chunk", type=int, default=d(512), help="prompt tokens of one sequence per step at most")
     p.add_argument("--bitdelta-slots", type=int, default=d(4), help="GPU slots for 1-bit deltas")
     p.add_argument("--lora-slots", type=int, default=d(8), help="GPU slots for LoRA adapters")
     p.add_argument("--max-lora-rank", type=int, default=d(64))
@@ -256,7 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_config(args: argparse.Namespace, max_num_batched_tokens: int | None = None):
+def _engine_config(args: argparse.Namespace):
     from serving.engine.config import EngineConfig
 
     return EngineConfig(
@@ -264,12 +266,13 @@ def _engine_config(args: argparse.Namespace, max_num_batched_tokens: int | None 
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_chunk=args.prefill_chunk,
         bitdelta_slots=args.bitdelta_slots,
         lora_slots=args.lora_slots,
         max_lora_rank=args.max_lora_rank,
         kernel_backend=args.kernel_backend,
         cuda_graphs=args.cuda_graphs,
-        **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
     )
 
 
@@ -385,7 +388,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 SERVE_FLAGS = ("model", "host", "port", "registry", "admin_key", "device", "dtype", "public_metrics", "max_model_len",
-               "max_num_seqs", "max_pending", "tenant_max_concurrent", "bitdelta_slots", "lora_slots", "max_lora_rank",
+               "max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "max_pending", "tenant_max_concurrent", "bitdelta_slots", "lora_slots", "max_lora_rank",
                "host_cache_mb", "max_upload_mb", "drain_timeout", "num_kv_blocks", "kernel_backend", "cuda_graphs",
                "preload")
 

@@ -29,6 +29,8 @@ class ServerSettings(BaseSettings):
     public_metrics: bool = False
     max_model_len: int | None = None
     max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=4096, ge=1)
+    prefill_chunk: int = Field(default=512, ge=1)
     max_pending: int = Field(default=256, ge=1)
     tenant_max_concurrent: int = Field(default=64, ge=1)
     bitdelta_slots: int = Field(default=4, ge=0)
@@ -61,7 +63,8 @@ def build_backend(settings: ServerSettings, registry):
         model_dir,
         EngineConfig(
             device=settings.device, dtype=settings.dtype, max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs, bitdelta_slots=settings.bitdelta_slots, lora_slots=settings.lora_slots,
+            max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+            prefill_chunk=settings.prefill_chunk, bitdelta_slots=settings.bitdelta_slots, lora_slots=settings.lora_slots,
             max_lora_rank=settings.max_lora_rank, num_kv_blocks=settings.num_kv_blocks,
             kernel_backend=settings.kernel_backend, cuda_graphs=settings.cuda_graphs,
         ),

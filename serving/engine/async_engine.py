@@ -34,6 +34,7 @@ class _Pending:
     prompt: list[int]
     params: SamplingParams
     delta: Delta | None
+    tenant: str
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
 
@@ -68,8 +69,10 @@ class EngineLoop:
     def num_pending(self) -> int:
         return self._count
 
-    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, delta: Delta | None) -> asyncio.Queue:
-        """Queues a request; its outputs (RequestOutput, or RequestFailed) arrive on the returned queue."""
+    def submit(
+        self, request_id: str, prompt: list[int], params: SamplingParams, delta: Delta | None, tenant: str = ""
+    ) -> asyncio.Queue:
+        """Queues a request of `tenant`; its outputs (RequestOutput, or RequestFailed) arrive on the returned queue."""
         if not self.alive:
             raise EngineDead("the engine is not running")
         with self._lock:
@@ -77,7 +80,7 @@ class EngineLoop:
                 raise Overloaded(f"{self._count} requests are queued or running")
             self._count += 1
         out: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", _Pending(request_id, prompt, params, delta, asyncio.get_running_loop(), out)))
+        self._commands.put(("add", _Pending(request_id, prompt, params, delta, tenant, asyncio.get_running_loop(), out)))
         return out
 
     def abort(self, request_id: str) -> None:
@@ -89,10 +92,10 @@ class EngineLoop:
         self._commands.put(("forget", (kind, key)))
 
     async def stream(
-        self, request_id: str, prompt: list[int], params: SamplingParams, delta: Delta | None
+        self, request_id: str, prompt: list[int], params: SamplingParams, delta: Delta | None, tenant: str = ""
     ) -> AsyncIterator[RequestOutput]:
         """Submits and yields outputs until the request finishes; aborts it if the consumer stops early."""
-        out = self.submit(request_id, prompt, params, delta)
+        out = self.submit(request_id, prompt, params, delta, tenant)
         finished = False
         try:
             while True:
@@ -156,7 +159,7 @@ class EngineLoop:
 
     def _add(self, p: _Pending) -> None:
         try:
-            self.engine.add_request(p.request_id, p.prompt, p.params, p.delta)
+            self.engine.add_request(p.request_id, p.prompt, p.params, p.delta, p.tenant)
         except Exception as e:  # bad input the API could not see (e.g. a delta that does not fit the slots)
             self._finish(p, RequestFailed(e))
             return

@@ -33,23 +33,30 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Room for the sequence's first `num_tokens` tokens (it keeps the blocks it has)."""
+        return self.blocks_for(num_tokens) - len(seq.block_table) <= len(self._free)
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Blocks for the sequence's first `num_tokens` tokens (a prefill chunk, or the next decode token)."""
+        need = self.blocks_for(num_tokens) - len(seq.block_table)
+        assert need <= len(self._free), "grow beyond the free blocks"
+        seq.block_table.extend(self._free.popleft() for _ in range(max(0, need)))
+
     def can_allocate(self, seq: Sequence) -> bool:
         """Blocks for every token of `seq` (its whole prompt, plus what it generated before a preemption)."""
-        return self.blocks_for(len(seq.token_ids)) <= len(self._free)
+        return self.can_grow(seq, len(seq.token_ids))
 
     def allocate(self, seq: Sequence) -> None:
         assert not seq.block_table, "allocate on a sequence that holds blocks"
-        need = self.blocks_for(len(seq.token_ids))
-        assert need <= len(self._free)
-        seq.block_table = [self._free.popleft() for _ in range(need)]
+        self.grow(seq, len(seq.token_ids))
 
     def can_append(self, seq: Sequence) -> bool:
         """Room for the sequence's next token (its last generated one, not yet in the cache)."""
-        return self.blocks_for(len(seq.token_ids)) <= len(seq.block_table) or bool(self._free)
+        return self.can_grow(seq, len(seq.token_ids))
 
     def append(self, seq: Sequence) -> None:
-        if self.blocks_for(len(seq.token_ids)) > len(seq.block_table):
-            seq.block_table.append(self._free.popleft())
+        self.grow(seq, len(seq.token_ids))
 
     def free(self, seq: Sequence) -> None:
         self._free.extend(seq.block_table)

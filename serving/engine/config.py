@@ -10,7 +10,8 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_num_seqs: int = 64  # sequences in one step
-    max_num_batched_tokens: int = 4096  # tokens in one step (prefill tokens + one per decode)
+    max_num_batched_tokens: int = 4096  # tokens in one step (prefill chunks + one per decode)
+    prefill_chunk: int = 512  # prompt tokens of one sequence computed in one step at most (chunked prefill)
     max_model_len: int | None = None  # prompt + output; default: the model's max_position_embeddings
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # default: from gpu_memory_utilization (GPU) or kv_cache_cpu_bytes (CPU)
@@ -28,6 +29,7 @@ class EngineConfig:
         checks = [
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+            (self.prefill_chunk >= 1, "prefill_chunk must be >= 1"),
             (self.block_size >= 1, "block_size must be >= 1"),
             (self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1"),
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),

@@ -70,11 +70,6 @@ class LLMEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        if config.max_num_batched_tokens < self.max_model_len:
-            # A preempted sequence is recomputed in one step: the budget must hold the longest one.
-            raise ValueError(
-                f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
-            )
         if config.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the engine on a CUDA device")
         self.eos_token_ids = set(mc.eos_token_ids)
@@ -149,8 +144,10 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         delta: Delta | None = None,
+        tenant: str = "",
     ) -> None:
-        """Queues a request. Raises SamplingParamsError / PromptTooLong / DeltaError for bad input."""
+        """Queues a request of `tenant` (the scheduler shares the batch fairly among tenants).
+        Raises SamplingParamsError / PromptTooLong / DeltaError for bad input."""
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         params.validate(self.model.config.vocab_size)
@@ -170,7 +167,7 @@ class LLMEngine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
-        seq = Sequence(request_id, ids, params, delta, detok)
+        seq = Sequence(request_id, ids, params, delta, detok, tenant=tenant)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -199,6 +196,8 @@ class LLMEngine:
         for item, token, logprob in zip(scheduled, result.token_ids, result.logprobs):
             seq = item.seq
             seq.num_computed += item.num_tokens
+            if token is None:  # a prefill chunk short of the prompt's end: no token yet
+                continue
             seq.token_ids.append(token)
             if logprob is not None:
                 seq.logprobs.append(logprob)

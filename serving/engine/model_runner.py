@@ -27,7 +27,7 @@ from serving.models.tenant_layers import DeltaBatch
 
 @dataclass(frozen=True)
 class StepResult:
-    token_ids: list[int]  # one per scheduled sequence
+    token_ids: list[int | None]  # one per scheduled sequence; None for a prefill chunk short of its prompt's end
     logprobs: list[TokenLogprob | None]
 
 
@@ -86,10 +86,17 @@ class ModelRunner:
                 logits = self.graphs.run(seqs, key)
         if logits is None:
             logits = self._forward(scheduled)
-        return self._sample(seqs, logits)
+        completing = [i for i, s in enumerate(scheduled) if s.completes]
+        result = StepResult([None] * len(seqs), [None] * len(seqs))
+        if completing:
+            sampled = self._sample([seqs[i] for i in completing], logits)
+            for j, i in enumerate(completing):
+                result.token_ids[i], result.logprobs[i] = sampled.token_ids[j], sampled.logprobs[j]
+        return result
 
-    def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """The step's last-position logits [B, V] float32, eagerly."""
+    def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
+        """The last-position logits [C, V] float32 of the C sequences this step completes (eagerly; None if none
+        does: every row a prefill chunk short of its prompt's end)."""
         seqs = [s.seq for s in scheduled]
         query_lens = [s.num_tokens for s in scheduled]
         context_lens = [s.seq.num_computed + s.num_tokens for s in scheduled]
@@ -111,17 +118,22 @@ class ModelRunner:
         bd_slots = [s.bitdelta_slot for s in seqs]
         lora_slots = [s.lora_slot for s in seqs]
         token_deltas = self._delta_batch(bd_slots, lora_slots, query_lens, stage)
+        completing = [i for i, s in enumerate(scheduled) if s.completes]
         decode_only = all(n == 1 for n in query_lens)  # then the last positions are all rows, with the same deltas
-        if not decode_only:
-            last = stage([end - 1 for end in itertools.accumulate(query_lens)], torch.int64)
-            seq_deltas = self._delta_batch(bd_slots, lora_slots, [1] * len(seqs), stage)
+        if not decode_only and completing:
+            ends = list(itertools.accumulate(query_lens))
+            last = stage([ends[i] - 1 for i in completing], torch.int64)
+            seq_deltas = self._delta_batch([bd_slots[i] for i in completing], [lora_slots[i] for i in completing],
+                                           [1] * len(completing), stage)  # fmt: skip
         stage.upload()
         hidden = self.model(ids, attn, token_deltas)  # [N, D]
+        if not completing:
+            return None
         if decode_only:
             last_hidden, seq_deltas = hidden, token_deltas
         else:
-            last_hidden = hidden[last]  # [B, D]
-        return self.model.compute_logits(last_hidden, seq_deltas)  # [B, V] float32
+            last_hidden = hidden[last]  # [C, D]
+        return self.model.compute_logits(last_hidden, seq_deltas)  # [C, V] float32
 
     def _sample(self, seqs: list, logits: torch.Tensor) -> StepResult:
         rows = []

@@ -1,10 +1,23 @@
-"""Continuous batching: which sequences run in the next step, and with how many tokens each.
+"""Continuous batching, fair among tenants: which sequences run in the next step, and with how many tokens each.
 
-Every step decodes all running sequences (one token each) and admits waiting ones (their whole prompt)
-while the step's token budget, the sequence limit, the KV blocks and the delta slots allow: requests
-join the running batch between steps and leave when they finish. When the KV cache is full, the most
-recently admitted running sequences are preempted: their blocks and their delta slot are given back and
-they wait at the head of the queue, to be recomputed from their tokens later. Nothing crashes.
+Every step decodes the running sequences (one token each), then spends the rest of the step's token budget on
+prefill chunks: of sequences still prefilling, and of waiting ones it admits. Requests join the running batch
+between steps and leave when they finish.
+
+Fairness is the virtual token counter of "Fairness in Serving Large Language Models" (Sheng et al., OSDI 2024;
+S-LoRA implements it): each tenant's counter adds up the service it received, a prompt token counting 1 and a
+generated token DECODE_WEIGHT. Prefill chunks go to the tenant with the lowest counter first, so one tenant's
+prompts cannot take the step's budget from the others. A tenant that becomes active again is lifted to the lowest
+counter among the active ones: idle time banks no credit. While other tenants wait, no tenant keeps more than its
+fair share of the running sequences (max_num_seqs / active tenants): the newest of an over-share tenant's
+sequences is preempted to admit a waiting tenant that is under its share. With one tenant, or tenants that stay
+under their shares, this is first-come first-served.
+
+Chunked prefill: a prompt is computed `prefill_chunk` tokens at a time at most, so a long prompt never holds
+other tenants' decodes for more than one chunk. Preempted sequences (KV blocks run out, or a fair-share
+preemption) give back their blocks and their delta slot and wait at the head of their tenant's queue, to be
+recomputed from their tokens. A waiting sequence whose delta finds every slot of its kind pinned keeps its place
+while the sequences behind it go ahead. Nothing crashes.
 """
 
 from __future__ import annotations
@@ -17,11 +30,18 @@ from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.sequence import SeqStatus, Sequence
 
+DECODE_WEIGHT = 2.0  # a generated token's service against a prompt token's (the paper's w_q / w_p)
+
 
 @dataclass(frozen=True)
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int  # new tokens computed this step: 1 for a decode, the uncomputed prompt for a prefill
+    num_tokens: int  # new tokens computed this step: 1 for a decode, a chunk of the uncomputed prompt otherwise
+
+    @property
+    def completes(self) -> bool:
+        """True when this step computes the sequence's last uncomputed token: it then yields a new token."""
+        return self.num_tokens == self.seq.num_uncomputed
 
 
 class Scheduler:
@@ -29,77 +49,181 @@ class Scheduler:
         self.config = config
         self.blocks = blocks
         self.slots = slots
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.queues: dict[str, deque[Sequence]] = {}  # per tenant, arrival order; preempted ones at the head
+        self.running: list[Sequence] = []  # admission order
+        self.counters: dict[str, float] = {}
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    # ---- state -------------------------------------------------------------------------------------
+    @property
+    def waiting(self) -> list[Sequence]:
+        """Every waiting sequence, tenants' queues one after another."""
+        return [s for q in self.queues.values() for s in q]
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.queues.values())
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running) or any(self.queues.values())
 
+    def _active(self) -> set[str]:
+        return {s.tenant for s in self.running} | {t for t, q in self.queues.items() if q}
+
+    def _running_of(self, tenant: str) -> int:
+        return sum(s.tenant == tenant for s in self.running)
+
+    def fair_share(self) -> int:
+        """The running sequences each active tenant may hold while others wait (at least one)."""
+        return max(1, self.config.max_num_seqs // max(1, len(self._active())))
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        active = self._active()
+        if seq.tenant not in active:
+            others = [self.counters.get(t, 0.0) for t in active]
+            lifted = min(others) if others else 0.0
+            self.counters[seq.tenant] = max(self.counters.get(seq.tenant, 0.0), lifted)
+        self.queues.setdefault(seq.tenant, deque()).append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence (done, or aborted) wherever it is, freeing its blocks and slot."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            queue = self.queues.get(seq.tenant)
+            if queue is not None and seq in queue:
+                queue.remove(seq)
+        self.blocks.free(seq)
+        self._release_slot(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    # ---- one step ----------------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        # 1. Decodes: every running sequence gets one token, preempting from the back when blocks run out.
+        self._make_room_for_waiting_tenants()
+        # 1. Decodes: every decoding sequence gets one token, preempting from the back when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_uncomputed != 1:  # still prefilling: step 2
+                i += 1
+                continue
             while not self.blocks.can_append(seq):
-                victim = self.running.pop()
+                victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
             else:
                 self.blocks.append(seq)
                 scheduled.append(ScheduledSeq(seq, 1))
+                self._charge(seq.tenant, DECODE_WEIGHT)
                 budget -= 1
                 i += 1
-        # 2. Prefills: admit waiting sequences in arrival order while the token budget and the KV blocks allow.
-        # One whose delta finds every slot of its kind pinned waits (keeping its place) and the next ones go
-        # ahead, so a crowd of cold adapters never stalls the base or other tenants.
-        skipped: list[Sequence] = []
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            need = len(seq.token_ids)
-            if need > budget or not self.blocks.can_allocate(seq):
+        # 2. Prefill chunks, tenant by tenant in counter order: running sequences still prefilling first, then the
+        # head of the tenant's queue if the batch has room.
+        blocked: set[str] = set()  # tenants that cannot be served more this step
+        skipped: dict[str, list[Sequence]] = {}  # waiting for a delta slot: they keep their place
+        chunked = {id(s.seq) for s in scheduled}
+        while budget > 0:
+            tenant = self._next_tenant(blocked, chunked)
+            if tenant is None:
                 break
-            self.waiting.popleft()
+            seq = next((s for s in self.running if s.tenant == tenant and s.num_uncomputed > 1 and id(s) not in chunked), None)
+            if seq is None:
+                seq = self._admit(tenant, skipped)
+                if seq is None:
+                    blocked.add(tenant)
+                    continue
+            n = min(seq.num_uncomputed, self.config.prefill_chunk, budget)
+            if not self.blocks.can_grow(seq, seq.num_computed + n):
+                if seq.num_computed == 0 and not seq.block_table:  # just admitted: back to its place
+                    self._unadmit(seq)
+                blocked.add(tenant)
+                continue
+            self.blocks.grow(seq, seq.num_computed + n)
+            scheduled.append(ScheduledSeq(seq, n))
+            chunked.add(id(seq))
+            self._charge(tenant, n)
+            budget -= n
+        for tenant, seqs in skipped.items():
+            self.queues[tenant].extendleft(reversed(seqs))
+        if not scheduled and self.running and not any(s.num_uncomputed == 1 for s in self.running):
+            # Only part-prefilled sequences, and no blocks for any next chunk: free the newest one's blocks.
+            self._preempt(self.running[-1])
+            return self.schedule()
+        return scheduled
+
+    # ---- inside ------------------------------------------------------------------------------------
+    def _charge(self, tenant: str, tokens: float) -> None:
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + tokens
+
+    def _next_tenant(self, blocked: set[str], chunked: set[int]) -> str | None:
+        """The lowest-counter tenant with prefill work this step (ties: fewer running sequences, then name)."""
+        candidates = {s.tenant for s in self.running if s.num_uncomputed > 1 and id(s) not in chunked}
+        candidates |= {t for t, q in self.queues.items() if q}
+        candidates -= blocked
+        if not candidates:
+            return None
+        return min(candidates, key=lambda t: (self.counters.get(t, 0.0), self._running_of(t), t))
+
+    def _admit(self, tenant: str, skipped: dict[str, list[Sequence]]) -> Sequence | None:
+        """Moves the head of the tenant's queue into the running batch (with its delta slot), or None."""
+        queue = self.queues.get(tenant)
+        if len(self.running) >= self.config.max_num_seqs:
+            return None
+        if len(self._active()) > 1 and self._running_of(tenant) >= self.fair_share():
+            return None
+        while queue:
+            seq = queue.popleft()
             if seq.delta is not None:
                 slot = self.slots.acquire(seq.delta)
-                if slot is None:
-                    skipped.append(seq)
+                if slot is None:  # every slot of its kind pinned: it waits, keeping its place
+                    skipped.setdefault(tenant, []).append(seq)
                     continue
                 seq.slot = slot
-            self.blocks.allocate(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, need))
-            budget -= need
-        self.waiting.extendleft(reversed(skipped))
-        return scheduled
+            return seq
+        return None
+
+    def _unadmit(self, seq: Sequence) -> None:
+        """An admitted sequence that found no KV blocks: back at the head of its queue, its slot given back."""
+        self.running.remove(seq)
+        self._release_slot(seq)
+        seq.status = SeqStatus.WAITING
+        self.queues[seq.tenant].appendleft(seq)
+
+    def _make_room_for_waiting_tenants(self) -> None:
+        """Fair shares: while the batch is full and a tenant under its share waits, the newest sequence of the
+        tenant most over its share is preempted (one per waiting tenant and step)."""
+        if len(self.running) < self.config.max_num_seqs:
+            return
+        share = self.fair_share()
+        for tenant in sorted((t for t, q in self.queues.items() if q), key=lambda t: self.counters.get(t, 0.0)):
+            if len(self.running) < self.config.max_num_seqs or self._running_of(tenant) >= share:
+                continue
+            counts: dict[str, int] = {}
+            for s in self.running:
+                counts[s.tenant] = counts.get(s.tenant, 0) + 1
+            over = max(counts, key=lambda t: (counts[t], self.counters.get(t, 0.0)))
+            if counts[over] <= share:
+                return
+            victim = next(s for s in reversed(self.running) if s.tenant == over)
+            self._preempt(victim)
 
     def _preempt(self, seq: Sequence) -> None:
         """Gives back the sequence's blocks and slot; it will be recomputed from its tokens."""
+        self.running.remove(seq)
         self.blocks.free(seq)
         self._release_slot(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
-
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends a sequence (done, or aborted) wherever it is, freeing its blocks and slot."""
-        if seq.status is SeqStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
-            self.waiting.remove(seq)
-        self.blocks.free(seq)
-        self._release_slot(seq)
-        seq.status = SeqStatus.FINISHED
-        seq.finish_reason = reason
+        self.queues.setdefault(seq.tenant, deque()).appendleft(seq)
 
     def _release_slot(self, seq: Sequence) -> None:
         if seq.delta is not None and seq.slot >= 0:

@@ -32,6 +32,7 @@ class Sequence:
     params: SamplingParams
     delta: Delta | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    tenant: str = ""  # whose request: the scheduler's fair shares are per tenant
     generator: torch.Generator | None = None
     status: SeqStatus = SeqStatus.WAITING
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
@@ -53,6 +54,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens whose keys and values are not in the cache yet: 1 when decoding, more while prefilling."""
+        return len(self.token_ids) - self.num_computed
 
     @property
     def finished(self) -> bool:

@@ -61,3 +61,17 @@ def test_seeded_request_same_alone_and_in_busy_batch(world):
     assert alone == busy
     other_seed = engine.generate([("The quick brown fox", SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=99), lora)])
     assert other_seed[0].token_ids != alone
+
+
+def test_chunked_prefill_and_a_small_step_budget_give_the_same_tokens(world):
+    # Prompts computed 3 tokens at a time, 16 tokens a step in all: every prompt spans several steps, interleaved
+    # with other tenants' decodes; the tokens are still each merged fine-tune's.
+    base_dir, tenants = world
+    config = EngineConfig(device="cpu", dtype="float32", kernel_backend="cpu", bitdelta_slots=3, lora_slots=3,
+                          max_lora_rank=8, max_model_len=128, max_num_batched_tokens=16, prefill_chunk=3)  # fmt: skip
+    engine = LLMEngine.from_model_dir(base_dir, config)
+    deltas = {name: load_delta(path, engine.spec, 8) if path else None for name, (path, _) in tenants.items()}
+    requests = [(f"{name}/{i}", name, PROMPTS[(i + j) % len(PROMPTS)]) for j, name in enumerate(tenants) for i in range(2)]
+    got = run_in_waves(engine, requests, deltas, SamplingParams(max_tokens=8, temperature=0.0))
+    for rid, name, prompt in requests:
+        assert got[rid] == greedy_tokens(tenants[name][1], engine.tokenizer, prompt, 8), f"{rid}: {prompt!r}"
