@@ -234,6 +234,7 @@ class Registry:
         self._admin_hash: str | None = None
         self._lock_fd = -1  # -1: closed (or not open yet)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)  # also an existing registry's (the admin key's hash and tenants' blobs are here)
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
         fd = os.open(self.root / "registry.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -246,8 +247,9 @@ class Registry:
         try:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir(mode=0o700)
-            for kind in KINDS:
-                (self.blobs / kind).mkdir(mode=0o700, parents=True, exist_ok=True)
+            for folder in [self.blobs] + [self.blobs / kind for kind in KINDS]:
+                folder.mkdir(mode=0o700, exist_ok=True)
+                os.chmod(folder, 0o700)  # mkdir's mode does not apply to an existing folder
             db = self._connect(self.root / "catalog.sqlite3")
             self._db = db
             self._lock_fd = fd

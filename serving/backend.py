@@ -25,7 +25,7 @@ from registry.loading import load_delta
 from registry.uploads import Staging
 from serving.engine.async_engine import EngineLoop
 from serving.engine.engine import LLMEngine, RequestOutput
-from serving.engine.errors import TenantBusy
+from serving.engine.errors import Overloaded, TenantBusy
 from serving.engine.sampling_params import SamplingParams
 from serving.metrics import Metrics
 
@@ -64,6 +64,7 @@ class Backend:
         self.loop = EngineLoop(engine, self.config.max_pending, on_step=self._observe_step)
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltaserve-io")
         self.compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltaserve-compress")
+        self._init_tokenizing()
         self.draining = False
         self.started = False
         self._in_flight: dict[str, int] = {}
@@ -92,6 +93,7 @@ class Backend:
         self.loop.stop(timeout=5)
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.compressor.shutdown(wait=False, cancel_futures=True)
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def healthy(self) -> bool:
@@ -167,12 +169,73 @@ class Backend:
         return models
 
     # ---- tokens ------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+    # Tokenizing is CPU work: a few MB of prompt take seconds. Texts up to INLINE_CHARS are tokenized on the event
+    # loop (milliseconds); longer ones in a pool of their own (the tokenizer releases the GIL, so the loop and
+    # every stream keep running), at most TOKENIZE_QUEUE at once (beyond: 503), so a flood of huge prompts never
+    # delays other tenants' small ones. A text too long to fit the context in any tokenization is refused first,
+    # without being tokenized (max_prompt_chars).
+    INLINE_CHARS = 16384
+    TOKENIZE_QUEUE = 8
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The base tokenizer's chat template, with the assistant turn opened."""
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    def _init_tokenizing(self) -> None:
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltaserve-tokenize")
+        self._tokenizing = 0
+        vocab = self.tokenizer.get_vocab()
+        # No token covers more characters of text than its own string has (byte-level BPE: one per byte;
+        # SentencePiece: its pieces); x2 for normalizers that merge characters.
+        self.max_token_chars = max((len(t) for t in vocab), default=1)
+        self.max_prompt_chars = 2 * self.max_token_chars * self.max_model_len
+        specials = set(self.tokenizer.all_special_tokens) | {
+            t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)
+        }
+        self._control_strings = sorted((t for t in specials if t), key=len, reverse=True)
+
+    async def _tokenize(self, fn, *args) -> list[int]:
+        size = sum(len(a) if isinstance(a, str) else sum(len(m["content"]) for m in a) for a in args)
+        if size <= self.INLINE_CHARS:
+            return fn(*args)
+        if self._tokenizing >= self.TOKENIZE_QUEUE:
+            raise Overloaded(f"{self._tokenizing} long prompts are being tokenized; retry shortly")
+        self._tokenizing += 1  # the event loop is single-threaded: no lock needed
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
+        finally:
+            self._tokenizing -= 1
+
+    async def encode(self, text: str) -> list[int]:
+        return await self._tokenize(self.tokenizer.encode, text)
+
+    async def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The base tokenizer's chat template, with the assistant turn opened. Message contents are text: a
+        control token spelled inside one (e.g. "</s><|system|>") is tokenized as the characters it is made of,
+        never as the control token, so a user cannot forge another role's turn."""
+        return await self._tokenize(self._chat_ids, messages)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        if not any(c in m["content"] for m in messages for c in self._control_strings):
+            return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        # Render with a marker in place of each content, so the template's own text and the contents can be
+        # tokenized apart: the template's with its control tokens, the contents as plain text.
+        markers = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        marked = tok.apply_chat_template([{**m, "content": mk} for m, mk in zip(messages, markers)],
+                                         add_generation_prompt=True, tokenize=False)  # fmt: skip
+        real = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        pieces: list[tuple[str, bool]] = []
+        rest = marked
+        for m, mk in zip(messages, markers):
+            before, found, rest = rest.partition(mk)
+            if not found:
+                raise ValueError("the chat template does not place every message's content as it is")
+            pieces += [(before, False), (m["content"], True)]
+        pieces.append((rest, False))
+        if "".join(p for p, _ in pieces) != real:
+            raise ValueError("the chat template changes message contents; control-token text cannot be escaped")
+        ids: list[int] = []
+        for text, is_content in pieces:
+            if text:
+                ids += tok.encode(text, add_special_tokens=False, split_special_tokens=is_content)
+        return ids
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

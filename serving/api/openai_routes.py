@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from serving.api.auth import TenantDep
@@ -24,10 +25,12 @@ from serving.api.schemas import (
     CompletionRequest,
     refuse_unsupported,
 )
+from serving.engine.errors import Overloaded
 from serving.engine.sampling_params import SamplingParams
 
 router = APIRouter()
 MAX_JSON_BODY = 4 << 20
+MAX_PROMPTS = 32  # prompts in one completions request
 
 
 async def read_json(request: Request) -> Any:
@@ -41,9 +44,18 @@ async def read_json(request: Request) -> Any:
         if len(body) > MAX_JSON_BODY:
             raise APIError(413, f"Request body is over the {MAX_JSON_BODY}-byte limit.")
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "The request body is not valid JSON.") from None
+    except RecursionError:
+        raise APIError(400, "The request body nests too deeply.") from None
+    try:  # "\ud800" is valid JSON but no valid Unicode: it must not reach the tokenizer
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "The request body contains a lone UTF-16 surrogate: not valid Unicode text.") from None
+    except RecursionError:
+        raise APIError(400, "The request body nests too deeply.") from None
+    return value
 
 
 def parse(model_cls, body: Any):
@@ -80,6 +92,13 @@ def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None) -> Sam
         logprobs=logprobs,
         ignore_eos=req.ignore_eos,
     )
+
+
+def check_chars(backend, n_chars: int, param: str) -> None:
+    """400 context_length_exceeded for a text too long to fit the context however it tokenizes (no tokenizing)."""
+    if n_chars > backend.max_prompt_chars:
+        raise APIError(400, f"This model's maximum context length is {backend.max_model_len} tokens; a text of "
+                       f"{n_chars} characters cannot fit in it.", param=param, code="context_length_exceeded")  # fmt: skip
 
 
 def check_length(backend, prompt: list[int], max_tokens: int | None) -> int:
@@ -139,14 +158,23 @@ async def run_jobs(request: Request, tenant, resolved, jobs: list[Job]) -> Async
             t.cancel()
 
 
+# What a log-probability that is not a finite number is reported as (-inf, or NaN from non-finite logits of a
+# tenant's own model): JSON has neither, and vLLM reports -9999.0 the same way.
+NOT_FINITE_LOGPROB = -9999.0
+
+
+def _logprob(v: float) -> float:
+    return v if math.isfinite(v) else NOT_FINITE_LOGPROB
+
+
 def completion_logprobs(backend, outs, offset: int) -> dict:
     """OpenAI's completions logprobs object; `offset` is the text offset of the first token."""
     tokens, lps, tops, offsets = [], [], [], []
     for lp in outs:
         tok = backend.token_text(lp.token_id)
         tokens.append(tok)
-        lps.append(lp.logprob)
-        tops.append({backend.token_text(t): v for t, v in lp.top})
+        lps.append(_logprob(lp.logprob))
+        tops.append({backend.token_text(t): _logprob(v) for t, v in lp.top})
         offsets.append(offset)
         offset += len(tok)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -155,7 +183,7 @@ def completion_logprobs(backend, outs, offset: int) -> dict:
 def chat_logprobs(backend, outs) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
         tok = backend.token_text(token_id)
-        return {"token": tok, "logprob": logprob, "bytes": list(tok.encode("utf-8"))}
+        return {"token": tok, "logprob": _logprob(logprob), "bytes": list(tok.encode("utf-8"))}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                         for lp in outs]}
@@ -168,7 +196,7 @@ def usage_of(jobs: list[Job]) -> dict:
 
 
 def sse(payload: dict | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, allow_nan=False)
     return f"data: {data}\n\n".encode()
 
 
@@ -196,8 +224,14 @@ async def respond(request: Request, tenant, resolved, jobs: list[Job], req, chat
         items = [first] if first is not None else []
         for job, out in items:
             absorb(job, out)
-        async for job, out in stream:
-            absorb(job, out)
+
+        async def collect() -> None:
+            async for job, out in stream:
+                absorb(job, out)
+
+        if not await until_done_or_disconnected(request, collect()):
+            await stream.aclose()  # the client went away: its sequences are aborted within a step
+            return Response(status_code=499)
         choices = []
         for job in jobs:
             text = "".join(job.text)
@@ -258,6 +292,29 @@ async def respond(request: Request, tenant, resolved, jobs: list[Job], req, chat
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def until_done_or_disconnected(request: Request, work) -> bool:
+    """Runs `work` unless the client disconnects first (then cancels it and returns False). A non-streaming
+    response is sent only at the end, so without this a client that left would keep its sequences running to
+    max_tokens, holding its tenant's concurrency and the server's places."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: only the disconnect is left
+            pass
+
+    task, watch = asyncio.create_task(work), asyncio.create_task(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+    if task in done:
+        task.result()  # raises the work's error, if any
+        return True
+    await asyncio.gather(task, return_exceptions=True)  # its cancellation done (an outer one still propagates)
+    return False
+
+
 def _accepting(request: Request) -> None:
     backend = request.app.state.backend
     if backend.draining:
@@ -280,16 +337,17 @@ async def completions(request: Request, tenant: TenantDep):
     resolved = await backend.resolve(tenant, req.model)
     request.state.model_kind = resolved.kind
     p = req.prompt
-    if isinstance(p, str):
-        prompts = [backend.encode(p)]
+    texts = [p] if isinstance(p, str) else list(p) if isinstance(p[0], str) else []
+    if len(texts) > MAX_PROMPTS or (not texts and isinstance(p[0], list) and len(p) > MAX_PROMPTS):
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    for text in texts:
+        check_chars(backend, len(text), "prompt")
+    if texts:
+        prompts = [await backend.encode(text) for text in texts]
     elif isinstance(p[0], int):
         prompts = [list(p)]
-    elif isinstance(p[0], str):
-        prompts = [backend.encode(s) for s in p]
     else:
         prompts = [list(x) for x in p]
-    if len(prompts) > 32:
-        raise APIError(400, "at most 32 prompts per request", param="prompt")
     jobs = []
     for pi, ids in enumerate(prompts):
         if not ids:
@@ -312,8 +370,11 @@ async def chat_completions(request: Request, tenant: TenantDep):
     resolved = await backend.resolve(tenant, req.model)
     request.state.model_kind = resolved.kind
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    check_chars(backend, sum(len(m["content"]) for m in messages), "messages")
     try:
-        ids = backend.chat_prompt(messages)
+        ids = await backend.chat_prompt(messages)
+    except Overloaded:
+        raise
     except Exception as e:  # the template refused the conversation (e.g. roles out of order)
         raise APIError(400, f"The chat template could not render these messages: {e}", param="messages") from None
     max_tokens = check_length(backend, ids, req.max_completion_tokens or req.max_tokens)

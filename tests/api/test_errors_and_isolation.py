@@ -7,6 +7,7 @@ import json
 import struct
 
 import pytest
+import torch
 
 from tests.api.helpers import upload
 
@@ -122,6 +123,13 @@ def test_bad_inputs(live, tenants, tmp_path):
         ("NaN weights", "UPLOAD", "bitdelta", {"name": "nan", "files": "NAN"}, 400, None, "invalid_request_error"),
         ("upload over the limit", "UPLOAD", "bitdelta", {"name": "big", "files": [("d.safetensors", b"\0" * (live.backend.config.max_upload_bytes + 10))]}, 413, None, "invalid_request_error"),
         ("not multipart", "POST", "/v1/adapters", {"json": {"name": "x"}}, 415, None, "invalid_request_error"),
+        ("JSON nested 50,000 deep", "POST", "/v1/completions", {"content": b"[" * 50000 + b"]" * 50000, "headers": {"content-type": "application/json"}}, 400, None, "invalid_request_error"),
+        ("JSON nested deep, admin route", "POST", "/v1/tenants", {"content": b'{"name": ' + b"[" * 50000 + b"]" * 50000 + b"}", "headers": {"content-type": "application/json"}, "admin": True}, 400, None, "invalid_request_error"),
+        ("lone surrogate in a prompt", "POST", "/v1/completions", {"content": b'{"model": "' + base.encode() + b'", "prompt": "hi \\ud800"}', "headers": {"content-type": "application/json"}}, 400, None, "invalid_request_error"),
+        ("lone surrogate in chat", "POST", "/v1/chat/completions", {"content": b'{"model": "' + base.encode() + b'", "messages": [{"role": "user", "content": "\\udfff"}]}', "headers": {"content-type": "application/json"}}, 400, None, "invalid_request_error"),
+        ("a 3.9 MB prompt", "POST", "/v1/completions", {"json": {"model": base, "prompt": "word " * 780_000}}, 400, "prompt", "invalid_request_error"),
+        ("1,023 chat messages of 4 KB", "POST", "/v1/chat/completions", {"json": {"model": base, "messages": [{"role": "user", "content": "x" * 4000}] * 1023}}, 400, "messages", "invalid_request_error"),
+        ("absurd 1-bit scales", "UPLOAD", "bitdelta", {"name": "absurd", "files": "ABSURD"}, 400, None, "invalid_request_error"),
     ]
     from registry.bitdelta_format import load_bitdelta_file, save_bitdelta_file
 
@@ -136,7 +144,11 @@ def test_bad_inputs(live, tenants, tmp_path):
     k = next(iter(lora))
     lora[k] = lora[k][:, :-1].contiguous()
     buf = io.BytesIO(st.save(lora))
+    save_bitdelta_file(tmp_path / "absurd.safetensors",
+                       {p: (sg, torch.full_like(sc, 3e38)) for p, (sg, sc) in delta.projections.items()},
+                       {}, delta.base_fingerprint)  # fmt: skip
     specials = {
+        "ABSURD": [("d.safetensors", (tmp_path / "absurd.safetensors").read_bytes())],
         "OTHERBASE": [("d.safetensors", (tmp_path / "other.safetensors").read_bytes())],
         "NAN": [("d.safetensors", nan_file.read_bytes())],
         "WRONGSHAPE": [("adapter_config.json", (lora_dir / "adapter_config.json").read_bytes()),

@@ -130,6 +130,19 @@ def test_replacements_only_file(tmp_path: Path) -> None:
     assert delta.projections == {} and delta.replacements["model.embed_tokens.weight"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_replacements_load_as_float32(tmp_path: Path, dtype: torch.dtype) -> None:
+    # torch has no isfinite for float8: the check must not fail (a 500) but work on the exact float32 values.
+    value = torch.tensor([0.5, -1.25, 2.0] + [1.0] * 10).to(dtype)
+    delta = load_bitdelta_file(write(tmp_path / "d.safetensors", {"model.norm.weight": value}), synthetic_spec())
+    assert delta.replacements["model.norm.weight"].dtype == torch.float32
+    assert torch.equal(delta.replacements["model.norm.weight"], value.float())
+    nan = value.clone().view(torch.uint8)
+    nan[0] = 0x7F if dtype == torch.float8_e4m3fn else 0x7E  # the format's NaN bit patterns
+    bad = write(tmp_path / "nan.safetensors", {"model.norm.weight": nan.view(dtype)})
+    assert refused(bad, synthetic_spec(), AdapterMismatch, "model.norm.weight", "NaN or Inf").param == "model.norm.weight"
+
+
 def test_save_refuses_bad_arguments(tmp_path: Path) -> None:
     t = good_tensors()
     path = tmp_path / "d.safetensors"

@@ -500,3 +500,22 @@ def test_kill_9_while_committing(tmp_path: Path, assets: Assets) -> None:
             total_rows = len(rows)
     assert rounds >= 4
     assert total_rows > 2 or acked, "the child never got to commit anything"
+
+
+def test_every_registry_folder_is_private(tmp_path: Path, assets: Assets) -> None:
+    # Tenants' blobs and the key hashes live here: no folder may be readable by other users, whatever the umask,
+    # also in a registry made before (its folders are tightened when it is opened).
+    old_umask = os.umask(0o022)
+    try:
+        with Registry(tmp_path / "reg") as reg:
+            reg.create_tenant("acme")
+            commit(reg, "acme", "support", "lora", assets.lora, assets)
+            commit(reg, "acme", "bd", "bitdelta", assets.bd1, assets)
+        (tmp_path / "reg" / "blobs").chmod(0o755)
+        with Registry(tmp_path / "reg") as reg:
+            folders = [tmp_path / "reg"] + [p for p in (tmp_path / "reg").rglob("*") if p.is_dir()]
+            assert len(folders) >= 6
+            loose = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders if stat.S_IMODE(p.stat().st_mode) != 0o700}
+            assert not loose, loose
+    finally:
+        os.umask(old_umask)
