@@ -72,6 +72,8 @@ _HANDLED_OPTIONS = frozenset(
 # Initialisations after which the saved adapter is still relative to the unmodified base.
 _SAFE_INITS: tuple[object, ...] = (True, False, "gaussian", "eva", "orthogonal")
 _PATTERN_RE = re.compile(r"[A-Za-z0-9_.]{1,300}")
+MAX_CONFIG_BYTES = 256 << 10  # an adapter_config.json is a few KB; anything near this is no real config
+MAX_PATTERN_KEYS = 1024  # rank_pattern / alpha_pattern keys: one per projection of a 140-layer model fits
 
 
 def _is_set(value: object) -> bool:
@@ -114,11 +116,33 @@ def _check_target_modules(target: object) -> None:
             )
 
 
-def _check_pattern(option: str, pattern: object, is_valid: Callable[[object], bool]) -> dict[str, Any]:
+class _Pattern:
+    """A rank_pattern / alpha_pattern, with PEFT's matching: the first key K (in order) for which
+    re.match(rf"(.*\\.)?({K})$", module) holds. Keys are module names (letters, digits, '_', '.'), so K matches
+    a module when it is the module's last components, each '.' of K matching any one character. Each key is
+    prepared once (a plain suffix test when it has no '.'), never compiled per module: an upload's validation
+    stays milliseconds whatever its config."""
+
+    def __init__(self, pattern: dict[str, Any]):
+        self._rules: list[tuple[Callable[[str], bool], Any]] = []
+        for key, value in pattern.items():
+            if "." in key:
+                regex = re.compile(rf"(?:.*\.)?(?:{key})$")
+                self._rules.append((lambda m, rx=regex: rx.match(m) is not None, value))
+            else:
+                self._rules.append((lambda m, k=key: m == k or m.endswith("." + k), value))
+
+    def value(self, module: str, default: Any) -> Any:
+        return next((v for matches, v in self._rules if matches(module)), default)
+
+
+def _check_pattern(option: str, pattern: object, is_valid: Callable[[object], bool]) -> _Pattern:
     if pattern is None:
-        return {}
+        return _Pattern({})
     if not isinstance(pattern, dict):
         raise _mismatch(f"{option} must be an object, got {pattern!r}", option)
+    if len(pattern) > MAX_PATTERN_KEYS:
+        raise _mismatch(f"{option} has {len(pattern)} keys, over the limit of {MAX_PATTERN_KEYS}", option)
     for key, value in pattern.items():
         if not _PATTERN_RE.fullmatch(key):
             raise _mismatch(
@@ -127,7 +151,7 @@ def _check_pattern(option: str, pattern: object, is_valid: Callable[[object], bo
             )
         if not is_valid(value):
             raise _mismatch(f"{option}[{key!r}] has invalid value {value!r}", option)
-    return pattern
+    return _Pattern(pattern)
 
 
 def _parse_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -168,14 +192,6 @@ def _parse_config(config: dict[str, Any]) -> dict[str, Any]:
         "rank_pattern": _check_pattern("rank_pattern", config.get("rank_pattern"), _is_rank),
         "alpha_pattern": _check_pattern("alpha_pattern", config.get("alpha_pattern"), _is_number),
     }
-
-
-def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's get_pattern_key: the first key K with re.match(rf"(.*\\.)?({K})$", module)."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def _scaling(alpha: float, r: int, rslora: bool) -> float:
@@ -239,6 +255,10 @@ def load_lora_dir(path: str | os.PathLike[str], spec: BaseSpec, max_rank: int | 
     """
     path = Path(path)
     config_path, weights_path = _check_files(path)
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UnsupportedFormat(
+            f"{CONFIG_FILE} is {config_path.stat().st_size} bytes, over the limit of {MAX_CONFIG_BYTES}", param=CONFIG_FILE
+        )
     config_bytes = config_path.read_bytes()
     try:
         config = json.loads(config_bytes.decode("utf-8"))
@@ -263,7 +283,7 @@ def load_lora_dir(path: str | os.PathLike[str], spec: BaseSpec, max_rank: int | 
             if which not in pair:
                 missing = KEY_PREFIX + module + (_SUFFIX_A if which == "A" else _SUFFIX_B)
                 raise _mismatch(f"module {module} has no lora_{which} weight ({missing} is missing)", missing)
-        r_m = _pattern_value(opts["rank_pattern"], module, opts["r"])
+        r_m = opts["rank_pattern"].value(module, opts["r"])
         if max_rank is not None and r_m > max_rank:
             raise _mismatch(f"module {module} has LoRA rank {r_m}, above this server's max rank {max_rank}", "rank")
         out_f, in_f = spec.projection_shape(module)
@@ -289,7 +309,7 @@ def load_lora_dir(path: str | os.PathLike[str], spec: BaseSpec, max_rank: int | 
         b = raw.pop(b_key).to(torch.float32).contiguous()
         check_finite(a_key, a)
         check_finite(b_key, b)
-        alpha_m = float(_pattern_value(opts["alpha_pattern"], module, opts["lora_alpha"]))
+        alpha_m = float(opts["alpha_pattern"].value(module, opts["lora_alpha"]))
         ratio = _scaling(alpha_m, ranks[module], opts["use_rslora"]) / scaling
         if ratio != 1.0:
             b = b * ratio

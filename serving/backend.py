@@ -62,7 +62,10 @@ class Backend:
         self.max_model_len = engine.max_model_len
         self.host_tier = HostTier(self.config.host_cache_bytes, self._host_event)
         self.loop = EngineLoop(engine, self.config.max_pending, on_step=self._observe_step)
+        # Loading a requested delta from disk (the request path) and validating uploads run in pools of their own,
+        # so that uploads, however many or heavy, never make another tenant's request wait for a worker.
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltaserve-io")
+        self.upload_workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltaserve-upload")
         self.compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltaserve-compress")
         self._init_tokenizing()
         self.draining = False
@@ -92,6 +95,7 @@ class Backend:
     def stop(self) -> None:
         self.loop.stop(timeout=5)
         self.workers.shutdown(wait=False, cancel_futures=True)
+        self.upload_workers.shutdown(wait=False, cancel_futures=True)
         self.compressor.shutdown(wait=False, cancel_futures=True)
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -268,14 +272,14 @@ class Backend:
         A fine-tune is checked, recorded as "compressing" and compressed in the background."""
         loop = asyncio.get_running_loop()
         spec, rank = self.engine.spec, self.engine.config.max_lora_rank
-        delta = await loop.run_in_executor(self.workers, staging.validate, fmt, spec, rank)
+        delta = await loop.run_in_executor(self.upload_workers, staging.validate, fmt, spec, rank)
         if fmt == "finetune":
             record = self.registry.create_pending(tenant.name, name, fmt)
             self.compressor.submit(self._compress, record, staging)
             return record
         older = self.registry.list_versions(tenant.name, name)
         record = await loop.run_in_executor(
-            self.workers, self.registry.commit_adapter, tenant.name, name, fmt, staging, delta
+            self.upload_workers, self.registry.commit_adapter, tenant.name, name, fmt, staging, delta
         )
         self._forget(older, keep={self._key(record)})  # same content re-uploaded: keep it resident
         return record

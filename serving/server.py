@@ -39,6 +39,8 @@ class ServerSettings(BaseSettings):
     host_cache_mb: int = Field(default=4096, ge=1)
     max_upload_mb: int = Field(default=2048, ge=1)
     drain_timeout: float = Field(default=30.0, ge=0)
+    header_timeout: float = Field(default=10.0, gt=0)  # seconds for a request's headers to arrive
+    max_connections: int = Field(default=1000, ge=1)  # open connections at once; beyond, new ones are closed
     num_kv_blocks: int | None = None
     kernel_backend: str = "auto"
     cuda_graphs: bool = False
@@ -123,9 +125,23 @@ def make_server(app, settings: ServerSettings, backend):
                 await asyncio.sleep(0.05)
             self.should_exit = True
 
+    from serving.http_protocol import guarded_h11
+
+    _raise_open_files_limit(settings.max_connections + 256)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", lifespan="off",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, http=guarded_h11(settings.header_timeout, settings.max_connections))  # fmt: skip
     return DrainingServer(config)
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Every connection is a file descriptor: the soft limit (often 1024) is raised toward `wanted`, within the
+    hard limit, so that max_connections, not the operating system, decides who is refused."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def run_server(settings: ServerSettings) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import FastAPI
 
 from serving.api import admin_routes, openai_routes
-from serving.api.errors import install_handlers
+from serving.api.errors import error_body, install_handlers
 
 KNOWN_ROUTES = {
     "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/tenants", "/v1/adapters", "/metrics", "/health", "/ready",
@@ -34,7 +35,28 @@ def create_app(backend, *, public_metrics: bool = False) -> FastAPI:
     app.include_router(admin_routes.router)
 
     app.add_middleware(RequestMetrics, metrics=backend.metrics)
+    app.add_middleware(RefuseAmbiguousFraming)
     return app
+
+
+class RefuseAmbiguousFraming:
+    """A request with both Content-Length and Transfer-Encoding has two possible ends: a proxy in front may take
+    one and this server the other, and the bytes between become a request of their own ("request smuggling").
+    Such a request is refused with 400 and the connection is closed, so nothing after it is ever served."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            names = {k.lower() for k, _ in scope.get("headers", [])}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                body = json.dumps(error_body(400, "A request may not carry both Content-Length and Transfer-Encoding."))
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})  # fmt: skip
+                await send({"type": "http.response.body", "body": body.encode()})
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestMetrics:

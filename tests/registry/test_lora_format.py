@@ -189,6 +189,41 @@ def test_bad_config_json(adapter: Path, spec: BaseSpec) -> None:
     unsupported(adapter, spec, "JSON object")
 
 
+def test_config_size_and_pattern_keys_are_bounded(adapter: Path, spec: BaseSpec) -> None:
+    from registry.lora_format import MAX_CONFIG_BYTES, MAX_PATTERN_KEYS
+
+    edit_config(adapter, rank_pattern={f"layers.{i}.mlp.up_proj": 4 for i in range(MAX_PATTERN_KEYS + 1)})
+    assert mismatch(adapter, spec, "rank_pattern", "over the limit").param == "rank_pattern"
+    edit_config(adapter, rank_pattern=None, peft_version="x" * MAX_CONFIG_BYTES)
+    unsupported(adapter, spec, CONFIG_FILE, "over the limit")
+
+
+def test_pattern_matching_is_peft_s_and_compiles_nothing_per_module(adapter: Path, spec: BaseSpec, monkeypatch) -> None:
+    import re
+
+    from registry.lora_format import _Pattern
+
+    keys = {"q_proj": 1, "layers.1.mlp.down_proj": 2, "1.self_attn.k_proj": 3, "mlp.gate_proj": 4, "layers.0.mlp.up_proj": 5,
+            "proj": 6, "v_pro": 7, "layers.0": 8, "layers.1.self_attn.o.proj": 9}  # fmt: skip
+    modules = sorted(spec.projections)
+
+    def peft(module: str):  # PEFT's get_pattern_key, as it is written there
+        return next((keys[k] for k in keys if re.match(rf"(.*\.)?({k})$", module)), None)
+
+    compiled = []
+    real_compile = re.compile
+    monkeypatch.setattr(re, "compile", lambda *a, **kw: compiled.append(a) or real_compile(*a, **kw))
+    pattern = _Pattern(keys)
+    assert [pattern.value(m, None) for m in modules] == [peft(m) for m in modules]
+    assert len(compiled) == sum("." in k for k in keys)  # once per key with a '.', never per module
+    # 600 keys (the upload that took seconds of CPU) validate without a compile per key and module
+    many = {f"layers.{i}.mlp.up_proj": 4 for i in range(600)}
+    edit_config(adapter, r=4, rank_pattern=many)
+    compiled.clear()
+    load_lora_dir(adapter, spec)
+    assert len(compiled) <= 600
+
+
 def test_truncated_weights(adapter: Path, spec: BaseSpec) -> None:
     data = (adapter / WEIGHTS_FILE).read_bytes()
     (adapter / WEIGHTS_FILE).write_bytes(data[:-100])
