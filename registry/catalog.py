@@ -51,7 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import NameTaken, NotFound
+from registry.errors import InsufficientStorage, NameTaken, NotFound, is_disk_full
 from registry.fsync import fsync_dir
 from registry.names import validate_name
 from registry.uploads import DEFAULT_MAX_UPLOAD_BYTES, LORA_CONFIG, LORA_WEIGHTS, Staging, check_format
@@ -227,9 +227,17 @@ class Registry:
     Raises RegistryBusy if another process has the directory open.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        tenant_quota_bytes: int | None = None,
+    ):
+        """tenant_quota_bytes: the stored bytes one tenant may hold (its adapters' versions), None: no quota."""
         self.root = Path(root)
         self.max_upload_bytes = max_upload_bytes
+        self.tenant_quota_bytes = tenant_quota_bytes
         self._lock = threading.RLock()
         self._admin_hash: str | None = None
         self._lock_fd = -1  # -1: closed (or not open yet)
@@ -255,6 +263,7 @@ class Registry:
             self._lock_fd = fd
             self._recover()
             self._admin_hash = self._read_admin_hash()
+            self._ensure_reserve()
         except BaseException:
             self._lock_fd = -1
             if db is not None:
@@ -330,13 +339,21 @@ class Registry:
         """One write transaction (the caller holds self._lock)."""
         if self._lock_fd < 0:
             raise ValueError("the registry is closed")
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # after SQLITE_FULL SQLite may have rolled back already
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if is_disk_full(e):
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise InsufficientStorage("the registry's disk is full; nothing was changed") from None
             raise
-        self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -441,7 +458,11 @@ class Registry:
 
     def delete_tenant(self, name: str) -> None:
         """Deletes a tenant, its key and all its adapters (their blobs when no other row uses them).
-        Background compressions of its adapters then fail with NotFound. Raises NotFound if absent."""
+        Background compressions of its adapters then fail with NotFound. Raises NotFound if absent.
+        Works on a full disk (the reserve is given up for it)."""
+        self._with_reserve(self._delete_tenant, name)
+
+    def _delete_tenant(self, name: str) -> None:
         with self._lock:
             with self._tx() as db:
                 blobs = [
@@ -468,15 +489,48 @@ class Registry:
 
     # --- staging and committing -------------------------------------------------------------------------
 
-    def stage(self, max_bytes: int | None = None, *, format: str | None = None) -> Staging:
+    def stage(self, max_bytes: int | None = None, *, format: str | None = None, tenant: str | None = None) -> Staging:
         """A fresh, private staging directory under root/tmp for one upload (or one compression's
         output). max_bytes: cap on the upload's total size (default: the registry's max_upload_bytes).
         format: the upload format if already known (file names are then checked against it as they
-        arrive; otherwise `Staging.validate` checks them against the format it is given)."""
+        arrive; otherwise `Staging.validate` checks them against the format it is given). tenant: whose
+        upload it is: with a quota, the upload stops (InsufficientStorage) once it cannot fit what is left.
+        Raises InsufficientStorage when the disk is too full for even the staging directory."""
         if self._lock_fd < 0:
             raise ValueError("the registry is closed")
-        path = tempfile.mkdtemp(prefix="stage-", dir=self.tmp)
-        return Staging(path, format=format, max_bytes=self.max_upload_bytes if max_bytes is None else max_bytes)
+        quota_left = None
+        if tenant is not None and self.tenant_quota_bytes is not None:
+            quota_left = max(0, self.tenant_quota_bytes - self.tenant_usage(tenant))
+        try:
+            path = tempfile.mkdtemp(prefix="stage-", dir=self.tmp)
+        except OSError as e:
+            if is_disk_full(e):
+                raise InsufficientStorage("the registry's disk is full") from None
+            raise
+        return Staging(path, format=format, max_bytes=self.max_upload_bytes if max_bytes is None else max_bytes,
+                       quota_bytes=quota_left)  # fmt: skip
+
+    def tenant_usage(self, tenant: str, *, besides: str | None = None) -> int:
+        """The bytes a tenant's stored versions take (each version counted, shared content too); `besides`:
+        leave out the older versions of that adapter name (a new version replaces them: they are collected)."""
+        if besides is None:
+            rows = self._query("SELECT COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant=? AND blob IS NOT NULL",
+                               (tenant,))  # fmt: skip
+        else:
+            rows = self._query("SELECT COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant=? AND blob IS NOT NULL "
+                               "AND name<>?", (tenant, besides))  # fmt: skip
+        return int(rows[0][0])
+
+    def _check_quota(self, tenant: str, name: str, size: int) -> None:
+        if self.tenant_quota_bytes is None:
+            return
+        used = self.tenant_usage(tenant, besides=name)
+        if used + size > self.tenant_quota_bytes:
+            raise InsufficientStorage(
+                f"storing {size} bytes would put the tenant at {used + size} bytes, over its quota of "
+                f"{self.tenant_quota_bytes} bytes; delete adapters to make room",
+                "files",
+            )
 
     @staticmethod
     def _check_delta(kind: str, delta: Delta) -> None:
@@ -507,11 +561,16 @@ class Registry:
         if os.path.lexists(dest):
             return blob
         shard = dest.parent
-        if not shard.is_dir():
-            shard.mkdir(mode=0o700)
-            fsync_dir(shard.parent)
-        os.rename(payload, dest)
-        fsync_dir(shard)
+        try:
+            if not shard.is_dir():
+                shard.mkdir(mode=0o700)
+                fsync_dir(shard.parent)
+            os.rename(payload, dest)
+            fsync_dir(shard)
+        except OSError as e:
+            if is_disk_full(e):
+                raise InsufficientStorage("the registry's disk is full; the upload was not stored") from None
+            raise
         return blob
 
     def _row(self, row_id: str) -> AdapterRecord | None:
@@ -537,6 +596,7 @@ class Registry:
         rank = getattr(delta, "rank", None) if kind == "lora" else None
         row_id = "ad-" + secrets.token_hex(12)
         with self._lock:
+            self._check_quota(tenant, name, size)
             blob = self._place_blob(payload, kind, delta.sha256)
             try:
                 with self._tx() as db:
@@ -603,6 +663,7 @@ class Registry:
         rank = getattr(delta, "rank", None) if kind == "lora" else None
         with self._lock:
             self._pending(id)
+            self._check_quota(record.tenant, record.name, size)
             blob = self._place_blob(payload, kind, delta.sha256)
             try:
                 with self._tx() as db:
@@ -669,7 +730,11 @@ class Registry:
     def delete_adapter(self, tenant: str, name: str) -> None:
         """Deletes every version of `tenant`'s adapter `name` (rows first, then the blobs no other row
         uses). A compression in progress then fails with NotFound. Raises NotFound(param "name") if
-        there is none, the same whether it never existed or is another tenant's."""
+        there is none, the same whether it never existed or is another tenant's. Works on a full disk
+        (deleting is how space is freed: the reserve is given up for it)."""
+        self._with_reserve(self._delete_adapter, tenant, name)
+
+    def _delete_adapter(self, tenant: str, name: str) -> None:
         with self._lock:
             with self._tx() as db:
                 blobs = [
@@ -682,6 +747,63 @@ class Registry:
                 if db.execute("DELETE FROM adapters WHERE tenant=? AND name=?", (tenant, name)).rowcount == 0:
                     raise NotFound(f"adapter {name!r} not found", "name")
             self._gc(blobs)
+
+    def collect_versions(self, tenant: str, name: str, keep: set[str] = frozenset()) -> list[AdapterRecord]:
+        """Deletes the versions of `tenant`'s adapter `name` that a newer ready version replaced (ready or
+        failed ones; never one still compressing, nor those whose id is in `keep`: running requests use
+        them) and the blobs no other row uses. Returns the deleted records."""
+
+        def collect() -> list[AdapterRecord]:
+            with self._lock:
+                newest = self.resolve(tenant, name)
+                if newest is None:
+                    return []
+                old = [r for r in self.list_versions(tenant, name)
+                       if r.version < newest.version and r.status != "compressing" and r.id not in keep]  # fmt: skip
+                if old:
+                    with self._tx() as db:
+                        db.executemany("DELETE FROM adapters WHERE id=?", [(r.id,) for r in old])
+                    self._gc([r.blob for r in old if r.blob is not None])
+                return old
+
+        return self._with_reserve(collect)
+
+    # --- a full disk --------------------------------------------------------------------------------------
+
+    RESERVE_BYTES = 16 << 20  # given up on a full disk so that deletes (SQLite's journal) can still be written
+
+    @property
+    def _reserve(self) -> Path:
+        return self.root / "reserve.bin"
+
+    def _ensure_reserve(self) -> None:
+        """Keeps RESERVE_BYTES of the disk for the day it is full (best effort: nothing if there is no room)."""
+        if self._reserve.exists():
+            return
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, self.RESERVE_BYTES)
+        except OSError:
+            os.close(fd)
+            self._reserve.unlink(missing_ok=True)
+            return
+        os.close(fd)
+
+    def _with_reserve(self, fn, *args):
+        """fn(*args); when the disk is full, once more after giving up the reserve (then kept again if it fits)."""
+        try:
+            return fn(*args)
+        except InsufficientStorage:
+            if not self._reserve.exists():
+                raise
+            self._reserve.unlink()
+            try:
+                return fn(*args)
+            finally:
+                self._ensure_reserve()
 
     def blob_path(self, record: AdapterRecord) -> Path:
         """Where a ready version's data is: a LoRA directory (kind "lora") or a 1-bit delta file
@@ -706,7 +828,10 @@ class Registry:
     def _remove_blob_path(self, path: Path) -> None:
         """Removes a blob atomically: renamed into tmp/ first (so a half-deleted blob is never under
         blobs/, where an identical upload would reuse it), then deleted."""
-        grave = Path(tempfile.mkdtemp(prefix="gc-", dir=self.tmp))
-        os.rename(path, grave / "blob")
+        grave = self.tmp / f"gc-{secrets.token_hex(8)}"  # a rename, no new folder: works on a full disk too
+        os.rename(path, grave)
         fsync_dir(path.parent)
-        shutil.rmtree(grave, ignore_errors=True)
+        if grave.is_dir() and not grave.is_symlink():
+            shutil.rmtree(grave, ignore_errors=True)
+        else:
+            grave.unlink(missing_ok=True)

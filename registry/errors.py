@@ -55,3 +55,18 @@ class NotFound(RegistryError):
 
 class UploadTooLarge(RegistryError):
     """An upload over its size limit (413 invalid_request_error); what was written has been deleted."""
+
+
+class InsufficientStorage(RegistryError):
+    """The registry's disk is full, or the tenant's storage quota is (507 server_error insufficient_storage).
+    Nothing stored is harmed: the write that did not fit is undone."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for the errors a full disk or quota raises: ENOSPC / EDQUOT, or SQLite's SQLITE_FULL."""
+    import errno
+    import sqlite3
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower()

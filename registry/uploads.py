@@ -28,7 +28,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO
 
-from registry.errors import AdapterMismatch, InvalidName, UnsupportedFormat, UploadTooLarge
+from registry.errors import (
+    AdapterMismatch,
+    InsufficientStorage,
+    InvalidName,
+    UnsupportedFormat,
+    UploadTooLarge,
+    is_disk_full,
+)
 from registry.fsync import fsync_dir
 
 if TYPE_CHECKING:
@@ -136,13 +143,21 @@ class Staging:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, format: str | None = None, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+        self,
+        path: str | os.PathLike[str],
+        *,
+        format: str | None = None,
+        max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        quota_bytes: int | None = None,
     ):
+        """quota_bytes: what is left of the tenant's storage quota; an upload beyond it is refused with
+        InsufficientStorage (507) rather than UploadTooLarge (413, the per-upload limit)."""
         self.path = Path(path)
         self.format = check_format(format) if format is not None else None
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
+        self.quota_bytes = quota_bytes
         self._files: list[str] = []
         self._bytes = 0
         self._discarded = False
@@ -463,20 +478,37 @@ class UploadWriter:
             raise TypeError(f"upload chunks must be bytes, got {type(data).__name__}")
         n = data.nbytes if isinstance(data, memoryview) else len(data)
         staging = self._staging
-        if staging.size_bytes + self.written + n > staging.max_bytes:
+        total = staging.size_bytes + self.written + n
+        if total > staging.max_bytes:
             self.abort()
             staging.discard()
             raise UploadTooLarge(f"upload is larger than the limit of {staging.max_bytes} bytes", "files")
-        self._file.write(data)
+        if staging.quota_bytes is not None and total > staging.quota_bytes:
+            self.abort()
+            staging.discard()
+            raise InsufficientStorage(
+                f"the upload does not fit the tenant's storage quota ({staging.quota_bytes} bytes left)", "files"
+            )
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self.abort()
+            staging.discard()
+            if is_disk_full(e):
+                raise InsufficientStorage("the registry's disk is full; the upload was not stored", "files") from None
+            raise
         self.written += n
 
     def close(self) -> int:
         if self._file is None:
             raise ValueError(f"{self.filename} is closed")
         try:
-            self._file.close()
-        except BaseException:
+            self._file.close()  # the last buffered bytes are written here: a full disk can show up now
+        except BaseException as e:
             self.abort()
+            if isinstance(e, OSError) and is_disk_full(e):
+                self._staging.discard()
+                raise InsufficientStorage("the registry's disk is full; the upload was not stored", "files") from None
             raise
         self._file = None
         self._staging._received(self.filename, self.written)

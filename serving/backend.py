@@ -27,6 +27,7 @@ from serving.engine.async_engine import EngineLoop
 from serving.engine.engine import LLMEngine, RequestOutput
 from serving.engine.errors import Overloaded, TenantBusy
 from serving.engine.sampling_params import SamplingParams
+from serving.fair_queue import FairWorkQueue
 from serving.metrics import Metrics
 
 log = logging.getLogger("deltaserve")
@@ -49,6 +50,7 @@ class BackendConfig:
     host_cache_bytes: int = 4 << 30
     max_upload_bytes: int = 2 << 30
     drain_timeout: float = 30.0
+    compressions_per_tenant: int = 2  # fine-tunes of one tenant waiting for compression; beyond: 429
 
 
 class Backend:
@@ -66,7 +68,8 @@ class Backend:
         # so that uploads, however many or heavy, never make another tenant's request wait for a worker.
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltaserve-io")
         self.upload_workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltaserve-upload")
-        self.compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltaserve-compress")
+        self.compressor = FairWorkQueue(self.config.compressions_per_tenant, name="deltaserve-compress")
+        self._record_pins: dict[str, int] = {}  # adapter version id -> requests running on it (_in_flight_lock)
         self._init_tokenizing()
         self.draining = False
         self.started = False
@@ -96,7 +99,7 @@ class Backend:
         self.loop.stop(timeout=5)
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.upload_workers.shutdown(wait=False, cancel_futures=True)
-        self.compressor.shutdown(wait=False, cancel_futures=True)
+        self.compressor.stop()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -255,6 +258,10 @@ class Backend:
             if n >= self.config.tenant_max_concurrent:
                 raise TenantBusy(f"tenant has {n} requests in flight (limit {self.config.tenant_max_concurrent})")
             self._in_flight[tenant.name] = n + 1
+        record = resolved.record
+        if record is not None:  # the version stays stored while a request runs on it (see _collect_replaced)
+            with self._in_flight_lock:
+                self._record_pins[record.id] = self._record_pins.get(record.id, 0) + 1
         try:
             request_id = uuid.uuid4().hex
             async for out in self.loop.stream(request_id, prompt, params, resolved.delta, tenant.name):
@@ -262,10 +269,34 @@ class Backend:
         finally:
             with self._in_flight_lock:
                 self._in_flight[tenant.name] -= 1
+                last = False
+                if record is not None:
+                    self._record_pins[record.id] -= 1
+                    last = not self._record_pins[record.id]
+                    if last:
+                        del self._record_pins[record.id]
+            if last:
+                newest = self.registry.resolve(record.tenant, record.name)
+                if newest is None or newest.id != record.id:  # replaced (or deleted) while it ran: collect it
+                    self.upload_workers.submit(self._collect_replaced, record.tenant, record.name)
 
     # ---- uploads -----------------------------------------------------------------------------------
-    def stage(self) -> Staging:
-        return self.registry.stage(self.config.max_upload_bytes)
+    def stage(self, tenant: Tenant | None = None) -> Staging:
+        """A staging for an upload (of `tenant`: its storage quota then applies as the bytes arrive)."""
+        return self.registry.stage(self.config.max_upload_bytes, tenant=tenant.name if tenant else None)
+
+    def _collect_replaced(self, tenant: str, name: str) -> None:
+        """Deletes the versions a newer one replaced, except those running requests still use (their last
+        request collects them when it ends). Runs in a worker thread; never raises (the versions stay, and
+        the next collection takes them)."""
+        with self._in_flight_lock:
+            keep = set(self._record_pins)
+        try:
+            removed = self.registry.collect_versions(tenant, name, keep=keep)
+        except Exception as e:  # a full disk, a closed registry at shutdown: nothing is lost by waiting
+            log.warning("replaced versions of %s/%s not collected yet: %s", tenant, name, e)
+            return
+        self._forget(removed)
 
     async def commit_upload(self, tenant: Tenant, name: str, fmt: str, staging: Staging) -> AdapterRecord:
         """Validates the staged files against the base (in a worker thread) and stores them: a new version.
@@ -274,14 +305,22 @@ class Backend:
         spec, rank = self.engine.spec, self.engine.config.max_lora_rank
         delta = await loop.run_in_executor(self.upload_workers, staging.validate, fmt, spec, rank)
         if fmt == "finetune":
+            if self.compressor.waiting(tenant.name) >= self.compressor.per_tenant:  # before a row is made
+                raise TenantBusy(f"{self.compressor.waiting(tenant.name)} of the tenant's fine-tunes wait for "
+                                 f"compression (limit {self.compressor.per_tenant}); retry later")  # fmt: skip
             record = self.registry.create_pending(tenant.name, name, fmt)
-            self.compressor.submit(self._compress, record, staging)
+            try:
+                self.compressor.submit(tenant.name, lambda: self._compress(record, staging))
+            except TenantBusy:
+                self.registry.fail_pending(record.id, "not compressed: too many of the tenant's fine-tunes waited")
+                raise
             return record
         older = self.registry.list_versions(tenant.name, name)
         record = await loop.run_in_executor(
             self.upload_workers, self.registry.commit_adapter, tenant.name, name, fmt, staging, delta
         )
         self._forget(older, keep={self._key(record)})  # same content re-uploaded: keep it resident
+        await loop.run_in_executor(self.upload_workers, self._collect_replaced, tenant.name, name)
         return record
 
     def _compress(self, record: AdapterRecord, staging: Staging) -> None:
@@ -303,6 +342,7 @@ class Backend:
             older = self.registry.list_versions(record.tenant, record.name)
             done = self.registry.complete_pending(record.id, staging, delta)
             self._forget([r for r in older if r.id != record.id], keep={self._key(done)})
+            self._collect_replaced(record.tenant, record.name)
             self.metrics.uploads.labels("finetune", "ready").inc()
         except Exception as e:  # the record must end failed, never stay "compressing"
             log.warning("compression of %s failed: %s", record.id, e)

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tenant-max-concurrent", type=int, default=None, help="one tenant's requests at once (then 429)")
     s.add_argument("--host-cache-mb", type=int, default=None, help="host-memory tier for deltas")
     s.add_argument("--max-upload-mb", type=int, default=None)
+    s.add_argument("--tenant-quota-mb", type=int, default=None, help="stored megabytes one tenant may hold (507 beyond)")
     s.add_argument("--drain-timeout", type=float, default=None, help="seconds running requests get on SIGTERM")
     s.add_argument("--header-timeout", type=float, default=None, help="seconds a request's headers may take (default 10)")
     s.add_argument("--max-connections", type=int, default=None, help="open connections at once (default 1000)")
@@ -391,7 +392,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 SERVE_FLAGS = ("model", "host", "port", "registry", "admin_key", "device", "dtype", "public_metrics", "max_model_len",
                "max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "max_pending", "tenant_max_concurrent", "bitdelta_slots", "lora_slots", "max_lora_rank",
-               "host_cache_mb", "max_upload_mb", "drain_timeout", "header_timeout", "max_connections", "num_kv_blocks", "kernel_backend", "cuda_graphs",
+               "host_cache_mb", "max_upload_mb", "tenant_quota_mb", "drain_timeout", "header_timeout", "max_connections", "num_kv_blocks", "kernel_backend", "cuda_graphs",
                "preload")
 
 

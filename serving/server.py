@@ -38,6 +38,7 @@ class ServerSettings(BaseSettings):
     max_lora_rank: int = Field(default=64, ge=1)
     host_cache_mb: int = Field(default=4096, ge=1)
     max_upload_mb: int = Field(default=2048, ge=1)
+    tenant_quota_mb: int | None = Field(default=None, ge=1)  # stored bytes one tenant may hold; None: no quota
     drain_timeout: float = Field(default=30.0, ge=0)
     header_timeout: float = Field(default=10.0, gt=0)  # seconds for a request's headers to arrive
     max_connections: int = Field(default=1000, ge=1)  # open connections at once; beyond, new ones are closed
@@ -149,7 +150,8 @@ def run_server(settings: ServerSettings) -> int:
     from serving.api.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with Registry(settings.registry, max_upload_bytes=settings.max_upload_mb << 20) as registry:
+    quota = settings.tenant_quota_mb << 20 if settings.tenant_quota_mb is not None else None
+    with Registry(settings.registry, max_upload_bytes=settings.max_upload_mb << 20, tenant_quota_bytes=quota) as registry:
         new_key = registry.ensure_admin_key(settings.admin_key)
         if new_key is not None:
             print(f"deltaserve: admin key generated (shown once, stored hashed in {settings.registry}): {new_key}",

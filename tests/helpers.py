@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from pathlib import Path
 
 import torch
@@ -228,3 +230,31 @@ def run_in_waves(engine, requests, deltas, params) -> dict[str, list[int]]:
             got[out.request_id].extend(out.new_token_ids)
         steps += 1
     return got
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, megabytes: int):
+    """A tmpfs of `megabytes` mounted at `path` (a disk that fills up for real); the test is skipped, saying
+    why, where this process may not mount one (it needs root)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0700", "tmpfs", str(path)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"a full disk is simulated with a small tmpfs, which this process cannot mount: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Writes a file into `folder` until its filesystem is full; returns the file (delete it to free the space)."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: the full disk shows at the write, not at close
+        for size in (1 << 20, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * size)
+    return filler

@@ -75,7 +75,7 @@ async def upload_adapter(request: Request, tenant: TenantDep):
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit + (1 << 20):
         raise APIError(413, f"Upload is over the {limit}-byte limit.")
-    staging = backend.stage()
+    staging = backend.stage(tenant)
     sink = _UploadSink(staging)
     fmt = "unknown"
     try:

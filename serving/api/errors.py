@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from registry.errors import DeltaError, InvalidName, NameTaken, NotFound, UploadTooLarge
+from registry.errors import DeltaError, InsufficientStorage, InvalidName, NameTaken, NotFound, UploadTooLarge
 from serving.engine.errors import EngineDead, Overloaded, PromptTooLong, TenantBusy
 from serving.engine.sampling_params import SamplingParamsError
 
@@ -28,6 +28,7 @@ TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
+    507: "server_error",
 }
 RETRY_AFTER_SECONDS = "1"
 
@@ -64,6 +65,8 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(400, e.message, param=e.param)
     if isinstance(e, UploadTooLarge):
         return APIError(413, e.message, param=e.param)
+    if isinstance(e, InsufficientStorage):
+        return APIError(507, e.message, param=e.param, code="insufficient_storage")
     if isinstance(e, DeltaError):
         return APIError(400, e.message, param=e.param, code=e.code)
     if isinstance(e, TenantBusy):
@@ -107,5 +110,5 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(to_api_error(e))
 
     for cls in (PromptTooLong, SamplingParamsError, NotFound, NameTaken, InvalidName, UploadTooLarge, DeltaError,
-                TenantBusy, Overloaded, EngineDead):
+                TenantBusy, Overloaded, EngineDead, InsufficientStorage):
         app.add_exception_handler(cls, lambda request, e: error_response(to_api_error(e)))

@@ -51,7 +51,8 @@ def start_server(root: Path, base_dir: Path, **overrides) -> LiveServer:
                     port=free_port(), max_model_len=128, max_lora_rank=8, num_kv_blocks=64, kernel_backend="torch",
                     max_upload_mb=1)  # fmt: skip
     settings = ServerSettings(**{**defaults, **overrides})
-    registry = Registry(settings.registry, max_upload_bytes=settings.max_upload_mb << 20)
+    quota = settings.tenant_quota_mb << 20 if settings.tenant_quota_mb is not None else None
+    registry = Registry(settings.registry, max_upload_bytes=settings.max_upload_mb << 20, tenant_quota_bytes=quota)
     registry.ensure_admin_key(settings.admin_key)
     backend = build_backend(settings, registry)
     backend.start()

@@ -183,3 +183,55 @@ def test_a_flooding_tenant_does_not_starve_a_light_one(files, tmp_path):  # noqa
         assert sorted(waits)[2] < 0.5, waits
     finally:
         srv.stop()
+
+
+def test_quota_replaced_versions_and_a_full_disk(files, tmp_path):  # noqa: F811
+    from tests.helpers import fill_disk, small_filesystem
+
+    _, base, lora, _ = files
+    bd, _ = make_bitdelta(base, tmp_path / "bd.safetensors", seed=3, per_row=True, replace=True)  # ~90 KB
+    versions = [make_bitdelta(base, tmp_path / f"v{i}.safetensors", seed=10 + i, per_row=True, replace=False)[0]
+                for i in range(5)]  # fmt: skip
+    with small_filesystem(tmp_path / "disk", 48) as disk:
+        srv = ServerProcess(base, disk / "registry", "--tenant-quota-mb", "1")
+        try:
+            hog, other = new_tenant(srv, "hog"), new_tenant(srv, "other")
+            with srv.client(hog) as c:
+                # 1. the quota: uploads until the tenant's megabyte is full, then 507 insufficient_storage
+                statuses = [upload(c, f"a{i}", "bitdelta", bd).status_code for i in range(20)]
+                assert 201 in statuses and statuses[-1] == 507, statuses
+                r = upload(c, "one-more", "bitdelta", bd)
+                assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage", r.text
+                assert r.json()["error"]["type"] == "server_error" and "quota" in r.json()["error"]["message"]
+            with srv.client(other) as c:
+                assert upload(c, "mine", "lora", lora).status_code == 201  # the others' quota is their own
+                # 2. replaced versions are collected: five versions of one name keep one blob
+                before = {p for p in (disk / "registry" / "blobs" / "bitdelta").rglob("*") if p.is_file()}
+                for v in versions:
+                    assert upload(c, "again", "bitdelta", v).status_code == 201
+                current = c.get("/v1/adapters/again").json()
+                assert current["version"] == 5
+            blobs = {p for p in (disk / "registry" / "blobs" / "bitdelta").rglob("*") if p.is_file()} - before
+            assert [p.name for p in blobs] == [current["sha256"]]  # the four replaced versions' blobs are gone
+            # 3. a full disk: 507 for writes, deletes still work, nothing stored is lost
+            filler = fill_disk(disk)
+            with srv.client(other) as c:
+                r = upload(c, "too-much", "lora", lora)
+                assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage", r.text
+            with srv.client(ADMIN) as c:
+                r = c.post("/v1/tenants", json={"name": "newcomer"})
+                for i in range(50):  # a tenant is a tiny row: the catalog's last free pages may take a few
+                    if r.status_code != 201:
+                        break
+                    r = c.post("/v1/tenants", json={"name": f"newcomer{i}"})
+                assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage", r.text
+            with srv.client(hog) as c:
+                assert c.delete("/v1/adapters/a0").status_code == 204
+                assert c.get("/v1/adapters/a0").status_code == 404
+            with srv.client(other) as c:
+                assert completion(c, "mine").status_code == 200 and completion(c, "again").status_code == 200
+            filler.unlink()
+            with srv.client(hog) as c:
+                assert upload(c, "a0", "bitdelta", bd).status_code == 201  # room again
+        finally:
+            srv.stop()

@@ -519,3 +519,69 @@ def test_every_registry_folder_is_private(tmp_path: Path, assets: Assets) -> Non
             assert not loose, loose
     finally:
         os.umask(old_umask)
+
+
+# ---- storage: quotas, replaced versions, a full disk ----
+
+
+def test_a_tenant_quota_bounds_what_it_stores(tmp_path: Path, assets: Assets) -> None:
+    from registry.errors import InsufficientStorage
+
+    size = assets.bd1.stat().st_size
+    with Registry(tmp_path / "reg", tenant_quota_bytes=2 * size + size // 2) as reg:
+        for t in ("acme", "other"):
+            reg.create_tenant(t)
+        commit(reg, "acme", "a", "bitdelta", assets.bd1, assets)
+        commit(reg, "acme", "b", "bitdelta", assets.bd1, assets)  # each version counts, shared content too
+        assert reg.tenant_usage("acme") == 2 * size
+        with pytest.raises(InsufficientStorage, match="over its quota"):
+            commit(reg, "acme", "c", "bitdelta", assets.bd1, assets)
+        commit(reg, "acme", "a", "bitdelta", assets.bd1, assets)  # a new version of a replaces the old one
+        commit(reg, "other", "c", "bitdelta", assets.bd1, assets)  # quotas are per tenant
+        assert [r.version for r in reg.collect_versions("acme", "a")] == [1]
+        # an upload stops as soon as it cannot fit what is left, while it streams
+        staging = reg.stage(tenant="acme")
+        assert staging.quota_bytes == size // 2
+        with pytest.raises(InsufficientStorage, match="quota"):
+            staging.add_file("d.safetensors", iter([b"\0" * size]))
+        assert staging.discarded
+
+
+def test_replaced_versions_are_collected_unless_in_use(reg: Registry, assets: Assets) -> None:
+    reg.create_tenant("acme")
+    v1 = commit(reg, "acme", "x", "bitdelta", assets.bd1, assets)
+    v2 = commit(reg, "acme", "x", "bitdelta", assets.bd2, assets)
+    v3 = commit(reg, "acme", "x", "lora", assets.lora, assets)
+    pending = reg.create_pending("acme", "x", "finetune")  # still compressing: never collected
+    removed = reg.collect_versions("acme", "x", keep={v2.id})  # v2 is in use by a running request
+    assert [r.id for r in removed] == [v1.id]
+    assert [r.id for r in reg.list_versions("acme", "x")] == [v2.id, v3.id, pending.id]
+    assert not reg.blob_path(v1).exists() and reg.blob_path(v2).exists()
+    assert [r.id for r in reg.collect_versions("acme", "x")] == [v2.id]  # its request ended
+    assert not reg.blob_path(v2).exists() and reg.blob_path(v3).exists()
+    assert reg.resolve("acme", "x").id == v3.id
+    assert reg.collect_versions("acme", "nothing") == []
+
+
+def test_a_full_disk_is_507_and_deletes_still_work(tmp_path: Path, assets: Assets) -> None:
+    from registry.errors import InsufficientStorage
+    from tests.helpers import fill_disk, small_filesystem
+
+    with small_filesystem(tmp_path / "disk", 24) as disk, Registry(disk / "reg") as reg:
+        reg.create_tenant("acme")
+        kept = commit(reg, "acme", "kept", "bitdelta", assets.bd1, assets)
+        gone = commit(reg, "acme", "gone", "lora", assets.lora, assets)
+        filler = fill_disk(disk)
+        with pytest.raises(InsufficientStorage):
+            for i in range(100):  # tenants are tiny rows: the catalog fills up within a few
+                reg.create_tenant(f"t{i}")
+        with pytest.raises(InsufficientStorage):
+            commit(reg, "acme", "new", "bitdelta", assets.bd2, assets)
+        reg.delete_adapter("acme", "gone")  # the way to free space must work on a full disk
+        assert reg.get_adapter("acme", "gone") is None and not reg.blob_path(gone).exists()
+        assert reg.resolve("acme", "kept").id == kept.id and load_delta(reg.blob_path(kept), assets.spec)
+        assert not list(reg.tmp.iterdir())  # nothing half-written left behind
+        filler.unlink()
+        commit(reg, "acme", "new", "bitdelta", assets.bd2, assets)  # space again: writes work again
+    with small_filesystem(tmp_path / "disk2", 24) as disk, Registry(disk / "reg") as reg:
+        assert (disk / "reg" / "reserve.bin").stat().st_size == Registry.RESERVE_BYTES
