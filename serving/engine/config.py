@@ -12,6 +12,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 4096  # tokens in one step (prefill chunks + one per decode)
     prefill_chunk: int = 512  # prompt tokens of one sequence computed in one step at most (chunked prefill)
+    fair_scheduling: bool = True  # shares among tenants (serving/engine/scheduler.py); False: first come, first served
     max_model_len: int | None = None  # prompt + output; default: the model's max_position_embeddings
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # default: from gpu_memory_utilization (GPU) or kv_cache_cpu_bytes (CPU)

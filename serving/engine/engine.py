@@ -167,7 +167,8 @@ class LLMEngine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
-        seq = Sequence(request_id, ids, params, delta, detok, tenant=tenant)
+        # Without fair scheduling every request counts as one tenant's: first come, first served.
+        seq = Sequence(request_id, ids, params, delta, detok, tenant=tenant if self.config.fair_scheduling else "")
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 

@@ -10,8 +10,9 @@ generated token DECODE_WEIGHT. Prefill chunks go to the tenant with the lowest c
 prompts cannot take the step's budget from the others. A tenant that becomes active again is lifted to the lowest
 counter among the active ones: idle time banks no credit. While other tenants wait, no tenant keeps more than its
 fair share of the running sequences (max_num_seqs / active tenants): the newest of an over-share tenant's
-sequences is preempted to admit a waiting tenant that is under its share. With one tenant, or tenants that stay
-under their shares, this is first-come first-served.
+sequences is parked (out of the batch, its KV blocks kept, resumed without recompute) to admit a waiting tenant
+that is under its share. Nobody waiting, a tenant may fill the
+batch: fairness never leaves places empty. With one tenant this is first-come first-served.
 
 Chunked prefill: a prompt is computed `prefill_chunk` tokens at a time at most, so a long prompt never holds
 other tenants' decodes for more than one chunk. Preempted sequences (KV blocks run out, or a fair-share
@@ -52,7 +53,8 @@ class Scheduler:
         self.queues: dict[str, deque[Sequence]] = {}  # per tenant, arrival order; preempted ones at the head
         self.running: list[Sequence] = []  # admission order
         self.counters: dict[str, float] = {}
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # sequences whose KV blocks were given back (recomputed later)
+        self.num_parked = 0  # sequences taken out of the batch for fair shares, their KV kept
 
     # ---- state -------------------------------------------------------------------------------------
     @property
@@ -112,6 +114,8 @@ class Scheduler:
                 i += 1
                 continue
             while not self.blocks.can_append(seq):
+                if self._reclaim_parked():  # parked sequences give their blocks back first
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -136,6 +140,17 @@ class Scheduler:
                 seq = self._admit(tenant, skipped)
                 if seq is None:
                     blocked.add(tenant)
+                    continue
+                if seq.num_uncomputed == 1:  # a parked sequence resumes: its next decode, nothing to recompute
+                    if not self.blocks.can_append(seq):
+                        self._unadmit(seq)
+                        blocked.add(tenant)
+                        continue
+                    self.blocks.append(seq)
+                    scheduled.append(ScheduledSeq(seq, 1))
+                    chunked.add(id(seq))
+                    self._charge(tenant, DECODE_WEIGHT)
+                    budget -= 1
                     continue
             n = min(seq.num_uncomputed, self.config.prefill_chunk, budget)
             if not self.blocks.can_grow(seq, seq.num_computed + n):
@@ -174,11 +189,14 @@ class Scheduler:
         queue = self.queues.get(tenant)
         if len(self.running) >= self.config.max_num_seqs:
             return None
-        if len(self._active()) > 1 and self._running_of(tenant) >= self.fair_share():
+        # Over its share a tenant gets more of the batch only while no other tenant waits for a place: the batch
+        # is never left part empty for fairness' sake.
+        others_wait = any(q for t, q in self.queues.items() if t != tenant)
+        if others_wait and self._running_of(tenant) >= self.fair_share():
             return None
         while queue:
             seq = queue.popleft()
-            if seq.delta is not None:
+            if seq.delta is not None and seq.slot < 0:  # a parked sequence still holds its slot
                 slot = self.slots.acquire(seq.delta)
                 if slot is None:  # every slot of its kind pinned: it waits, keeping its place
                     skipped.setdefault(tenant, []).append(seq)
@@ -190,9 +208,11 @@ class Scheduler:
         return None
 
     def _unadmit(self, seq: Sequence) -> None:
-        """An admitted sequence that found no KV blocks: back at the head of its queue, its slot given back."""
+        """An admitted sequence that found no KV blocks: back at the head of its queue (a new one gives its
+        slot back; a parked one stays parked)."""
         self.running.remove(seq)
-        self._release_slot(seq)
+        if not seq.block_table:
+            self._release_slot(seq)
         seq.status = SeqStatus.WAITING
         self.queues[seq.tenant].appendleft(seq)
 
@@ -211,8 +231,33 @@ class Scheduler:
             over = max(counts, key=lambda t: (counts[t], self.counters.get(t, 0.0)))
             if counts[over] <= share:
                 return
-            victim = next(s for s in reversed(self.running) if s.tenant == over)
-            self._preempt(victim)
+            # The one parked least so far (then the newest): the delay is spread over the tenant's sequences,
+            # rather than one of them parked at every arrival and finishing long after the others.
+            candidates = [s for s in self.running if s.tenant == over]
+            victim = min(reversed(candidates), key=lambda s: s.num_parks)
+            self._park(victim)
+
+    def _park(self, seq: Sequence) -> None:
+        """Takes a sequence out of the batch for its tenant's fair share, keeping its KV blocks, its computed
+        tokens and its delta slot: it resumes where it was, at the head of its tenant's queue, with nothing to
+        recompute (unless KV memory runs short meanwhile: _reclaim_parked)."""
+        self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_parks += 1
+        self.num_parked += 1
+        self.queues[seq.tenant].appendleft(seq)
+
+    def _reclaim_parked(self) -> bool:
+        """Frees the KV blocks of one parked sequence (it will be recomputed); False when none holds any."""
+        for queue in self.queues.values():
+            for seq in queue:
+                if seq.block_table:
+                    self.blocks.free(seq)
+                    self._release_slot(seq)
+                    seq.num_computed = 0
+                    self.num_preemptions += 1
+                    return True
+        return False
 
     def _preempt(self, seq: Sequence) -> None:
         """Gives back the sequence's blocks and slot; it will be recomputed from its tokens."""

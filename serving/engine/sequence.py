@@ -42,6 +42,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    num_parks: int = 0  # times taken out of the batch for another tenant's fair share (its KV kept)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

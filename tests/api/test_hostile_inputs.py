@@ -82,3 +82,27 @@ def test_control_tokens_in_chat_contents_stay_text(live):
         r = c.post("/v1/chat/completions", json={"model": backend.model_id, "messages": forged, "max_tokens": 2})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_non_finite_logprobs_are_valid_json():
+    # A tenant's own model can produce -inf or NaN logits; JSON has neither (a NaN literal breaks SSE clients).
+    import json
+    import math
+
+    from serving.api.openai_routes import NOT_FINITE_LOGPROB, chat_logprobs, completion_logprobs, sse
+    from serving.engine.sequence import TokenLogprob
+
+    class Backend:
+        def token_text(self, token_id: int) -> str:
+            return f"t{token_id}"
+
+    outs = [TokenLogprob(1, float("nan"), [(1, float("nan")), (2, -math.inf)]), TokenLogprob(2, -0.5, [(2, -0.5)])]
+    comp = completion_logprobs(Backend(), outs, 0)
+    chat = chat_logprobs(Backend(), outs)
+    for payload in (comp, chat):
+        text = sse({"choices": [{"logprobs": payload}]}).decode()
+        assert "NaN" not in text and "Infinity" not in text
+        json.loads(text[len("data: "):])  # strict JSON
+    assert comp["token_logprobs"] == [NOT_FINITE_LOGPROB, -0.5]
+    assert comp["top_logprobs"][0] == {"t1": NOT_FINITE_LOGPROB, "t2": NOT_FINITE_LOGPROB}
+    assert chat["content"][0]["logprob"] == NOT_FINITE_LOGPROB

@@ -142,24 +142,54 @@ def test_a_flooding_tenant_is_preempted_down_to_its_fair_share() -> None:
     got = step(s)
     assert ("light", 3) in got  # admitted at the next step
     assert light.status is SeqStatus.RUNNING and "f3" not in [x.request_id for x in s.running]
-    assert flood[3].status is SeqStatus.WAITING and flood[3].num_computed == 0 and s.num_preemptions == 1
-    assert s.queues["flood"][0] is flood[3]  # the preempted one waits at the head of its tenant's queue
+    # f3 is parked: out of the batch, at the head of its tenant's queue, its KV blocks and progress kept
+    assert flood[3].status is SeqStatus.WAITING and s.queues["flood"][0] is flood[3]
+    assert flood[3].num_computed == 3 and flood[3].block_table and s.num_parked == 1 and s.num_preemptions == 0
     for _ in range(3):
         step(s)
-    assert sum(x.tenant == "flood" for x in s.running) == 3  # no more preemptions: light holds 1 of its 2
-    assert s.num_preemptions == 1
+    assert sum(x.tenant == "flood" for x in s.running) == 3  # no more parking: light holds 1 of its 2
+    assert s.num_parked == 1
+    s.finish(light, "stop")
+    assert ("f3", 1) in step(s)  # light gone: f3 resumes with its next token, nothing recomputed
+    assert flood[3].num_computed == 4
+
+
+def test_parked_sequences_give_their_blocks_back_when_memory_runs_short() -> None:
+    s = make(max_num_seqs=2, blocks=4, block_size=4)
+    a, b = seq("a", 7, tenant="a"), seq("b", 3, tenant="b")
+    s.add(a)
+    step(s)  # a: 2 blocks
+    s.add(b)
+    s.add(seq("a2", 3, tenant="a"))
+    step(s)
+    s._park(a)  # as a fair-share parking would
+    a_blocks = len(a.block_table)
+    assert a_blocks == 2 and s.blocks.num_free == 4 - a_blocks - len(b.block_table)
+    for _ in range(8):  # b decodes into new blocks: a's are reclaimed rather than a running sequence preempted
+        step(s)
+    assert b.status is SeqStatus.RUNNING and not a.block_table and a.num_computed == 0 and s.num_preemptions >= 1
 
 
 def test_over_its_share_a_tenant_is_not_admitted_while_others_wait() -> None:
     s = make(max_num_seqs=4)
-    for i in range(3):
+    for i in range(4):
+        s.add(seq(f"a{i}", 2, tenant="a"))
+    for i in range(2):
+        s.add(seq(f"b{i}", 2, tenant="b"))
+    step(s)
+    assert sorted(x.request_id for x in s.running) == ["a0", "a1", "b0", "b1"]  # the share of 4 among 2 is 2 each
+    s.finish(s.running[-1], "stop")  # b1 ends: nobody else waits, so a may take the free place
+    step(s)
+    assert sorted(x.request_id for x in s.running) == ["a0", "a1", "a2", "b0"]
+
+
+def test_fairness_never_leaves_places_empty() -> None:
+    s = make(max_num_seqs=4)
+    for i in range(4):
         s.add(seq(f"a{i}", 2, tenant="a"))
     s.add(seq("b0", 2, tenant="b"))
     step(s)
-    assert sorted(x.request_id for x in s.running) == ["a0", "a1", "b0"]  # a's share of 4 among 2 tenants is 2
-    s.add(seq("b1", 2, tenant="b"))
-    step(s)
-    assert sorted(x.request_id for x in s.running) == ["a0", "a1", "b0", "b1"]
+    assert len(s.running) == 4 and sum(x.tenant == "a" for x in s.running) == 3  # b wants one place only
 
 
 def test_out_of_blocks_partial_prefills_make_progress() -> None:
