@@ -212,6 +212,14 @@ class SlotPool:
         else:
             table.free(slot)
 
+    def is_resident(self, delta: Delta) -> bool:
+        """True when `delta` is in a slot now: acquiring it loads nothing."""
+        return self._tables[delta.kind].find(delta.key) is not None
+
+    def has_room(self, kind: str) -> bool:
+        """True when a delta of this kind could be loaded now (a slot free, or an unpinned one to reuse)."""
+        return self._tables[kind].victim() is not None
+
     def acquire(self, delta: Delta) -> int | None:
         """Pins `delta` in a slot, loading it (a copy) if it is not resident. None when every slot of its
         kind is pinned by other deltas: the caller waits and tries again after some request finishes."""

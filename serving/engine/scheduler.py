@@ -8,8 +8,10 @@ Fairness is the virtual token counter of "Fairness in Serving Large Language Mod
 S-LoRA implements it): each tenant's counter adds up the service it received, a prompt token counting 1 and a
 generated token DECODE_WEIGHT. Prefill chunks go to the tenant with the lowest counter first, so one tenant's
 prompts cannot take the step's budget from the others. A tenant that becomes active again is lifted to the lowest
-counter among the active ones: idle time banks no credit. While other tenants wait, no tenant keeps more than its
-fair share of the running sequences (max_num_seqs / active tenants): the newest of an over-share tenant's
+counter among the active ones: idle time banks no credit; and no active tenant's counter leads the lowest by more
+than one step's token budget: past service is not paid back for ever. While other tenants wait, no tenant keeps more than its
+max-min fair share of the running sequences (by demand: tenants wanting less than an equal part get what they
+want, the others divide the rest; see fair_shares): one of an over-share tenant's
 sequences is parked (out of the batch, its KV blocks kept, resumed without recompute) to admit a waiting tenant
 that is under its share. Nobody waiting, a tenant may fill the
 batch: fairness never leaves places empty. With one tenant this is first-come first-served.
@@ -18,7 +20,10 @@ Chunked prefill: a prompt is computed `prefill_chunk` tokens at a time at most, 
 other tenants' decodes for more than one chunk. Preempted sequences (KV blocks run out, or a fair-share
 preemption) give back their blocks and their delta slot and wait at the head of their tenant's queue, to be
 recomputed from their tokens. A waiting sequence whose delta finds every slot of its kind pinned keeps its place
-while the sequences behind it go ahead. Nothing crashes.
+while the sequences behind it go ahead. Delta slots are loaded first come first served across tenants: a freed
+slot goes to the oldest waiting sequence whose delta is not resident (its "load turn"), whatever its tenant's
+counter, so a tenant whose delta was evicted waits for slots in line rather than behind every newcomer with a
+lower counter. Nothing crashes.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class Scheduler:
         self.counters: dict[str, float] = {}
         self.num_preemptions = 0  # sequences whose KV blocks were given back (recomputed later)
         self.num_parked = 0  # sequences taken out of the batch for fair shares, their KV kept
+        self._arrivals = 0
+        self._load_turn: dict[str, str] = {}  # per delta kind: the key of the delta to load next (see _next_loads)
 
     # ---- state -------------------------------------------------------------------------------------
     @property
@@ -75,9 +82,30 @@ class Scheduler:
     def _running_of(self, tenant: str) -> int:
         return sum(s.tenant == tenant for s in self.running)
 
-    def fair_share(self) -> int:
-        """The running sequences each active tenant may hold while others wait (at least one)."""
-        return max(1, self.config.max_num_seqs // max(1, len(self._active())))
+    def fair_shares(self) -> dict[str, float]:
+        """Each active tenant's max-min fair share of the batch's places, by demand (its running sequences and
+        those waiting that could run): tenants wanting less than an equal part get what they want, the rest is
+        divided equally among the others (water-filling). A tenant may hold its share while others wait."""
+        demand = {t: 0 for t in self._active()}
+        for s in self.running:
+            demand[s.tenant] += 1
+        for t, q in self.queues.items():
+            demand[t] = demand.get(t, 0) + sum(self._could_run(s) for s in q)
+        shares: dict[str, float] = {}
+        remaining, left = float(self.config.max_num_seqs), sorted(demand, key=demand.__getitem__)
+        while left:
+            equal = remaining / len(left)
+            if demand[left[0]] > equal:
+                shares.update(dict.fromkeys(left, equal))
+                break
+            t = left.pop(0)
+            shares[t] = demand[t]
+            remaining -= demand[t]
+        return shares
+
+    def _over_share(self, tenant: str, shares: dict[str, float]) -> bool:
+        """True when the tenant holds at least its share (at least one place is always its share)."""
+        return self._running_of(tenant) >= max(1.0, shares.get(tenant, 1.0))
 
     # ---- requests ----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -86,7 +114,11 @@ class Scheduler:
             others = [self.counters.get(t, 0.0) for t in active]
             lifted = min(others) if others else 0.0
             self.counters[seq.tenant] = max(self.counters.get(seq.tenant, 0.0), lifted)
+        self._arrivals += 1
+        seq.arrival = self._arrivals
         self.queues.setdefault(seq.tenant, deque()).append(seq)
+        if seq.delta is not None and not self.slots.is_resident(seq.delta):  # the newest: a turn only if none yet
+            self._load_turn.setdefault(seq.delta.kind, seq.delta.key)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence (done, or aborted) wherever it is, freeing its blocks and slot."""
@@ -105,6 +137,8 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
+        self._bound_leads()
+        self._load_turn = self._next_loads()
         self._make_room_for_waiting_tenants()
         # 1. Decodes: every decoding sequence gets one token, preempting from the back when blocks run out.
         i = 0
@@ -175,6 +209,18 @@ class Scheduler:
     def _charge(self, tenant: str, tokens: float) -> None:
         self.counters[tenant] = self.counters.get(tenant, 0.0) + tokens
 
+    def _bound_leads(self) -> None:
+        """No active tenant's counter leads the lowest active one by more than one step's token budget. The
+        counters order who is served next; without a bound, a tenant that once had the batch to itself would
+        wait, with work queued, until every other tenant had caught up with all of its past service."""
+        active = self._active()
+        if len(active) < 2:
+            return
+        ceiling = min(self.counters.get(t, 0.0) for t in active) + self.config.max_num_batched_tokens
+        for t in active:
+            if self.counters.get(t, 0.0) > ceiling:
+                self.counters[t] = ceiling
+
     def _next_tenant(self, blocked: set[str], chunked: set[int]) -> str | None:
         """The lowest-counter tenant with prefill work this step (ties: fewer running sequences, then name)."""
         candidates = {s.tenant for s in self.running if s.num_uncomputed > 1 and id(s) not in chunked}
@@ -189,23 +235,53 @@ class Scheduler:
         queue = self.queues.get(tenant)
         if len(self.running) >= self.config.max_num_seqs:
             return None
-        # Over its share a tenant gets more of the batch only while no other tenant waits for a place: the batch
-        # is never left part empty for fairness' sake.
-        others_wait = any(q for t, q in self.queues.items() if t != tenant)
-        if others_wait and self._running_of(tenant) >= self.fair_share():
+        # Over its share a tenant gets more of the batch only while no other tenant waits for a place it could
+        # take: the batch is never left part empty for fairness' sake.
+        others_wait = any(self._admittable(q) for t, q in self.queues.items() if t != tenant)
+        if others_wait and self._over_share(tenant, self.fair_shares()):
             return None
         while queue:
             seq = queue.popleft()
             if seq.delta is not None and seq.slot < 0:  # a parked sequence still holds its slot
+                loads = not self.slots.is_resident(seq.delta)
+                if loads and self._load_turn.get(seq.delta.kind) != seq.delta.key:
+                    skipped.setdefault(tenant, []).append(seq)  # an older request loads first: it keeps its place
+                    continue
                 slot = self.slots.acquire(seq.delta)
                 if slot is None:  # every slot of its kind pinned: it waits, keeping its place
                     skipped.setdefault(tenant, []).append(seq)
                     continue
                 seq.slot = slot
+                if loads:
+                    self._load_turn = self._next_loads()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             return seq
         return None
+
+    def _admittable(self, queue: deque[Sequence]) -> bool:
+        """True when some sequence of this queue could join the batch now (see _could_run)."""
+        return any(self._could_run(s) for s in queue)
+
+    def _could_run(self, seq: Sequence) -> bool:
+        """A waiting sequence with no delta, holding its slot (parked), whose delta is resident, or whose turn it
+        is to load one where there is room. Waiting for a delta slot is not waiting for a place in the batch."""
+        if seq.delta is None or seq.slot >= 0 or self.slots.is_resident(seq.delta):
+            return True
+        return self._load_turn.get(seq.delta.kind) == seq.delta.key and self.slots.has_room(seq.delta.kind)
+
+    def _next_loads(self) -> dict[str, str]:
+        """Per delta kind, the delta of the oldest waiting sequence whose delta is not resident: the next one a
+        freed slot goes to."""
+        oldest: dict[str, Sequence] = {}
+        for queue in self.queues.values():
+            for seq in queue:
+                if seq.delta is None or seq.slot >= 0 or self.slots.is_resident(seq.delta):
+                    continue
+                kind = seq.delta.kind
+                if kind not in oldest or seq.arrival < oldest[kind].arrival:
+                    oldest[kind] = seq
+        return {kind: seq.delta.key for kind, seq in oldest.items()}  # type: ignore[union-attr]
 
     def _unadmit(self, seq: Sequence) -> None:
         """An admitted sequence that found no KV blocks: back at the head of its queue (a new one gives its
@@ -221,15 +297,16 @@ class Scheduler:
         tenant most over its share is preempted (one per waiting tenant and step)."""
         if len(self.running) < self.config.max_num_seqs:
             return
-        share = self.fair_share()
-        for tenant in sorted((t for t, q in self.queues.items() if q), key=lambda t: self.counters.get(t, 0.0)):
-            if len(self.running) < self.config.max_num_seqs or self._running_of(tenant) >= share:
+        shares = self.fair_shares()
+        waiting = [t for t, q in self.queues.items() if self._admittable(q)]
+        for tenant in sorted(waiting, key=lambda t: self.counters.get(t, 0.0)):
+            if len(self.running) < self.config.max_num_seqs or self._over_share(tenant, shares):
                 continue
             counts: dict[str, int] = {}
             for s in self.running:
                 counts[s.tenant] = counts.get(s.tenant, 0) + 1
-            over = max(counts, key=lambda t: (counts[t], self.counters.get(t, 0.0)))
-            if counts[over] <= share:
+            over = max(counts, key=lambda t: (counts[t] - shares.get(t, 1.0), self.counters.get(t, 0.0)))
+            if counts[over] <= max(1.0, shares.get(over, 1.0)):
                 return
             # The one parked least so far (then the newest): the delay is spread over the tenant's sequences,
             # rather than one of them parked at every arrival and finishing long after the others.

@@ -43,6 +43,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     num_parks: int = 0  # times taken out of the batch for another tenant's fair share (its KV kept)
+    arrival: int = 0  # order of arrival at the scheduler: whose delta is loaded next when slots are short
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -36,6 +36,12 @@ class FakeSlots:
         if not self.pins[delta.key]:
             del self.pins[delta.key]
 
+    def is_resident(self, delta):
+        return delta.key in self.pins
+
+    def has_room(self, kind):
+        return len(self.pins) < self.n
+
 
 def make(max_num_seqs=8, budget=64, chunk=16, blocks=64, block_size=4, slots=4) -> Scheduler:
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, prefill_chunk=chunk)
@@ -183,6 +189,19 @@ def test_over_its_share_a_tenant_is_not_admitted_while_others_wait() -> None:
     assert sorted(x.request_id for x in s.running) == ["a0", "a1", "a2", "b0"]
 
 
+def test_a_tenant_waiting_for_a_delta_slot_does_not_hold_places_back() -> None:
+    # b's requests wait for a GPU slot (the only one is pinned): they are not waiting for a place in the batch,
+    # so a may fill the batch meanwhile rather than leave it part empty.
+    s = make(max_num_seqs=4, slots=1)
+    s.add(seq("a-first", 2, tenant="a", delta=FakeDelta("A")))
+    step(s)
+    for i in range(3):
+        s.add(seq(f"a{i}", 2, tenant="a"))
+    s.add(seq("b0", 2, tenant="b", delta=FakeDelta("B")))
+    step(s)
+    assert len(s.running) == 4 and all(x.tenant == "a" for x in s.running) and s.num_parked == 0
+
+
 def test_fairness_never_leaves_places_empty() -> None:
     s = make(max_num_seqs=4)
     for i in range(4):
@@ -203,3 +222,72 @@ def test_out_of_blocks_partial_prefills_make_progress() -> None:
     assert any(("a", 4) in got or ("b", 4) in got for got in seen)
     assert s.num_preemptions >= 1
     assert a.num_uncomputed == 1 or b.num_uncomputed == 1  # one of them reached its decode
+
+
+def test_fair_shares_are_max_min_by_demand() -> None:
+    # 8 places: tenants wanting 1 and 2 get them; the two big ones split the other 5.
+    s = make(max_num_seqs=8, budget=4)  # a small budget: nothing is admitted yet, the demands are what is queued
+    for tenant, n in (("one", 1), ("two", 2), ("big1", 10), ("big2", 6)):
+        for i in range(n):
+            s.add(seq(f"{tenant}-{i}", 3, tenant=tenant))
+    assert s.fair_shares() == {"one": 1, "two": 2, "big1": 2.5, "big2": 2.5}
+
+
+def test_a_small_tenant_among_many_does_not_cap_a_big_one() -> None:
+    # One tenant floods, ten others want one place each: the flood keeps the rest of the batch.
+    s = make(max_num_seqs=16, budget=256)
+    for i in range(30):
+        s.add(seq(f"f{i}", 2, tenant="flood"))
+    for i in range(10):
+        s.add(seq(f"l{i}", 2, tenant=f"light{i}"))
+    step(s)
+    assert len(s.running) == 16 and sum(x.tenant == "flood" for x in s.running) == 6
+    for _ in range(3):
+        step(s)
+    for x in [x for x in s.running if x.tenant != "flood"]:
+        s.finish(x, "stop")  # the light ones end: the flood takes the whole batch again
+    step(s)
+    assert len(s.running) == 16 and all(x.tenant == "flood" for x in s.running)
+
+
+def test_past_service_is_not_paid_back_for_ever() -> None:
+    # a ran three sequences beside b's one for long, so its counter leads b's by hundreds. When a asks for more
+    # while b keeps the step's budget busy with prompts, a waits about one step's budget of b's service, not until
+    # b has caught up with all of a's past.
+    s = make(max_num_seqs=16, budget=32, chunk=16, blocks=1024)
+    for i in range(3):
+        s.add(seq(f"a{i}", 4, tenant="a"))
+    s.add(seq("b-long", 4, tenant="b"))
+    for _ in range(100):
+        step(s)
+    s.add(seq("a-new", 4, tenant="a"))
+    for n in range(6):
+        for j in range(2):  # b's prompts alone would fill the budget left after the decodes
+            s.add(seq(f"b{n}-{j}", 16, tenant="b"))
+        got = step(s)
+        for x in [x for x in s.running if x.request_id.startswith("b") and x.request_id != "b-long"]:
+            if x.num_uncomputed == 1:
+                s.finish(x, "stop")
+        if any(rid == "a-new" for rid, _ in got):
+            break
+    assert n <= 2, f"a-new waited {n + 1} steps"
+
+
+def test_freed_delta_slots_go_to_the_oldest_request_whatever_its_counter() -> None:
+    # One slot, pinned by x. The flood (served a lot: the highest counter) waits for it first; a newcomer with a
+    # lower counter comes after. When x ends, the slot goes to the flood's request: it waited longer.
+    s = make(max_num_seqs=8, budget=64, slots=1)
+    s.add(seq("x0", 2, tenant="x", delta=FakeDelta("X")))
+    step(s)
+    s.add(seq("f0", 2, tenant="flood", delta=FakeDelta("F")))
+    s.counters["flood"] = s.counters["x"] + 40
+    step(s)
+    s.add(seq("y0", 2, tenant="y", delta=FakeDelta("Y")))
+    step(s)
+    assert [x.request_id for x in s.running] == ["x0"]
+    s.finish(s.running[0], "stop")
+    step(s)
+    assert [x.request_id for x in s.running] == ["f0"]
+    s.finish(s.running[0], "stop")
+    step(s)
+    assert [x.request_id for x in s.running] == ["y0"]  # then the next in line
