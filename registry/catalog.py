@@ -727,6 +727,11 @@ class Registry:
         )
         return [AdapterRecord(*r) for r in rows]
 
+    def list_tenant_versions(self, tenant: str) -> list[AdapterRecord]:
+        """Every stored version of every adapter of `tenant`, by name then version ([] if none)."""
+        rows = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE tenant=? ORDER BY name, version", (tenant,))
+        return [AdapterRecord(*r) for r in rows]
+
     def delete_adapter(self, tenant: str, name: str) -> None:
         """Deletes every version of `tenant`'s adapter `name` (rows first, then the blobs no other row
         uses). A compression in progress then fails with NotFound. Raises NotFound(param "name") if

@@ -35,6 +35,11 @@ class HostTier:
     def nbytes(self) -> int:
         return self._bytes
 
+    def keys(self) -> list[str]:
+        """The cached deltas' keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
     def get(self, key: str, load: Callable[[], Delta]) -> Delta:
         """The cached delta of `key`, or `load()` it (once, even when several threads ask at the same time)."""
         with self._lock:

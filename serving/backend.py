@@ -165,6 +165,13 @@ class Backend:
         self.registry.delete_adapter(tenant.name, name)
         self._forget(versions)
 
+    def delete_tenant(self, name: str) -> None:
+        """Deletes a tenant, its key and its adapters, and frees their host copies and GPU slots (those its
+        running requests use when they end). NotFound if there is no such tenant."""
+        versions = self.registry.list_tenant_versions(name)
+        self.registry.delete_tenant(name)
+        self._forget(versions)
+
     def list_models(self, tenant: Tenant) -> list[dict]:
         created = int(time.time())
         models = [{"id": self.model_id, "object": "model", "created": created, "owned_by": "deltaserve", "parent": None}]
@@ -287,16 +294,21 @@ class Backend:
 
     def _collect_replaced(self, tenant: str, name: str) -> None:
         """Deletes the versions a newer one replaced, except those running requests still use (their last
-        request collects them when it ends). Runs in a worker thread; never raises (the versions stay, and
-        the next collection takes them)."""
+        request collects them when it ends), and frees the host copies and GPU slots of every replaced version
+        (a slot in use is freed when its last request ends). The one place a replaced version is let go of;
+        runs in a worker thread and never raises (stored versions stay, and the next collection takes them)."""
         with self._in_flight_lock:
             keep = set(self._record_pins)
+        newest, replaced = None, []
         try:
-            removed = self.registry.collect_versions(tenant, name, keep=keep)
+            newest = self.registry.resolve(tenant, name)
+            if newest is not None:
+                replaced = [r for r in self.registry.list_versions(tenant, name) if r.version < newest.version]
+            self.registry.collect_versions(tenant, name, keep=keep)
         except Exception as e:  # a full disk, a closed registry at shutdown: nothing is lost by waiting
             log.warning("replaced versions of %s/%s not collected yet: %s", tenant, name, e)
-            return
-        self._forget(removed)
+        # The same content uploaded again is the newest version's delta too: it stays resident.
+        self._forget(replaced, keep={self._key(newest)} if newest is not None else set())
 
     async def commit_upload(self, tenant: Tenant, name: str, fmt: str, staging: Staging) -> AdapterRecord:
         """Validates the staged files against the base (in a worker thread) and stores them: a new version.
@@ -315,11 +327,9 @@ class Backend:
                 self.registry.fail_pending(record.id, "not compressed: too many of the tenant's fine-tunes waited")
                 raise
             return record
-        older = self.registry.list_versions(tenant.name, name)
         record = await loop.run_in_executor(
             self.upload_workers, self.registry.commit_adapter, tenant.name, name, fmt, staging, delta
         )
-        self._forget(older, keep={self._key(record)})  # same content re-uploaded: keep it resident
         await loop.run_in_executor(self.upload_workers, self._collect_replaced, tenant.name, name)
         return record
 
@@ -339,9 +349,7 @@ class Backend:
             compress(self.engine.base_dir, staging.path, out, progress=progress)
             delta = load_delta(out, self.engine.spec)
             staging.keep_only(out)
-            older = self.registry.list_versions(record.tenant, record.name)
-            done = self.registry.complete_pending(record.id, staging, delta)
-            self._forget([r for r in older if r.id != record.id], keep={self._key(done)})
+            self.registry.complete_pending(record.id, staging, delta)
             self._collect_replaced(record.tenant, record.name)
             self.metrics.uploads.labels("finetune", "ready").inc()
         except Exception as e:  # the record must end failed, never stay "compressing"

@@ -34,7 +34,7 @@ async def list_tenants(request: Request, _: Admin):
 
 @router.delete("/v1/tenants/{name}", status_code=204)
 async def delete_tenant(request: Request, name: str, _: Admin):
-    request.app.state.backend.registry.delete_tenant(name)
+    request.app.state.backend.delete_tenant(name)
     return Response(status_code=204)
 
 

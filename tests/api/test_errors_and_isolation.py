@@ -48,6 +48,12 @@ def test_authentication(live, tenants):
     for method, path in ROUTES_ADMIN:  # a tenant key on admin routes
         with live.client(a) as c:
             assert_error(c.request(method, path), 403, "permission_error")
+    with live.client(None) as c:  # a valid key under any scheme but Bearer (or none) is no key
+        for header in (f"Basic {a}", f"Token {a}", a, f"Bearer{a}", "Bearer"):
+            r = c.get("/v1/models", headers={"Authorization": header})
+            assert_error(r, 401, "authentication_error", code="invalid_api_key")
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/v1/models", headers={"Authorization": f"bearer  {a}"}).status_code == 200  # case-insensitive
     with live.client(None) as c:  # public
         assert c.get("/health").json() == {"status": "ok"} and c.get("/ready").json() == {"status": "ok"}
 

@@ -80,6 +80,7 @@ def test_sampling_fields(live, tenant):
     again = client.completions.create(model="my-lora", prompt=PROMPT, max_tokens=6, temperature=0.9, seed=3, n=3,
                                       logprobs=2, top_p=0.9, extra_body={"top_k": 50})
     assert [c.text for c in r.choices] == [c.text for c in again.choices]  # seeded: reproducible
+    assert len({c.text for c in r.choices}) == 3  # and each choice its own draw (seeded outputs: never flaky)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) >= 1
     assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)

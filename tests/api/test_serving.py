@@ -58,8 +58,12 @@ def test_new_version_and_delete_during_a_stream(live, second_lora):
             assert live.backend.num_pending >= 1  # the stream is still running
             assert text_of(c, "ver") == want_b  # new requests use the new version at once
 
+        v1 = live.backend.registry.resolve("versions", "ver")
         with c.stream("POST", "/v1/completions", json={"model": "ver", "prompt": "The quick brown fox", "stream": True, **LONG}) as s:
             assert stream_text(s, on_first=reupload) == want_a  # the running stream finished on version 1
+        # the replaced version's GPU slot and host copy are freed once its last request ended; it is collected
+        wait_until(lambda: not resident(live, f"versions/lora/{v1.sha256}"))
+        assert [r.version for r in live.backend.registry.list_versions("versions", "ver")] == [2]
 
         def delete():
             assert c.delete("/v1/adapters/ver").status_code == 204
@@ -70,10 +74,63 @@ def test_new_version_and_delete_during_a_stream(live, second_lora):
         with c.stream("POST", "/v1/completions", json={"model": "ver", "prompt": "The quick brown fox", "stream": True, **LONG}) as s:
             assert stream_text(s, on_first=delete) == want_b
         # the deleted version's GPU slot is free once its last request ended (and no key of it stays cached)
-        deadline = time.time() + 10
-        while any(k and k.startswith("versions/") for k in live.backend.engine.slots.resident("lora")):
-            assert time.time() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: not resident(live, "versions/"))
+
+
+def resident(live, prefix: str) -> bool:
+    """True while a delta whose key starts with `prefix` is in a GPU slot or the host tier."""
+    slots = live.backend.engine.slots
+    keys = [k for kind in ("lora", "bitdelta") for k in slots.resident(kind) if k] + live.backend.host_tier.keys()
+    return any(k.startswith(prefix) for k in keys)
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_cli_adapters_rm_and_tenants_rm_free_what_they_held(live, second_lora, capsys, monkeypatch):
+    from serving.cli import main as cli_main
+    from tests.api.conftest import ADMIN_KEY
+
+    monkeypatch.setenv("DELTASERVE_URL", live.url)
+    monkeypatch.setenv("DELTASERVE_ADMIN_KEY", ADMIN_KEY)
+    assert cli_main(["tenants", "create", "leaving"]) == 0
+    key = capsys.readouterr().out.strip().split()[-1]
+    monkeypatch.setenv("DELTASERVE_API_KEY", key)
+    for name, fmt, path in (("a", "lora", live.files["lora"]), ("b", "lora", second_lora), ("c", "bitdelta", live.files["bd"])):
+        assert cli_main(["adapters", "push", str(path), "--name", name, "--format", fmt]) == 0
+    with live.client(key) as c:
+        for name in "abc":
+            text_of(c, name, max_tokens=2)
+    capsys.readouterr()
+    assert resident(live, "leaving/lora/") and resident(live, "leaving/bitdelta/")
+
+    b = live.backend.registry.resolve("leaving", "b")
+    assert cli_main(["adapters", "push", str(second_lora), "--name", "b", "--format", "lora"]) == 0  # same content
+    assert [r.version for r in live.backend.registry.list_versions("leaving", "b")] == [2]  # version 1 collected...
+    assert resident(live, f"leaving/lora/{b.sha256}")  # ...but its delta is version 2's too: it stays resident
+    a = live.backend.registry.resolve("leaving", "a")
+    capsys.readouterr()
+    assert cli_main(["adapters", "rm", "a"]) == 0
+    wait_until(lambda: not resident(live, f"leaving/lora/{a.sha256}"))
+    assert cli_main(["adapters", "ls"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == ["b", "c"]
+    assert cli_main(["adapters", "rm", "a"]) == 2  # gone: 404
+    assert "404" in capsys.readouterr().err
+
+    assert cli_main(["tenants", "rm", "leaving"]) == 0
+    wait_until(lambda: not resident(live, "leaving/"))  # its deltas leave the host tier and the GPU slots
+    with live.client(key) as c:
+        assert c.get("/v1/models").status_code == 401  # its key is gone too
+    assert cli_main(["tenants", "ls"]) == 0
+    assert "leaving" not in capsys.readouterr().out.split()
+    assert cli_main(["tenants", "rm", "leaving"]) == 2
+    assert "404" in capsys.readouterr().err
+    assert not live.backend.registry.list_tenant_versions("leaving")
 
 
 def test_many_tenants_stream_while_uploading_and_cold_loading(live, second_lora):

@@ -83,6 +83,14 @@ def test_top_p_exact_sets() -> None:
         assert set(torch.isfinite(masked[0]).nonzero().flatten().tolist()) == expected, p
 
 
+def test_top_p_mass_exactly_at_the_boundary() -> None:
+    # Four equal logits: probabilities exactly 0.25, exclusive masses exactly 0, 0.25, 0.5, 0.75. The smallest
+    # nucleus of mass >= top_p stops where the mass reaches top_p: the entry after it is out.
+    logits = torch.zeros(3, 4)
+    masked = mask_top_k_top_p(logits, None, torch.tensor([0.25, 0.5, 0.75]))
+    assert torch.isfinite(masked).sum(dim=-1).tolist() == [1, 2, 3]
+
+
 def test_top_k_then_top_p_mask() -> None:
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.4, 0.3, 0.2, 0.1]])
     logits = probs.log()

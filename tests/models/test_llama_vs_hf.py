@@ -108,6 +108,58 @@ def test_half_precision_loads(tmp_path):
         assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
+# Half precision: our forward must be as close to the float32 truth as transformers' own forward in that dtype
+# (within HALF_VS_HF of it), and within HALF_ATOL x max|logit| of transformers' logits.
+HALF_ATOL = {torch.bfloat16: 0.05, torch.float16: 0.01}
+HALF_VS_HF = 1.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_half_precision_matches_transformers_in_the_same_dtype(tmp_path, arch, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from serving.engine.config import EngineConfig
+    from serving.engine.engine import LLMEngine
+    from serving.engine.sampling_params import SamplingParams
+
+    model_dir = make_model_dir(tmp_path / "m", arch=arch, max_position_embeddings=1024)
+    # positions past 256, where bf16 no longer holds every integer (RoPE must be computed in float32)
+    prompts = [[5, 17, 99, 3, 250, 7, 7, 40, 41, 42, 11], [9, 8, 7], [(7 * i) % 300 + 1 for i in range(400)]]
+    truth = hf_logits(model_dir, prompts)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager").eval()
+    model = load_model(model_dir, dtype=dtype)
+    attn = build_attention_batch([len(p) for p in prompts], [len(p) for p in prompts], None, 16, "cpu")
+    with torch.no_grad():
+        ours = model.compute_logits(model(torch.tensor(sum(prompts, [])), attn)).float()
+        theirs = torch.cat([hf(torch.tensor([p])).logits[0].float() for p in prompts])
+    truth = torch.cat(truth)
+    scale = truth.abs().max().item()
+    tol = HALF_ATOL[dtype] * scale
+    assert (ours - theirs).abs().max().item() <= tol
+    assert (ours - truth).abs().max().item() <= HALF_VS_HF * (theirs - truth).abs().max().item()
+
+    # The engine in this dtype (the GPU default is bf16), 64 greedy tokens per prompt. Along its own tokens,
+    # each one must be transformers' argmax in the same dtype, or within `tol` of it (a near tie, where the
+    # rounding of either may pick either).
+    engine = LLMEngine.from_model_dir(model_dir, EngineConfig(device="cpu", dtype=str(dtype).removeprefix("torch."),
+                                                              kernel_backend="torch", max_model_len=512))  # fmt: skip
+    greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    outs = engine.generate([(p, greedy, None) for p in prompts])
+    exact = total = 0
+    for prompt, out in zip(prompts, outs):
+        assert len(out.token_ids) == 64
+        ids = prompt + out.token_ids
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1].float()  # the logits each token was drawn from
+        chosen = logits.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        best = logits.max(dim=-1).values
+        assert ((best - chosen) <= tol).all(), (best - chosen).max()
+        exact += int((logits.argmax(dim=-1) == torch.tensor(out.token_ids)).sum())
+        total += len(out.token_ids)
+    assert exact >= 0.9 * total  # near ties are the exception
+
+
 def test_our_kernels_package_does_not_confuse_transformers(tmp_path):
     """transformers probes for an optional hub package named `kernels`; ours must not be taken for it."""
     from transformers.utils import import_utils
