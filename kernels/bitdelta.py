@@ -17,7 +17,6 @@ from kernels import (
     check_triton_device,
     dot_precision,
     tiles_bucket,
-    triton_interpreting,
     upcast_dot,
 )
 from kernels.segments import TILE_ROWS, SlotTiles
@@ -25,6 +24,8 @@ from kernels.segments import TILE_ROWS, SlotTiles
 try:
     import triton
     import triton.language as tl
+
+    from kernels.triton_common import autotuned, launch, mma, pruner, tile_rows
 except ImportError:  # the torch references still work without triton
     triton = None
 
@@ -157,17 +158,12 @@ if triton is not None:
         # One program: one tile (<= TILE_M rows of one slot) x BLOCK_N output features. It streams the slot's
         # packed signs for those features once, as bytes, and computes the transposed product
         # accT[n, m] = sum_k sign[n, k] * x[row_m, k] (the wide dimension on the MMA's M side).
-        tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        slot = tl.load(tile_slot_ptr + tile).to(tl.int64)
-        start = tl.load(tile_start_ptr + tile)
-        n_rows = tl.load(tile_rows_ptr + tile)
+        slot, n_rows, rows, row_mask = tile_rows(order_ptr, tile_slot_ptr, tile_start_ptr, tile_rows_ptr,
+                                                 tl.program_id(0), TILE_M)  # fmt: skip
         if n_rows == 0:  # a padding tile of a fixed-size (CUDA-graph) launch: nothing to read or write
             return
 
-        offs_m = tl.arange(0, TILE_M)
-        row_mask = offs_m < n_rows
-        rows = tl.load(order_ptr + start + offs_m, mask=row_mask, other=0).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < out_features
         BLOCK_KB: tl.constexpr = BLOCK_K // 8
@@ -198,10 +194,7 @@ if triton is not None:
                 wide = packed.to(tl.uint16)
             bits = ((wide[:, :, None] << shifts[None, None, :]) & sign_bit) ^ neg_one  # [BLOCK_N, BLOCK_KB, 8]
             sign = tl.reshape(bits, (BLOCK_N, BLOCK_K)).to(xt.dtype, bitcast=True)
-            if UPCAST_DOT:  # Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton#11584)
-                acc = tl.dot(sign.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(sign, xt, acc, input_precision=PRECISION)
+            acc = mma(sign, xt, acc, PRECISION, UPCAST_DOT)
             xt_ptrs += BLOCK_K * stride_xk
             s_ptrs += BLOCK_KB * stride_sk
 
@@ -211,34 +204,16 @@ if triton is not None:
         yt = tl.load(yt_ptrs, mask=mask, other=0.0).to(tl.float32) + acc * scale[:, None]
         tl.store(yt_ptrs, yt.to(y_ptr.dtype.element_ty), mask=mask)
 
-    def _prune_bitdelta_configs(
-        configs: list[triton.Config], named_args: dict, **kwargs: object
-    ) -> list[triton.Config]:
-        in_pow2 = max(64, triton.next_power_of_2(named_args["in_features"]))
-        out_pow2 = max(32, triton.next_power_of_2(named_args["out_features"]))
-        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= in_pow2 and c.kwargs["BLOCK_N"] <= out_pow2]
-        return kept or configs[:1]
-
-    _bitdelta_apply_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bn, bk, w, st in [
-                (16, 256, 4, 4),
-                (32, 128, 4, 4),
-                (32, 256, 4, 3),
-                (32, 512, 4, 3),
-                (64, 128, 4, 4),
-                (64, 256, 4, 3),
-                (64, 256, 8, 3),
-                (64, 512, 8, 3),
-                (128, 128, 8, 3),
-                (128, 256, 8, 3),
-            ]
-        ],
+    _prune_bitdelta_configs = pruner(BLOCK_K=("in_features", 64), BLOCK_N=("out_features", 32))
+    _bitdelta_apply_tuned = autotuned(
+        _bitdelta_apply_kernel,
+        ("BLOCK_N", "BLOCK_K"),
+        [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (32, 512, 4, 3), (64, 128, 4, 4),
+         (64, 256, 4, 3), (64, 256, 8, 3), (64, 512, 8, 3), (128, 128, 8, 3), (128, 256, 8, 3)],
         key=["in_features", "out_features", "tiles_bucket"],
-        prune_configs_by={"early_config_prune": _prune_bitdelta_configs},
-        restore_value=["y_ptr"],
-    )(_bitdelta_apply_kernel)
+        prune=_prune_bitdelta_configs,
+        restore=["y_ptr"],  # the kernel adds into y: the autotuner's benchmark runs must not
+    )  # fmt: skip
 
 
 def _check_bitdelta_args(
@@ -289,11 +264,8 @@ def bitdelta_apply(
     )  # fmt: skip
     consts = {"NEG_ONE": neg_one, "SIGN_BIT": sign_bit, "PRECISION": dot_precision(x.dtype), "TILE_M": TILE_ROWS}
     consts["UPCAST_DOT"] = upcast_dot(x.dtype)
-    if triton_interpreting():
-        grid = (tiles.num_tiles, triton.cdiv(out_f, _INTERPRET_CONFIG["BLOCK_N"]))
-        _bitdelta_apply_kernel[grid](*args, **consts, **_INTERPRET_CONFIG)
-    else:
-        _bitdelta_apply_tuned[lambda meta: (tiles.num_tiles, triton.cdiv(out_f, meta["BLOCK_N"]))](*args, **consts)
+    launch(_bitdelta_apply_kernel, _bitdelta_apply_tuned, _INTERPRET_CONFIG,
+           lambda meta: (tiles.num_tiles, triton.cdiv(out_f, meta["BLOCK_N"])), args, consts)  # fmt: skip
 
 
 def _check_blocked_signs(op: str, y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor) -> None:

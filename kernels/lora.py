@@ -18,7 +18,6 @@ from kernels import (
     check_triton_device,
     dot_precision,
     tiles_bucket,
-    triton_interpreting,
     upcast_dot,
 )
 from kernels.segments import TILE_ROWS, SlotTiles
@@ -26,6 +25,8 @@ from kernels.segments import TILE_ROWS, SlotTiles
 try:
     import triton
     import triton.language as tl
+
+    from kernels.triton_common import autotuned, launch, mma, pruner, tile_rows
 except ImportError:  # the torch references still work without triton
     triton = None
 
@@ -64,18 +65,12 @@ if triton is not None:
         # One program: one tile (<= TILE_M rows of one slot) x BLOCK_R rank columns, computed transposed:
         # accT[r, m] = sum_k a[slot, r, k] * x[row_m, k]. Rank blocks at or past the slot's rank read nothing
         # and store zeros.
-        tile = tl.program_id(0)
         pid_r = tl.program_id(1)
-        slot = tl.load(tile_slot_ptr + tile).to(tl.int64)
-        start = tl.load(tile_start_ptr + tile)
-        n_rows = tl.load(tile_rows_ptr + tile)
+        slot, n_rows, rows, row_mask = tile_rows(order_ptr, tile_slot_ptr, tile_start_ptr, tile_rows_ptr,
+                                                 tl.program_id(0), TILE_M)  # fmt: skip
         if n_rows == 0:  # a padding tile of a fixed-size (CUDA-graph) launch: nothing to read or write
             return
         rank = tl.minimum(tl.load(ranks_ptr + slot), r_max)
-
-        offs_m = tl.arange(0, TILE_M)
-        row_mask = offs_m < n_rows
-        rows = tl.load(order_ptr + start + offs_m, mask=row_mask, other=0).to(tl.int64)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
         offs_k = tl.arange(0, BLOCK_K)
@@ -88,10 +83,7 @@ if triton is not None:
             k_mask = offs_k < in_features - k0
             xt = tl.load(xt_ptrs, mask=k_mask[:, None] & row_mask[None, :], other=0.0)
             a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            if UPCAST_DOT:  # Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton#11584)
-                acc = tl.dot(a.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, xt, acc, input_precision=PRECISION)
+            acc = mma(a, xt, acc, PRECISION, UPCAST_DOT)
             xt_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
 
@@ -127,18 +119,12 @@ if triton is not None:
     ):
         # One program: one tile x BLOCK_N output features, transposed:
         # accT[n, m] = sum_{r < rank} bt[slot, r, n] * buf[row_m, r]; then y[row_m, n] += scaling * accT[n, m].
-        tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        slot = tl.load(tile_slot_ptr + tile).to(tl.int64)
-        start = tl.load(tile_start_ptr + tile)
-        n_rows = tl.load(tile_rows_ptr + tile)
+        slot, n_rows, rows, row_mask = tile_rows(order_ptr, tile_slot_ptr, tile_start_ptr, tile_rows_ptr,
+                                                 tl.program_id(0), TILE_M)  # fmt: skip
         if n_rows == 0:  # a padding tile of a fixed-size (CUDA-graph) launch: nothing to read or write
             return
         rank = tl.minimum(tl.load(ranks_ptr + slot), r_max)
-
-        offs_m = tl.arange(0, TILE_M)
-        row_mask = offs_m < n_rows
-        rows = tl.load(order_ptr + start + offs_m, mask=row_mask, other=0).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < out_features
         offs_r = tl.arange(0, BLOCK_R)
@@ -151,10 +137,7 @@ if triton is not None:
             bufT = tl.load(bufT_ptrs, mask=r_mask[:, None] & row_mask[None, :], other=0.0)
             btT = tl.load(btT_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             bufT = bufT.to(btT.dtype)  # the buffer is float32; the MMA runs in the weights' dtype
-            if UPCAST_DOT:  # Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton#11584)
-                acc = tl.dot(btT.to(tl.float32), bufT.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(btT, bufT, acc, input_precision=PRECISION)
+            acc = mma(btT, bufT, acc, PRECISION, UPCAST_DOT)
             bufT_ptrs += BLOCK_R * stride_br
             btT_ptrs += BLOCK_R * stride_tr
 
@@ -164,55 +147,26 @@ if triton is not None:
         yt = tl.load(yt_ptrs, mask=mask, other=0.0).to(tl.float32) + acc * scaling
         tl.store(yt_ptrs, yt.to(y_ptr.dtype.element_ty), mask=mask)
 
-    def _prune_shrink_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-        r_pow2 = max(16, triton.next_power_of_2(named_args["r_max"]))
-        in_pow2 = max(64, triton.next_power_of_2(named_args["in_features"]))
-        kept = [c for c in configs if c.kwargs["BLOCK_R"] <= r_pow2 and c.kwargs["BLOCK_K"] <= in_pow2]
-        return kept or configs[:1]
-
-    def _prune_expand_configs(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-        r_pow2 = max(16, triton.next_power_of_2(named_args["r_max"]))
-        out_pow2 = max(32, triton.next_power_of_2(named_args["out_features"]))
-        kept = [c for c in configs if c.kwargs["BLOCK_R"] <= r_pow2 and c.kwargs["BLOCK_N"] <= out_pow2]
-        return kept or configs[:1]
-
-    _lora_shrink_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for br, bk, w, st in [
-                (16, 128, 4, 4),
-                (16, 256, 4, 3),
-                (16, 512, 4, 3),
-                (16, 512, 8, 3),
-                (32, 256, 4, 3),
-                (32, 512, 8, 3),
-                (64, 128, 4, 3),
-                (64, 256, 8, 3),
-            ]
-        ],
+    _prune_shrink_configs = pruner(BLOCK_R=("r_max", 16), BLOCK_K=("in_features", 64))
+    _prune_expand_configs = pruner(BLOCK_R=("r_max", 16), BLOCK_N=("out_features", 32))
+    _lora_shrink_tuned = autotuned(
+        _lora_shrink_kernel,
+        ("BLOCK_R", "BLOCK_K"),
+        [(16, 128, 4, 4), (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 256, 4, 3), (32, 512, 8, 3),
+         (64, 128, 4, 3), (64, 256, 8, 3)],
         key=["in_features", "r_max", "tiles_bucket"],
-        prune_configs_by={"early_config_prune": _prune_shrink_configs},
-        restore_value=["buf_ptr"],
-    )(_lora_shrink_kernel)
-
-    _lora_expand_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": bn, "BLOCK_R": br}, num_warps=w, num_stages=st)
-            for bn, br, w, st in [
-                (32, 16, 4, 3),
-                (64, 16, 4, 3),
-                (64, 32, 4, 3),
-                (128, 16, 4, 3),
-                (128, 32, 4, 3),
-                (128, 64, 8, 3),
-                (256, 16, 8, 3),
-                (256, 32, 8, 3),
-            ]
-        ],
+        prune=_prune_shrink_configs,
+        restore=["buf_ptr"],
+    )  # fmt: skip
+    _lora_expand_tuned = autotuned(
+        _lora_expand_kernel,
+        ("BLOCK_N", "BLOCK_R"),
+        [(32, 16, 4, 3), (64, 16, 4, 3), (64, 32, 4, 3), (128, 16, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3),
+         (256, 16, 8, 3), (256, 32, 8, 3)],
         key=["out_features", "r_max", "tiles_bucket"],
-        prune_configs_by={"early_config_prune": _prune_expand_configs},
-        restore_value=["y_ptr"],
-    )(_lora_expand_kernel)
+        prune=_prune_expand_configs,
+        restore=["y_ptr"],  # the kernel adds into y: the autotuner's benchmark runs must not
+    )  # fmt: skip
 
 
 def _check_pool_args(op: str, ranks: torch.Tensor, n_slots: int) -> None:
@@ -282,11 +236,8 @@ def lora_shrink(buf: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ranks: torc
         buf.stride(0), buf.stride(1), x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2),
     )  # fmt: skip
     consts = {"PRECISION": dot_precision(x.dtype), "UPCAST_DOT": upcast_dot(x.dtype), "TILE_M": TILE_ROWS}
-    if triton_interpreting():
-        grid = (tiles.num_tiles, triton.cdiv(r_max, _SHRINK_INTERPRET_CONFIG["BLOCK_R"]))
-        _lora_shrink_kernel[grid](*args, **consts, **_SHRINK_INTERPRET_CONFIG)
-    else:
-        _lora_shrink_tuned[lambda meta: (tiles.num_tiles, triton.cdiv(r_max, meta["BLOCK_R"]))](*args, **consts)
+    launch(_lora_shrink_kernel, _lora_shrink_tuned, _SHRINK_INTERPRET_CONFIG,
+           lambda meta: (tiles.num_tiles, triton.cdiv(r_max, meta["BLOCK_R"])), args, consts)  # fmt: skip
 
 
 def lora_expand(
@@ -320,11 +271,8 @@ def lora_expand(
         y.stride(0), y.stride(1), buf.stride(0), buf.stride(1), bt.stride(0), bt.stride(1), bt.stride(2),
     )  # fmt: skip
     consts = {"PRECISION": dot_precision(y.dtype), "UPCAST_DOT": upcast_dot(y.dtype), "TILE_M": TILE_ROWS}
-    if triton_interpreting():
-        grid = (tiles.num_tiles, triton.cdiv(out_f, _EXPAND_INTERPRET_CONFIG["BLOCK_N"]))
-        _lora_expand_kernel[grid](*args, **consts, **_EXPAND_INTERPRET_CONFIG)
-    else:
-        _lora_expand_tuned[lambda meta: (tiles.num_tiles, triton.cdiv(out_f, meta["BLOCK_N"]))](*args, **consts)
+    launch(_lora_expand_kernel, _lora_expand_tuned, _EXPAND_INTERPRET_CONFIG,
+           lambda meta: (tiles.num_tiles, triton.cdiv(out_f, meta["BLOCK_N"])), args, consts)  # fmt: skip
 
 
 def lora_apply(

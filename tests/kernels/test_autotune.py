@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import bitdelta, lora  # noqa: E402
+from kernels import bitdelta, lora, triton_common  # noqa: E402
 from kernels.bitdelta import bitdelta_apply, bitdelta_apply_ref, pack_signs  # noqa: E402
 from kernels.lora import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref  # noqa: E402
 from kernels.segments import build_slot_tiles  # noqa: E402
@@ -55,8 +55,7 @@ def autotuned(monkeypatch):
     """Launches through the autotuners (the GPU path) while the kernels run in the interpreter. Triton's
     benchmarker is replaced: each candidate runs 3 times (each run adding into the output again, as do_bench's
     runs would) and gets a made-up time that makes `fastest` win; the candidates benchmarked are recorded."""
-    monkeypatch.setattr(bitdelta, "triton_interpreting", lambda: False)
-    monkeypatch.setattr(lora, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(triton_common, "triton_interpreting", lambda: False)
     timings: dict[str, list] = {}
 
     def patch(name, tuned, fastest):
