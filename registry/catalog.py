@@ -41,7 +41,6 @@ import re
 import secrets
 import shutil
 import sqlite3
-import struct
 import tempfile
 import threading
 import time
@@ -68,7 +67,6 @@ MIN_ADMIN_KEY_LENGTH = 16
 ADMIN_KEY_FILE = "admin_key.sha256"
 _MAX_KEY_LENGTH = 512
 _SCHEMA_VERSION = 1
-_HASH_CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _BLOB_RE = re.compile(r"(lora|bitdelta)/([0-9a-f]{2})/([0-9a-f]{64})")
 _ADMIN_KEY_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: a valid HTTP header token
@@ -184,24 +182,18 @@ def _hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _sha256_stream(path: Path, prefix: bytes = b"") -> str:
-    h = hashlib.sha256(prefix)
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def content_sha256(kind: str, path: str | os.PathLike[str]) -> str:
     """The identity of stored delta data, computed from disk exactly as registry.deltas defines it:
     "bitdelta": sha256 of the file's bytes; "lora" (a directory): sha256 of
     u64le(len(adapter_config.json)) + adapter_config.json + adapter_model.safetensors."""
+    from registry.lora_format import lora_sha256  # torch: not for the API process's imports
+    from registry.safetensors_io import sha256_file
+
     path = Path(path)
     if kind == "bitdelta":
-        return _sha256_stream(path)
+        return sha256_file(path)
     if kind == "lora":
-        config = (path / LORA_CONFIG).read_bytes()
-        return _sha256_stream(path / LORA_WEIGHTS, struct.pack("<Q", len(config)) + config)
+        return lora_sha256((path / LORA_CONFIG).read_bytes(), path / LORA_WEIGHTS)
     raise ValueError(f"unknown delta kind {kind!r}")
 
 

@@ -31,6 +31,16 @@ CONFIG_FILE = "config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+def tie_word_embeddings(config: dict) -> bool:
+    """config.json's tie_word_embeddings; absent means False (the Llama, Mistral and Qwen2 defaults)."""
+    value = config.get("tie_word_embeddings", False)
+    if not isinstance(value, bool):
+        raise UnsupportedFormat(
+            f"config.json: tie_word_embeddings must be true or false, got {value!r}", param="config.json"
+        )
+    return value
+
+
 def _is_plain_file_name(name: str) -> bool:
     """A file directly inside the directory: no separators, no '.' / '..'."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
@@ -131,6 +141,12 @@ class Checkpoint:
     def names(self) -> list[str]:
         """All tensor names of the state dict, sorted."""
         return sorted(self._shard_of)
+
+    def served_names(self) -> list[str]:
+        """The tensors of the served model, sorted: all but rotary buffers (`*rotary_emb.inv_freq`, recomputed
+        from the config) and, with tied embeddings, a stored copy of lm_head.weight (the embedding serves)."""
+        tied = tie_word_embeddings(self.config)
+        return [n for n in self.names() if not n.endswith("rotary_emb.inv_freq") and not (tied and n == "lm_head.weight")]
 
     def __contains__(self, name: object) -> bool:
         return name in self._shard_of

@@ -62,7 +62,7 @@ from registry.bitdelta_format import save_bitdelta_file
 from registry.checkpoint import Checkpoint
 from registry.deltas import BaseSpec
 from registry.errors import DeltaError
-from registry.fingerprint import base_spec, tie_word_embeddings
+from registry.fingerprint import base_spec, check_matches_base
 
 if TYPE_CHECKING:
     from registry.distill import DistillConfig, DistillReport
@@ -191,18 +191,6 @@ def _tokenizer_vocab(path: Path) -> dict[str, int] | None:
     return vocab
 
 
-def _state_names(ckpt: Checkpoint) -> set[str]:
-    """The tensors of the served model: rotary buffers and a tied lm_head's stored copy left out."""
-    tied = tie_word_embeddings(ckpt.config)
-    return {
-        n for n in ckpt.names() if not n.endswith("rotary_emb.inv_freq") and not (tied and n == "lm_head.weight")
-    }
-
-
-def _listing(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
-
-
 def check_pair(base_dir: str | os.PathLike[str], finetune_dir: str | os.PathLike[str]) -> CheckedPair:
     """Opens both directories and checks that the fine-tune is a fine-tune OF this base, reading headers
     and config files only (plus three rows per base tensor for the fingerprint).
@@ -238,22 +226,9 @@ def check_pair(base_dir: str | os.PathLike[str], finetune_dir: str | os.PathLike
             f"e.g. {diff[0][0]!r} -> {diff[0][1]}); a 1-bit delta is served with the base tokenizer",
             param="tokenizer.json",
         )
-    base_names, ft_names = _state_names(base), _state_names(ft)
-    missing, extra = sorted(base_names - ft_names), sorted(ft_names - base_names)
-    if missing:
-        raise CompressError(f"the fine-tune lacks {len(missing)} tensor(s) of the base: {_listing(missing)}", param=missing[0])
-    if extra:
-        raise CompressError(f"the fine-tune has {len(extra)} tensor(s) the base lacks: {_listing(extra)}", param=extra[0])
-    names = sorted(base_names)
-    for name in names:
-        bi, fi = base.info(name), ft.info(name)
-        if bi.shape != fi.shape:
-            raise CompressError(
-                f"tensor {name} has shape {list(fi.shape)} in the fine-tune, {list(bi.shape)} in the base", param=name
-            )
-        if not (bi.dtype.is_floating_point and fi.dtype.is_floating_point):
-            raise CompressError(f"tensor {name} is not floating point ({bi.dtype} / {fi.dtype})", param=name)
-    return CheckedPair(base=base, finetune=ft, spec=base_spec(base), names=names)
+    spec = base_spec(base)
+    names = check_matches_base(spec, ft, CompressError)
+    return CheckedPair(base=base, finetune=ft, spec=spec, names=names)
 
 
 # ---- the streaming pass -----------------------------------------------------------------------------------

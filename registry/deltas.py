@@ -16,6 +16,12 @@ import torch
 from registry.magnitudes import Magnitude
 
 
+def delta_key(owner: str, kind: str, sha256: str) -> str:
+    """A delta's identity in the host tier and the GPU slots: per tenant, so that two tenants who uploaded the
+    same content never share a cached copy (one could otherwise time the other's cold loads)."""
+    return f"{owner}/{kind}/{sha256}"
+
+
 @dataclass(frozen=True)
 class BaseSpec:
     """What a delta is checked against: the served base's tensors, as in its HF state dict.
@@ -56,9 +62,8 @@ class LoraDelta:
 
     @property
     def key(self) -> str:
-        """Identity in the host tier and the GPU slots: per tenant, so that two tenants who uploaded the same
-        content never share a cached copy (one could otherwise time the other's cold loads)."""
-        return f"{self.owner}/{self.kind}/{self.sha256}"
+        """Identity in the host tier and the GPU slots (delta_key)."""
+        return delta_key(self.owner, self.kind, self.sha256)
 
     @property
     def nbytes(self) -> int:
@@ -84,8 +89,8 @@ class BitDelta:
 
     @property
     def key(self) -> str:
-        """Identity in the host tier and the GPU slots (see LoraDelta.key)."""
-        return f"{self.owner}/{self.kind}/{self.sha256}"
+        """Identity in the host tier and the GPU slots (delta_key)."""
+        return delta_key(self.owner, self.kind, self.sha256)
 
     @property
     def nbytes(self) -> int:

@@ -23,9 +23,9 @@ import re
 
 import torch
 
-from registry.checkpoint import Checkpoint
+from registry.checkpoint import Checkpoint, tie_word_embeddings
 from registry.deltas import BaseSpec
-from registry.errors import UnsupportedFormat
+from registry.errors import DeltaError
 
 FINGERPRINT_PREFIX = "sha256:"
 _VALUES_PER_ROW = 1024
@@ -62,29 +62,17 @@ def fingerprint_checkpoint(ckpt: Checkpoint) -> str:
     return FINGERPRINT_PREFIX + h.hexdigest()
 
 
-def tie_word_embeddings(config: dict) -> bool:
-    """config.json's tie_word_embeddings; absent means False (the Llama, Mistral and Qwen2 defaults)."""
-    value = config.get("tie_word_embeddings", False)
-    if not isinstance(value, bool):
-        raise UnsupportedFormat(
-            f"config.json: tie_word_embeddings must be true or false, got {value!r}", param="config.json"
-        )
-    return value
-
-
 def base_spec(ckpt: Checkpoint) -> BaseSpec:
     """The BaseSpec of a checkpoint: fingerprint, tensors (name -> (shape, dtype on disk)) from the headers,
     the attention/MLP projection module paths present (`model.layers.N.self_attn.{q,k,v,o}_proj`,
     `model.layers.N.mlp.{gate,up,down}_proj` with a 2-D `.weight`), and tie_word_embeddings.
 
-    With tied embeddings a stored "lm_head.weight" (some checkpoints keep the copy) is left out of
-    `tensors`: it is not a tensor of the served model.
+    `tensors` holds the served model's tensors only (Checkpoint.served_names: no rotary buffers, no stored copy
+    of a tied lm_head).
     """
     tied = tie_word_embeddings(ckpt.config)
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for name in ckpt.names():
-        if tied and name == "lm_head.weight":
-            continue
+    for name in ckpt.served_names():
         info = ckpt.info(name)
         tensors[name] = (info.shape, info.dtype)
     projections = frozenset(
@@ -98,3 +86,32 @@ def base_spec(ckpt: Checkpoint) -> BaseSpec:
         projections=projections,
         tie_word_embeddings=tied,
     )
+
+
+def check_matches_base(spec: BaseSpec, finetune: Checkpoint, error: type[DeltaError]) -> list[str]:
+    """Checks that a full fine-tune has exactly the served base's tensors: the same tied embeddings, no tensor
+    missing or extra, the same shapes, floating point. Raises `error` (param: the tensor or config.json)
+    naming what differs; returns the served tensor names, sorted. Reads headers and config.json only."""
+    tied = tie_word_embeddings(finetune.config)
+    if tied != spec.tie_word_embeddings:
+        raise error(f"config.json: tie_word_embeddings is {tied}, the base's is {spec.tie_word_embeddings}",
+                    param="config.json")  # fmt: skip
+    names = finetune.served_names()
+    missing, extra = sorted(set(spec.tensors) - set(names)), sorted(set(names) - set(spec.tensors))
+    if missing:
+        raise error(f"the fine-tune lacks {len(missing)} tensor(s) of the base: {_listing(missing)}", param=missing[0])
+    if extra:
+        raise error(f"the fine-tune has {len(extra)} tensor(s) the base lacks: {_listing(extra)}", param=extra[0])
+    for name in names:
+        info, (shape, dtype) = finetune.info(name), spec.tensors[name]
+        if info.shape != shape:
+            raise error(f"tensor {name} has shape {list(info.shape)} in the fine-tune, {list(shape)} in the base",
+                        param=name)  # fmt: skip
+        if not (info.dtype.is_floating_point and dtype.is_floating_point):
+            raise error(f"tensor {name} is not floating point ({dtype} in the base, {info.dtype} in the fine-tune)",
+                        param=name)  # fmt: skip
+    return names
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")

@@ -316,5 +316,9 @@ def load_lora_dir(path: str | os.PathLike[str], spec: BaseSpec, max_rank: int | 
             check_finite(b_key, b)
         weights[module] = (a, b)
 
-    digest = sha256_file(weights_path, prefix=struct.pack("<Q", len(config_bytes)) + config_bytes)
-    return LoraDelta(sha256=digest, rank=max(ranks.values()), scaling=scaling, weights=weights)
+    return LoraDelta(sha256=lora_sha256(config_bytes, weights_path), rank=max(ranks.values()), scaling=scaling, weights=weights)
+
+
+def lora_sha256(config_bytes: bytes, weights_path: str | os.PathLike[str]) -> str:
+    """A LoRA's identity (module docstring): sha256 of u64le(len(config)) + config + the weights file's bytes."""
+    return sha256_file(weights_path, prefix=struct.pack("<Q", len(config_bytes)) + config_bytes)

@@ -366,7 +366,7 @@ class Staging:
 
     def _check_finetune(self, spec: BaseSpec, names: list[str], weights: list[str]) -> None:
         from registry.checkpoint import Checkpoint
-        from registry.fingerprint import tie_word_embeddings
+        from registry.fingerprint import check_matches_base
 
         try:
             config = json.loads((self.path / FINETUNE_CONFIG).read_text(encoding="utf-8"))
@@ -385,35 +385,7 @@ class Staging:
                 f"{unused[0]} is not part of the checkpoint ({FINETUNE_SINGLE}, or the shards {FINETUNE_INDEX} lists)",
                 param=unused[0],
             )
-        tied = tie_word_embeddings(ckpt.config)
-        if tied != spec.tie_word_embeddings:
-            raise AdapterMismatch(
-                f"{FINETUNE_CONFIG}: tie_word_embeddings is {tied}, the base's is {spec.tie_word_embeddings}",
-                param=FINETUNE_CONFIG,
-            )
-
-        def served(name: str) -> bool:  # rotary buffers and a tied lm_head's stored copy are not weights
-            return not name.endswith("rotary_emb.inv_freq") and not (tied and name == "lm_head.weight")
-
-        ft = {n: ckpt.info(n) for n in ckpt.names() if served(n)}
-        base = {n: shape for n, (shape, _) in spec.tensors.items() if served(n)}
-        missing, extra = sorted(set(base) - set(ft)), sorted(set(ft) - set(base))
-        if missing:
-            raise AdapterMismatch(
-                f"the fine-tune lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]}", param=missing[0]
-            )
-        if extra:
-            raise AdapterMismatch(
-                f"the fine-tune has {len(extra)} tensor(s) the base lacks, e.g. {extra[0]}", param=extra[0]
-            )
-        for n in sorted(base):
-            info = ft[n]
-            if info.shape != base[n]:
-                raise AdapterMismatch(
-                    f"tensor {n} has shape {list(info.shape)} in the fine-tune, {list(base[n])} in the base", param=n
-                )
-            if not info.dtype.is_floating_point:
-                raise AdapterMismatch(f"tensor {n} has dtype {info.dtype}; weights must be floating point", param=n)
+        check_matches_base(spec, ckpt, AdapterMismatch)
 
     # --- committing (used by Registry) ---------------------------------------------------------------
 

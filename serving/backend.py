@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from registry.catalog import AdapterRecord, Registry, Tenant
-from registry.deltas import Delta
+from registry.deltas import Delta, delta_key
 from registry.errors import DeltaError, NotFound, RegistryError
 from registry.host_tier import HostTier
 from registry.loading import load_delta
@@ -149,8 +149,9 @@ class Backend:
 
     @staticmethod
     def _key(record: AdapterRecord) -> str:
-        """The key its delta has in the host tier and the GPU slots (registry.deltas: owner/kind/sha256)."""
-        return f"{record.tenant}/{record.kind}/{record.sha256}"
+        """The key its delta has in the host tier and the GPU slots."""
+        assert record.sha256 is not None
+        return delta_key(record.tenant, record.kind, record.sha256)
 
     def _forget(self, records: list[AdapterRecord], keep: set[str] = frozenset()) -> None:
         """Frees the host copies and GPU slots of versions no new request will use (running ones finish first)."""

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from registry.errors import NotFound
 from registry.names import validate_name
+from registry.uploads import FORMATS
 from serving.api.auth import Admin, TenantDep, require_admin
 from serving.api.errors import APIError
 from serving.api.multipart import parse_multipart
@@ -14,7 +15,6 @@ from serving.api.openai_routes import parse, read_json
 from serving.api.schemas import TenantCreate
 
 router = APIRouter()
-FORMATS = ("lora", "bitdelta", "finetune")
 
 
 # ---- tenants (admin) ------------------------------------------------------------------------------

@@ -53,12 +53,9 @@ def load_model_from_checkpoint(
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     expected = dict(model.named_parameters())  # a tied lm_head shares the embedding: listed once
-    present = set(ckpt.names())
-    ignored = {n for n in present if n.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
-        ignored.add("lm_head.weight")
+    present = set(ckpt.served_names())
     missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected) - ignored)
+    unexpected = sorted(present - set(expected))
     if missing:
         raise UnsupportedModel(f"checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:5])}")
     if unexpected:
