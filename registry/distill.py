@@ -51,7 +51,8 @@ LOSSES = ("mse", "kl")
 @dataclass(frozen=True)
 class DistillConfig:
     """steps: optimizer steps (0 = no distillation). lr: Adam learning rate. seq_len: tokens per chunk.
-    batch_size: chunks per step. loss: "mse" (logits, default) or "kl". device: auto | cpu | cuda.
+    batch_size: chunks per step. loss: "mse" (logits, default) or "kl". device: cpu | cuda, where it runs
+    (the caller resolves "auto" and checks that CUDA is there: serving.models.loader.resolve_device).
     dtype: None = float32 on the CPU, bfloat16 on CUDA."""
 
     steps: int = 200
@@ -59,7 +60,7 @@ class DistillConfig:
     seq_len: int = 128
     batch_size: int = 4
     loss: str = "mse"
-    device: str = "auto"
+    device: str = "cpu"
     dtype: torch.dtype | None = None
     seed: int = 0
 
@@ -74,6 +75,8 @@ class DistillConfig:
             raise ValueError("batch_size must be >= 1")
         if self.loss not in LOSSES:
             raise ValueError(f"distill loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"distill device must be cpu or cuda, not {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -124,12 +127,6 @@ class SignScale(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _SignScaleAdd.apply(weight, self.sign, self.scale)
-
-
-def _resolve_device(device: str) -> torch.device:
-    from serving.models.loader import resolve_device
-
-    return resolve_device(device)
 
 
 def calibration_chunks(tokenizer, text: str, seq_len: int) -> torch.Tensor:
@@ -221,7 +218,7 @@ def distill_scales(
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    device = _resolve_device(config.device)
+    device = torch.device(config.device)
     dtype = config.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
     chunks = calibration_chunks(tokenizer, calibration_text, config.seq_len).to(device)

@@ -171,10 +171,12 @@ def _distill_args(args: argparse.Namespace):
         raise CliError("--distill-steps needs --calibration FILE (text for scale distillation)")
     if steps == 0:
         return None, None
+    from serving.models.loader import resolve_device
+
     text = _read_text(args.calibration, "--calibration")
     try:
         config = DistillConfig(steps=steps, lr=args.distill_lr, seq_len=args.seq_len, batch_size=args.batch_size,
-                               loss=args.distill_loss, device=args.device)  # fmt: skip
+                               loss=args.distill_loss, device=resolve_device(args.device).type)  # fmt: skip
     except ValueError as e:
         raise CliError(str(e)) from None
     return config, text

@@ -42,7 +42,6 @@ KNOWN = {
     ("registry/distill.py", "kernels"),
     ("registry/slot_pool.py", "kernels"),  # the kernels' slot layouts
     ("registry/compress.py", "serving"),  # ModelConfig: which architectures are supported
-    ("registry/distill.py", "serving"),  # resolve_device
 }
 
 

@@ -103,3 +103,11 @@ def test_compress_with_distillation_writes_the_distilled_scales(world, tmp_path)
     assert any(not torch.equal(delta.projections[p][1], plain.projections[p][1]) for p in plain.projections)
     for p in plain.projections:  # the signs never change
         assert torch.equal(delta.projections[p][0], plain.projections[p][0])
+
+
+@pytest.mark.parametrize("field,value,needle", [("device", "auto", "cpu or cuda"), ("device", "gpu", "cpu or cuda"),
+                                                ("loss", "l1", "mse, kl"), ("steps", -1, ">= 0")])  # fmt: skip
+def test_distill_config_is_checked_when_made(field, value, needle):
+    # the device is resolved by the caller ("auto" becomes cpu or cuda there): the registry takes only a real one
+    with pytest.raises(ValueError, match=needle):
+        DistillConfig(**{field: value})
