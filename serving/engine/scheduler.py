@@ -61,7 +61,7 @@ class Scheduler:
         self.num_preemptions = 0  # sequences whose KV blocks were given back (recomputed later)
         self.num_parked = 0  # sequences taken out of the batch for fair shares, their KV kept
         self._arrivals = 0
-        self._load_turn: dict[str, str] = {}  # per delta kind: the key of the delta to load next (see _next_loads)
+        self._load_turn: dict[str, str] = {}  # per delta kind: the delta to load next (_next_loads, every step)
 
     # ---- state -------------------------------------------------------------------------------------
     @property
@@ -117,8 +117,6 @@ class Scheduler:
         self._arrivals += 1
         seq.arrival = self._arrivals
         self.queues.setdefault(seq.tenant, deque()).append(seq)
-        if seq.delta is not None and not self.slots.is_resident(seq.delta):  # the newest: a turn only if none yet
-            self._load_turn.setdefault(seq.delta.kind, seq.delta.key)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence (done, or aborted) wherever it is, freeing its blocks and slot."""
@@ -293,8 +291,8 @@ class Scheduler:
         self.queues[seq.tenant].appendleft(seq)
 
     def _make_room_for_waiting_tenants(self) -> None:
-        """Fair shares: while the batch is full and a tenant under its share waits, the newest sequence of the
-        tenant most over its share is preempted (one per waiting tenant and step)."""
+        """Fair shares: while the batch is full and a tenant under its share waits, a sequence of the tenant most
+        over its share is parked (one per step: the place it frees ends the batch's being full)."""
         if len(self.running) < self.config.max_num_seqs:
             return
         shares = self.fair_shares()

@@ -291,3 +291,40 @@ def test_freed_delta_slots_go_to_the_oldest_request_whatever_its_counter() -> No
     s.finish(s.running[0], "stop")
     step(s)
     assert [x.request_id for x in s.running] == ["y0"]  # then the next in line
+
+
+def test_the_tenant_most_over_its_share_is_the_one_parked() -> None:
+    # 8 places: "a" holds 6, "b" 2; "c" arrives. Shares by demand: c 1, b 2, a 5: a gives a place, b keeps both.
+    s = make(max_num_seqs=8, budget=256)
+    for i in range(6):
+        s.add(seq(f"a{i}", 2, tenant="a"))
+    step(s)
+    for i in range(2):
+        s.add(seq(f"b{i}", 2, tenant="b"))
+    s.finish(s.running[-1], "stop")
+    s.finish(s.running[-1], "stop")
+    step(s)
+    assert sorted(x.tenant for x in s.running) == ["a"] * 4 + ["b", "b"]
+    for i in range(2):
+        s.add(seq(f"a{i + 6}", 2, tenant="a"))
+    step(s)
+    assert len(s.running) == 8 and s.num_parked == 0  # nobody waits: a fills the batch
+    s.add(seq("c0", 2, tenant="c"))
+    step(s)
+    assert s.num_parked == 1
+    assert sorted(x.tenant for x in s.running) == ["a"] * 5 + ["b", "b", "c"]
+
+
+def test_one_sequence_is_parked_per_step_however_many_tenants_wait() -> None:
+    # Parking frees a place at once; a second waiting tenant gets the next one, a step later, rather than two
+    # places being emptied in one step.
+    s = make(max_num_seqs=4, budget=256)
+    for i in range(4):
+        s.add(seq(f"a{i}", 2, tenant="a"))
+    step(s)
+    s.add(seq("b0", 2, tenant="b"))
+    s.add(seq("c0", 2, tenant="c"))
+    step(s)
+    assert s.num_parked == 1 and len(s.running) == 4
+    step(s)
+    assert s.num_parked == 2 and sorted(x.tenant for x in s.running) == ["a", "a", "b", "c"]
