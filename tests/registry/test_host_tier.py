@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -19,9 +20,11 @@ def delta(name: str, nbytes: int = 1000) -> LoraDelta:
 class Recorder:
     def __init__(self):
         self.events: list[str] = []
+        self.seconds: list[float] = []
 
     def __call__(self, event: str, seconds: float) -> None:
         self.events.append(event)
+        self.seconds.append(seconds)
 
 
 def put(tier: HostTier, key: str, nbytes: int = 1000) -> LoraDelta:
@@ -75,27 +78,36 @@ def test_one_delta_larger_than_the_tier_stays_alone() -> None:
 
 def test_discard_frees_its_bytes() -> None:
     tier = HostTier(capacity_bytes=3000)
-    put(tier, "a")
-    put(tier, "b")
+    put(tier, "a", 1000)
+    put(tier, "b", 1600)
     tier.discard("a")
     tier.discard("missing")
-    assert tier.nbytes == 1000 and tier.num_items == 1
+    assert tier.nbytes == 1600 and tier.num_items == 1
     loads: list[str] = []
     tier.get("a", lambda: loads.append("a") or delta("a"))
     assert loads == ["a"]
 
 
-def test_hits_misses_and_loads_are_reported() -> None:
+def test_hits_misses_loads_and_evictions_are_reported() -> None:
     rec = Recorder()
-    tier = HostTier(capacity_bytes=10_000, observer=rec)
+    tier = HostTier(capacity_bytes=2000, observer=rec)
+
+    def slow_load():
+        time.sleep(0.02)
+        return delta("b")
+
     put(tier, "a")
     put(tier, "a")
-    put(tier, "b")
-    assert rec.events == ["miss", "load", "hit", "miss", "load"]
+    tier.get("b", slow_load)
+    put(tier, "c")  # over capacity: "a" is evicted
+    assert rec.events == ["miss", "load", "hit", "miss", "load", "miss", "load", "evict"]
+    assert rec.seconds[4] >= 0.02  # a load reports how long it took; the other events report 0
+    assert [t for i, t in enumerate(rec.seconds) if rec.events[i] != "load"] == [0.0] * 5
 
 
 def test_concurrent_requests_load_once() -> None:
-    tier = HostTier(capacity_bytes=10_000)
+    rec = Recorder()
+    tier = HostTier(capacity_bytes=10_000, observer=rec)
     started, release = threading.Event(), threading.Event()
     calls: list[int] = []
 
@@ -114,3 +126,6 @@ def test_concurrent_requests_load_once() -> None:
     for t in threads:
         t.join(5)
     assert len(calls) == 1 and len(got) == 4 and all(g is got[0] for g in got)
+    assert sorted(rec.events) == ["hit", "hit", "hit", "load", "miss"]  # those that waited for the load hit
+    assert rec.seconds[rec.events.index("hit")] == 0.0
+    assert not tier._loading  # no per-key lock is left behind once loaded
