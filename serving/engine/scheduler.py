@@ -105,13 +105,13 @@ class Scheduler:
 
     def _over_share(self, tenant: str, shares: dict[str, float]) -> bool:
         """True when the tenant holds at least its share (at least one place is always its share)."""
-        return self._running_of(tenant) >= max(1.0, shares.get(tenant, 1.0))
+        return self._running_of(tenant) >= max(1.0, shares[tenant])
 
     # ---- requests ----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         active = self._active()
         if seq.tenant not in active:
-            others = [self.counters.get(t, 0.0) for t in active]
+            others = [self.counters[t] for t in active]
             lifted = min(others) if others else 0.0
             self.counters[seq.tenant] = max(self.counters.get(seq.tenant, 0.0), lifted)
         self._arrivals += 1
@@ -205,7 +205,7 @@ class Scheduler:
 
     # ---- inside ------------------------------------------------------------------------------------
     def _charge(self, tenant: str, tokens: float) -> None:
-        self.counters[tenant] = self.counters.get(tenant, 0.0) + tokens
+        self.counters[tenant] += tokens  # every tenant with work has a counter (add sets it)
 
     def _bound_leads(self) -> None:
         """No active tenant's counter leads the lowest active one by more than one step's token budget. The
@@ -214,9 +214,9 @@ class Scheduler:
         active = self._active()
         if len(active) < 2:
             return
-        ceiling = min(self.counters.get(t, 0.0) for t in active) + self.config.max_num_batched_tokens
+        ceiling = min(self.counters[t] for t in active) + self.config.max_num_batched_tokens
         for t in active:
-            if self.counters.get(t, 0.0) > ceiling:
+            if self.counters[t] > ceiling:
                 self.counters[t] = ceiling
 
     def _next_tenant(self, blocked: set[str], chunked: set[int]) -> str | None:
@@ -226,7 +226,7 @@ class Scheduler:
         candidates -= blocked
         if not candidates:
             return None
-        return min(candidates, key=lambda t: (self.counters.get(t, 0.0), self._running_of(t), t))
+        return min(candidates, key=lambda t: (self.counters[t], self._running_of(t), t))
 
     def _admit(self, tenant: str, skipped: dict[str, list[Sequence]]) -> Sequence | None:
         """Moves the head of the tenant's queue into the running batch (with its delta slot), or None."""
@@ -297,14 +297,14 @@ class Scheduler:
             return
         shares = self.fair_shares()
         waiting = [t for t, q in self.queues.items() if self._admittable(q)]
-        for tenant in sorted(waiting, key=lambda t: self.counters.get(t, 0.0)):
+        for tenant in sorted(waiting, key=lambda t: self.counters[t]):
             if len(self.running) < self.config.max_num_seqs or self._over_share(tenant, shares):
                 continue
             counts: dict[str, int] = {}
             for s in self.running:
                 counts[s.tenant] = counts.get(s.tenant, 0) + 1
-            over = max(counts, key=lambda t: (counts[t] - shares.get(t, 1.0), self.counters.get(t, 0.0)))
-            if counts[over] <= max(1.0, shares.get(over, 1.0)):
+            over = max(counts, key=lambda t: (counts[t] - shares[t], self.counters[t]))
+            if counts[over] <= max(1.0, shares[over]):
                 return
             # The one parked least so far (then the newest): the delay is spread over the tenant's sequences,
             # rather than one of them parked at every arrival and finishing long after the others.

@@ -328,3 +328,23 @@ def test_one_sequence_is_parked_per_step_however_many_tenants_wait() -> None:
     assert s.num_parked == 1 and len(s.running) == 4
     step(s)
     assert s.num_parked == 2 and sorted(x.tenant for x in s.running) == ["a", "a", "b", "c"]
+
+
+def test_a_decode_behind_a_prefilling_sequence_is_not_skipped() -> None:
+    s = make(chunk=8, budget=64)
+    s.add(seq("long", 30, tenant="x"))
+    step(s)  # long: its first chunk; it stays first in the running batch
+    s.add(seq("short", 2, tenant="x"))
+    step(s)
+    assert ("short", 1) in step(s)  # decoding, behind a sequence still prefilling
+
+
+def test_out_of_blocks_the_newest_sequence_is_preempted() -> None:
+    s = make(blocks=6, block_size=4, budget=64, chunk=16)
+    seqs = [seq(f"s{i}", 8) for i in range(3)]
+    for x in seqs:
+        s.add(x)
+    step(s)  # 3 prompts of 8 tokens: all 6 blocks
+    got = step(s)  # each decode needs a new block: the newest gives its blocks back first
+    assert seqs[2].status is SeqStatus.WAITING and seqs[2].num_computed == 0
+    assert ("s0", 1) in got and ("s1", 1) in got
