@@ -209,3 +209,13 @@ def test_low_precision_logits_are_upcast() -> None:
     out = Sampler(seed=0)(logits, _rows(3, temperature=0.0, logprobs=1))
     assert torch.equal(out.token_ids, logits.float().argmax(-1))
     assert out.logprobs is not None and out.logprobs.dtype == torch.float32
+
+
+def test_unseeded_rows_draw_on_from_one_generator_per_sampler() -> None:
+    # The sampler's generator is made once and advances: two steps of the same logits draw anew, while two
+    # samplers of one seed draw the same.
+    logits = torch.zeros(64, V)  # uniform: every draw is the generator's
+    a, b = Sampler(seed=0), Sampler(seed=0)
+    first, second = a(logits, _rows(64)).token_ids, a(logits, _rows(64)).token_ids
+    assert not torch.equal(first, second)
+    assert torch.equal(first, b(logits, _rows(64)).token_ids)

@@ -57,6 +57,11 @@ def test_valid_edges() -> None:
         ({"seed": 2**63}, "seed"),
         ({"seed": 1.0}, "seed"),
         ({"seed": True}, "seed"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": False}, "top_p"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"skip_special_tokens": 0}, "skip_special_tokens"),
     ],
 )
 def test_out_of_range(kwargs: dict, param: str) -> None:
@@ -71,4 +76,7 @@ def test_stop_token_ids_checked_against_vocab() -> None:
     p = SamplingParams(stop_token_ids=[5, 320])  # fine without a vocabulary
     with pytest.raises(SamplingParamsError) as info:
         p.validate(vocab_size=320)
-    assert info.value.param == "stop_token_ids"
+    assert info.value.param == "stop_token_ids" and "[0, 320)" in str(info.value)  # the bound it broke
+    with pytest.raises(SamplingParamsError, match=">= 0"):
+        SamplingParams(stop_token_ids=[-3])
+    assert SamplingParams(stop=None).stop == [] and SamplingParams(stop_token_ids=None).stop_token_ids == []
