@@ -8,22 +8,24 @@ Fairness is the virtual token counter of "Fairness in Serving Large Language Mod
 S-LoRA implements it): each tenant's counter adds up the service it received, a prompt token counting 1 and a
 generated token DECODE_WEIGHT. Prefill chunks go to the tenant with the lowest counter first, so one tenant's
 prompts cannot take the step's budget from the others. A tenant that becomes active again is lifted to the lowest
-counter among the active ones: idle time banks no credit; and no active tenant's counter leads the lowest by more
-than one step's token budget: past service is not paid back for ever. While other tenants wait, no tenant keeps more than its
-max-min fair share of the running sequences (by demand: tenants wanting less than an equal part get what they
-want, the others divide the rest; see fair_shares): one of an over-share tenant's
-sequences is parked (out of the batch, its KV blocks kept, resumed without recompute) to admit a waiting tenant
-that is under its share. Nobody waiting, a tenant may fill the
-batch: fairness never leaves places empty. With one tenant this is first-come first-served.
+counter among the active ones (idle time banks no credit), and no active tenant's counter leads the lowest by more
+than one step's token budget (past service is not paid back for ever).
+
+While other tenants wait, no tenant keeps more than its max-min fair share of the running sequences (by demand:
+tenants wanting less than an equal part get what they want, the others divide the rest; see fair_shares): one
+sequence of the tenant most over its share is parked (out of the batch, its KV blocks kept, resumed without
+recompute) to admit a waiting tenant under its share. Nobody waiting, a tenant may fill the batch: fairness never
+leaves places empty. With one tenant this is first come, first served.
 
 Chunked prefill: a prompt is computed `prefill_chunk` tokens at a time at most, so a long prompt never holds
-other tenants' decodes for more than one chunk. Preempted sequences (KV blocks run out, or a fair-share
-preemption) give back their blocks and their delta slot and wait at the head of their tenant's queue, to be
-recomputed from their tokens. A waiting sequence whose delta finds every slot of its kind pinned keeps its place
-while the sequences behind it go ahead. Delta slots are loaded first come first served across tenants: a freed
-slot goes to the oldest waiting sequence whose delta is not resident (its "load turn"), whatever its tenant's
-counter, so a tenant whose delta was evicted waits for slots in line rather than behind every newcomer with a
-lower counter. Nothing crashes.
+other tenants' decodes for more than one chunk. Preempted sequences (KV blocks run out) give back their blocks
+and their delta slot and wait at the head of their tenant's queue, to be recomputed from their tokens.
+
+Delta slots: a waiting sequence whose delta finds every slot of its kind pinned keeps its place while the
+sequences behind it go ahead, and waiting for a slot is not waiting for a place in the batch. Slots are loaded
+first come, first served across tenants: a freed slot goes to the oldest waiting sequence whose delta is not
+resident (its "load turn"), whatever its tenant's counter, so a tenant whose delta was evicted waits in line
+rather than behind every newcomer with a lower counter. Nothing crashes.
 """
 
 from __future__ import annotations
