@@ -348,3 +348,29 @@ def test_out_of_blocks_the_newest_sequence_is_preempted() -> None:
     got = step(s)  # each decode needs a new block: the newest gives its blocks back first
     assert seqs[2].status is SeqStatus.WAITING and seqs[2].num_computed == 0
     assert ("s0", 1) in got and ("s1", 1) in got
+
+
+def test_a_parked_sequence_gives_its_blocks_before_a_running_one_is_preempted() -> None:
+    s = make(max_num_seqs=2, blocks=4, block_size=4, slots=2)
+    a, b = seq("a", 8, tenant="a", delta=FakeDelta("A")), seq("b", 8, tenant="b")
+    s.add(a)
+    s.add(b)
+    step(s)  # 2 full blocks each, none free: each next token needs a third block
+    s._park(a)  # as a fair-share parking would; a keeps its blocks and its slot
+    assert len(a.block_table) == 2 and s.blocks.num_free == 0 and s.slots.pins == {"A": 1}
+    while len(b.block_table) < 3:  # b decodes until it needs a third block: a's are taken back for it
+        step(s)
+    assert b.num_preemptions == 0 and b.status is SeqStatus.RUNNING
+    assert not a.block_table and a.num_computed == 0 and a.status is SeqStatus.WAITING and a.slot == -1
+    assert s.num_preemptions == 1 and s.slots.pins == {} and s.waiting[0] is a
+
+
+def test_aborting_a_waiting_request_leaves_the_running_ones_pin() -> None:
+    s = make(max_num_seqs=1)
+    running, waiting = seq("r", 2, delta=FakeDelta("X")), seq("w", 2, delta=FakeDelta("X"))
+    s.add(running)
+    s.add(waiting)
+    step(s)
+    assert running.status is SeqStatus.RUNNING and waiting.slot == -1 and s.slots.pins == {"X": 1}
+    s.finish(waiting, "abort")  # it never held the slot: the running request's pin stays
+    assert s.slots.pins == {"X": 1} and not s.waiting
