@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import statistics
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.decode import device_name, git_commit, read_bandwidth_gbps  # noqa: E402
+from bench.decode import device_name, git_commit, read_bandwidth_gbps, write_result  # noqa: E402
 
 PROJECTIONS = ((1024, 1024), (1024, 256), (1024, 2816), (2816, 1024))
 TENANTS = (1, 8, 32)
@@ -125,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['projection']} | {r['tenants']} | {r['what']} | {r['ms']:.4f} | {r['floor_ms']:.4f} | "
               f"{r['x_floor']:.1f} | {r['GBps']:.1f} |")  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / f"cpu-kernels-{res['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_result(res, out)
     print(f"\nwrote {out}")
     return 0
 

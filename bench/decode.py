@@ -189,6 +189,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def write_result(res: dict, out: Path) -> None:
+    """A benchmark's JSON (device, commit, date, figures) to `out`, its folder made if need be."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -691,8 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         slug = re.sub(r"[^a-z0-9]+", "-", res["device"].lower()).strip("-")[:40]
         out = ROOT / "bench" / "results" / f"decode-{slug}-{res['date']}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_result(res, out)
     print(f"\nwrote {out} ({res['wall_s']:.0f} s)")
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.decode import CPU_SHAPE, LLAMA2_7B, device_name, engine_for, git_commit, hf_llama_config, random_hf_model  # noqa: E402
+from bench.decode import (  # noqa: E402
+    CPU_SHAPE,
+    LLAMA2_7B,
+    device_name,
+    engine_for,
+    git_commit,
+    hf_llama_config,
+    random_hf_model,
+    write_result,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,8 +133,7 @@ def main(argv=None) -> int:
           f"first come first served {summary['fcfs_light_ttft_p95_over_median_step']:.1f}; "
           f"throughput fair / FCFS {summary['fair_over_fcfs_throughput']:.3f} (target >= 0.9)")  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / f"fairness-{device.type}-{res['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_result(res, out)
     print(f"wrote {out}")
     return 0
 
