@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from registry.deltas import Delta
 from serving.engine.engine import LLMEngine, RequestOutput
 from serving.engine.errors import EngineDead, Overloaded
+from serving.engine.host_memory import HeapTrimmer
 from serving.engine.sampling_params import SamplingParams
 
 
@@ -56,6 +57,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="deltaserve-engine", daemon=True)
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        # a CPU engine's activations fragment the C heap: freed pages go back now and then (engine thread only)
+        self.heap = HeapTrimmer() if engine.device.type == "cpu" else None
 
     # ---- event-loop side -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +133,8 @@ class EngineLoop:
                         self._deliver(o)
                     if self.on_step is not None:
                         self.on_step(self.engine, outputs, time.perf_counter() - t0)
+                    if self.heap is not None:
+                        self.heap.after_step()
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure to every waiter
             self.error = e
             for p in list(self._requests.values()):

@@ -25,6 +25,7 @@ from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.errors import PromptTooLong
+from serving.engine.host_memory import bound_onednn_caches
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampling_params import SamplingParams, SamplingParamsError
 from serving.engine.scheduler import Scheduler
@@ -78,6 +79,7 @@ class LLMEngine:
         # What the served weights look like, for refusing deltas absurd against them (before any repacking).
         self.spec = dataclasses.replace(spec, magnitudes=measure_magnitudes(dict(model.state_dict())))
         if self.device.type == "cpu" and config.pack_cpu_weights and cpu_weight_packing_available():
+            bound_onednn_caches()  # before the first packed GEMM: its caches grow with every batch shape otherwise
             pack_cpu_weights(model, rows_hint=config.max_num_seqs)
         ops = select_delta_ops(config.kernel_backend, self.device)
         self.slots = SlotPool(
