@@ -9,7 +9,7 @@ from registry.errors import NotFound
 from registry.names import validate_name
 from registry.uploads import FORMATS
 from serving.api.auth import Admin, TenantDep, require_admin
-from serving.api.errors import APIError
+from serving.api.errors import APIError, refuse_when_draining
 from serving.api.multipart import parse_multipart
 from serving.api.openai_routes import parse, read_json
 from serving.api.schemas import TenantCreate
@@ -69,8 +69,7 @@ class _UploadSink:
 @router.post("/v1/adapters", status_code=201)
 async def upload_adapter(request: Request, tenant: TenantDep):
     backend = request.app.state.backend
-    if backend.draining:
-        raise APIError(503, "The server is draining.", code="overloaded", headers={"Retry-After": "5"})
+    refuse_when_draining(backend)
     limit = backend.config.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit + (1 << 20):

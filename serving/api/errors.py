@@ -112,3 +112,11 @@ def install_handlers(app: FastAPI) -> None:
     for cls in (PromptTooLong, SamplingParamsError, NotFound, NameTaken, InvalidName, UploadTooLarge, DeltaError,
                 TenantBusy, Overloaded, EngineDead, InsufficientStorage):
         app.add_exception_handler(cls, lambda request, e: error_response(to_api_error(e)))
+
+
+def refuse_when_draining(backend) -> None:
+    """The one check every route that starts new work makes: a draining server finishes what it has and takes
+    nothing new (503, retry shortly; a load balancer sends the retry to another replica)."""
+    if backend.draining:
+        raise APIError(503, "The server is draining and accepts no new requests.", code="overloaded",
+                       headers={"Retry-After": "5"})  # fmt: skip

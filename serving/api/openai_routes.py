@@ -17,8 +17,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from serving.api.auth import TenantDep
-from serving.api.errors import APIError, error_body, to_api_error
+from serving.api.errors import APIError, error_body, refuse_when_draining, to_api_error
 from serving.api.schemas import (
+    MAX_PROMPTS,
     UNSUPPORTED_CHAT_FIELDS,
     UNSUPPORTED_COMPLETION_FIELDS,
     ChatCompletionRequest,
@@ -30,7 +31,6 @@ from serving.engine.sampling_params import SamplingParams
 
 router = APIRouter()
 MAX_JSON_BODY = 4 << 20
-MAX_PROMPTS = 32  # prompts in one completions request
 
 
 async def read_json(request: Request) -> Any:
@@ -315,13 +315,6 @@ async def until_done_or_disconnected(request: Request, work) -> bool:
     return False
 
 
-def _accepting(request: Request) -> None:
-    backend = request.app.state.backend
-    if backend.draining:
-        raise APIError(503, "The server is draining and accepts no new requests.", code="overloaded",
-                       headers={"Retry-After": "5"})
-
-
 @router.get("/v1/models")
 async def list_models(request: Request, tenant: TenantDep):
     return {"object": "list", "data": request.app.state.backend.list_models(tenant)}
@@ -332,7 +325,7 @@ async def completions(request: Request, tenant: TenantDep):
     body = await read_json(request)
     refuse_unsupported(body, UNSUPPORTED_COMPLETION_FIELDS)
     req: CompletionRequest = parse(CompletionRequest, body)
-    _accepting(request)
+    refuse_when_draining(request.app.state.backend)
     backend = request.app.state.backend
     resolved = await backend.resolve(tenant, req.model)
     request.state.model_kind = resolved.kind
@@ -365,7 +358,7 @@ async def chat_completions(request: Request, tenant: TenantDep):
     req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
-    _accepting(request)
+    refuse_when_draining(request.app.state.backend)
     backend = request.app.state.backend
     resolved = await backend.resolve(tenant, req.model)
     request.state.model_kind = resolved.kind

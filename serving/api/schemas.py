@@ -14,7 +14,7 @@ from serving.api.errors import APIError
 from serving.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
 
 MAX_N = 16
-MAX_PROMPTS = 32
+MAX_PROMPTS = 32  # prompts in one completions request
 
 # field -> its no-op values (anything else is refused)
 UNSUPPORTED_COMPLETION_FIELDS: dict[str, tuple[Any, ...]] = {

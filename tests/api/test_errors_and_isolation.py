@@ -187,3 +187,23 @@ def test_bad_inputs(live, tenants, tmp_path):
 
 
 ADMIN = "test-admin-key-0123456789"
+
+
+def test_a_draining_server_refuses_new_work_the_same_way_everywhere(live, tenants):
+    a, _ = tenants
+    live.backend.draining = True
+    try:
+        with live.client(a) as c:
+            bodies = [("/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": 1}),
+                      ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "hi"}]})]
+            for path, body in bodies:
+                r = c.post(path, json=body)
+                assert r.headers["retry-after"] == "5"
+                assert_error(r, 503, "server_error", code="overloaded")
+            r = upload(c, "late-lora", "lora", live.files["lora"])
+            assert r.headers["retry-after"] == "5"
+            assert_error(r, 503, "server_error", code="overloaded")
+            assert c.get("/v1/adapters/late-lora").status_code == 404  # nothing was stored
+            assert c.get("/v1/models").status_code == 200  # reads still answer
+    finally:
+        live.backend.draining = False
