@@ -22,13 +22,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from registry.errors import UnsupportedFormat
+from registry.errors import PickleRefused, UnsupportedFormat, is_pickle_name
 from registry.safetensors_io import TensorInfo, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def tie_word_embeddings(config: dict) -> bool:
@@ -122,9 +121,9 @@ class Checkpoint:
         self._shard_of = dict(weight_map)
 
     def _refuse_missing_weights(self) -> None:
-        pickles = sorted(p.name for p in self.path.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
+        pickles = sorted(p.name for p in self.path.iterdir() if is_pickle_name(p.name))
         if pickles:
-            raise UnsupportedFormat(
+            raise PickleRefused(
                 f"{self.path} holds only pickle checkpoints ({', '.join(pickles)}); pickle checkpoints are not "
                 f"loaded: save the model as safetensors ({SINGLE_FILE} or sharded with {INDEX_FILE})",
                 param=pickles[0],

@@ -28,6 +28,19 @@ class UnsupportedFormat(DeltaError):
         super().__init__(message, code="unsupported_format", param=param)
 
 
+class PickleRefused(UnsupportedFormat):
+    """A pickle file (by its name or its first bytes): never loaded, whatever the format around it."""
+
+
+# File names torch.save / pickle write (pytorch_model.bin, adapter_model.bin, *.pt, ...): refused by name
+# (safetensors_io also refuses pickle by a file's first bytes, whatever its name).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def is_pickle_name(name: str) -> bool:
+    return name.lower().endswith(PICKLE_SUFFIXES)
+
+
 class RegistryError(Exception):
     """An error of the registry's catalog or uploads that the caller made (not a bug), with the contract's
     `param` (the request field at fault, or None). Subclasses say which CONTRACT §3 row applies; the

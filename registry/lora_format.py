@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from registry.deltas import BaseSpec, LoraDelta
-from registry.errors import AdapterMismatch, UnsupportedFormat
+from registry.errors import AdapterMismatch, PickleRefused, UnsupportedFormat, is_pickle_name
 from registry.safetensors_io import check_finite, load_tensors, read_header, sha256_file
 
 CONFIG_FILE = "adapter_config.json"
@@ -37,7 +37,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 PROJECTION_NAMES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 EMBEDDING_NAMES = frozenset({"embed_tokens", "lm_head"})
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _SUFFIX_A = ".lora_A.weight"
 _SUFFIX_B = ".lora_B.weight"
 
@@ -228,9 +227,9 @@ def _check_files(path: Path) -> tuple[Path, Path]:
     if not config_path.is_file():
         raise UnsupportedFormat(f"LoRA adapter directory has no {CONFIG_FILE}", param=CONFIG_FILE)
     if not weights_path.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
+        pickles = sorted(p.name for p in path.iterdir() if is_pickle_name(p.name))
         if pickles:
-            raise UnsupportedFormat(
+            raise PickleRefused(
                 f"LoRA adapter weights are a pickle file ({', '.join(pickles)}); pickle files are never loaded: "
                 f"save the adapter as {WEIGHTS_FILE} (save_pretrained(..., safe_serialization=True))",
                 param=pickles[0],

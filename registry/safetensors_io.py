@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from registry.errors import AdapterMismatch, UnsupportedFormat
+from registry.errors import AdapterMismatch, PickleRefused, UnsupportedFormat
 from registry.fsync import fsync_dir
 
 MAX_HEADER_BYTES = 100_000_000
@@ -132,7 +132,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
             if not plausible:
                 # A sane length followed by '{' is safetensors even if byte 0 happens to be 0x80.
                 if _looks_like_pickle(prefix):
-                    raise UnsupportedFormat(_PICKLE_MESSAGE.format(name=name), param=name)
+                    raise PickleRefused(_PICKLE_MESSAGE.format(name=name), param=name)
                 if header_len > MAX_HEADER_BYTES:
                     raise _refuse(name, f"header length {header_len} is over the {MAX_HEADER_BYTES}-byte limit")
                 if 8 + header_len > size:

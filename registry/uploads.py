@@ -32,9 +32,11 @@ from registry.errors import (
     AdapterMismatch,
     InsufficientStorage,
     InvalidName,
+    PickleRefused,
     UnsupportedFormat,
     UploadTooLarge,
     is_disk_full,
+    is_pickle_name,
 )
 from registry.fsync import fsync_dir
 
@@ -50,7 +52,6 @@ FINETUNE_CONFIG = "config.json"
 FINETUNE_INDEX = "model.safetensors.index.json"
 FINETUNE_SINGLE = "model.safetensors"
 SAFETENSORS_SUFFIX = ".safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 DEFAULT_MAX_UPLOAD_BYTES = 64 << 30
 """Default cap on the total size of one upload (all its files), in bytes."""
@@ -105,8 +106,8 @@ def check_file_allowed(format: str, filename: str, present: Iterable[str] = ()) 
     part of a `format` upload that already holds `present`: pickle files never, anything the format does
     not name never, no name twice, one weights file for "bitdelta", at most MAX_FILES files."""
     present = set(present)
-    if filename.lower().endswith(PICKLE_SUFFIXES):
-        raise UnsupportedFormat(
+    if is_pickle_name(filename):
+        raise PickleRefused(
             f"{filename}: pickle files are never loaded; upload safetensors files instead", param=filename
         )
     if filename in present:
@@ -205,6 +206,8 @@ class Staging:
             check_file_allowed(self.format, filename, self._files)
             return
         # Format not known yet (the multipart field may come after the files): refuse what no format takes.
+        if is_pickle_name(filename):
+            check_file_allowed(FORMATS[0], filename)  # raises PickleRefused, the same words as with a format
         errors: list[UnsupportedFormat] = []
         for fmt in FORMATS:
             try:
@@ -216,9 +219,6 @@ class Staging:
         if len(self._files) >= MAX_FILES:
             raise UnsupportedFormat(f"an upload may have at most {MAX_FILES} files", param=filename)
         if len(errors) == len(FORMATS):
-            pickle = [e for e in errors if "pickle" in e.message]
-            if pickle:
-                raise pickle[0]
             raise UnsupportedFormat(
                 f"file {filename} is not part of any upload format ("
                 + "; ".join(f"{fmt}: {_expected(fmt)}" for fmt in FORMATS)

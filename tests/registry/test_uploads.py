@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from registry.catalog import Registry, content_sha256
 from registry.deltas import BitDelta, LoraDelta
-from registry.errors import AdapterMismatch, InvalidName, UnsupportedFormat, UploadTooLarge
+from registry.errors import AdapterMismatch, InvalidName, PickleRefused, UnsupportedFormat, UploadTooLarge
 from registry.lora_format import CONFIG_FILE, WEIGHTS_FILE
 from registry.uploads import FINETUNE_OPTIONAL, LORA_CONFIG, LORA_WEIGHTS
 from tests.registry.assets import Assets, add_files, chunks, lora_files
@@ -93,7 +93,7 @@ def test_bad_file_names_refused(reg: Registry, name: str) -> None:
 )
 def test_pickle_files_refused(reg: Registry, fmt: str, name: str) -> None:
     st = reg.stage(format=fmt)
-    with pytest.raises(UnsupportedFormat, match="pickle files are never loaded") as e:
+    with pytest.raises(PickleRefused, match="pickle files are never loaded") as e:
         st.add_file(name, iter([b"\x80\x04junk"]))
     assert e.value.code == "unsupported_format" and e.value.param == name
     assert list(st.path.iterdir()) == []
@@ -292,7 +292,7 @@ def test_open_file_push_style(reg: Registry) -> None:
     with pytest.raises(ValueError):
         w.write(b"more")
     for name in ["pytorch_model.bin", "adapter_model.bin"]:
-        with pytest.raises(UnsupportedFormat, match="pickle files are never loaded"):
+        with pytest.raises(PickleRefused, match="pickle files are never loaded"):
             st.open_file(name)
     with pytest.raises(UnsupportedFormat, match="any upload format"):
         st.open_file("README.md")
