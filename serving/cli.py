@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,9 +213,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_eval_inputs(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, str]:
+@dataclass(frozen=True)
+class _EvalInputs:
+    base: Path
+    finetune: Path
+    text: str
+    delta: Path | None  # a 1-bit delta file to evaluate instead of compressing the fine-tune
+    lora: Path | None
+
+
+def _demo_eval_inputs(args: argparse.Namespace, tmp: Path) -> _EvalInputs:
     """--tenant NAME: the demo base, the tenant's full fine-tune (a LoRA tenant's is its LoRA merged into the
-    base), its held-out text, its shipped 1-bit delta or LoRA. Returns (base, finetune, text)."""
+    base), its held-out text, its shipped 1-bit delta or LoRA."""
     from serving.demo import demo_dir, demo_tenants, read_heldout
     from serving.evaluation import merge_lora
 
@@ -227,12 +237,11 @@ def _demo_eval_inputs(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, 
     base = demo_dir() / "base"
     text = "\n".join(read_heldout(t.heldout_path))
     if t.kind == "lora":
-        args.lora = t.adapter_path
         merge_lora(base, t.adapter_path, tmp)
-        return base, tmp, text
-    if args.delta is None and t.adapter_path.is_file() and args.distill_steps is None and args.calibration is None:
-        args.delta = t.adapter_path
-    return base, t.finetune_path, text
+        return _EvalInputs(base, tmp, text, args.delta, t.adapter_path)
+    shipped = t.adapter_path.is_file() and args.distill_steps is None and args.calibration is None
+    delta = args.delta if args.delta is not None or not shipped else t.adapter_path
+    return _EvalInputs(base, t.finetune_path, text, delta, None)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -243,17 +252,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="deltaserve-eval-") as tmp:
         if args.tenant is not None:
-            base, finetune, text = _demo_eval_inputs(args, Path(tmp))
+            inputs = _demo_eval_inputs(args, Path(tmp))
         else:
             missing = [f"--{k}" for k in ("base", "finetune", "text") if getattr(args, k) is None]
             if missing:
                 raise CliError(f"give --tenant NAME, or {', '.join(missing)}")
-            base, finetune, text = args.base, args.finetune, _read_text(args.text, "--text")
+            inputs = _EvalInputs(args.base, args.finetune, _read_text(args.text, "--text"), args.delta, args.lora)
         distill, calibration = _distill_args(args)
         if args.delta is not None and distill is not None:
             raise CliError("give --delta FILE or --distill-steps/--calibration, not both")
         try:
-            report = evaluate(base, finetune, text, delta_path=args.delta, lora_dir=args.lora, distill=distill,
+            report = evaluate(inputs.base, inputs.finetune, inputs.text, delta_path=inputs.delta, lora_dir=inputs.lora,
+                              distill=distill,
                               calibration_text=calibration, options=CompressOptions(args.scale, args.other_tensors),
                               max_tokens=args.max_tokens, window=args.window, device=args.device,
                               kernel_backend=args.kernel_backend)  # fmt: skip
@@ -324,17 +334,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from serving.engine.sampling_params import SamplingParams, SamplingParamsError
     from serving.models.config import UnsupportedModel
 
-    if args.model is None:  # the embedded demo, offline
+    model, adapter = args.model, args.adapter
+    if model is None:  # the embedded demo, offline
         from serving.demo import demo_dir, demo_tenants
 
-        args.model = str(demo_dir() / "base")
+        model = str(demo_dir() / "base")
         if args.tenant is not None:
             tenants = {t.name: t for t in demo_tenants()}
             if args.tenant not in tenants:
                 raise CliError(f"--tenant {args.tenant}: not a demo tenant ({', '.join(tenants)})")
-            if args.adapter is not None:
+            if adapter is not None:
                 raise CliError("give --tenant or --adapter, not both")
-            args.adapter = str(tenants[args.tenant].adapter_path)
+            adapter = str(tenants[args.tenant].adapter_path)
     elif args.tenant is not None:
         raise CliError("--tenant names a demo tenant: it works only without --model")
 
@@ -344,7 +355,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         requests = [
             {
                 "prompt": args.prompt,
-                "adapter": args.adapter,
+                "adapter": adapter,
                 "max_tokens": args.max_tokens,
                 "temperature": args.temperature,
                 "seed": args.seed,
@@ -355,9 +366,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             }
         ]
     try:
-        engine = LLMEngine.from_model_dir(args.model, _engine_config(args))
+        engine = LLMEngine.from_model_dir(model, _engine_config(args))
     except (UnsupportedModel, DeltaError, FileNotFoundError, ValueError) as e:
-        raise CliError(f"--model {args.model}: {e}") from None
+        raise CliError(f"--model {model}: {e}") from None
 
     deltas: dict[str, Any] = {}  # each distinct adapter path is loaded once
     batch = []
