@@ -14,6 +14,7 @@ memory series (first, last, peak of the second half against the first half).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -49,6 +50,22 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def _machine() -> dict[str, object]:
+    """Where and on what code the soak ran (the server is started from this checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", False
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"git_commit": commit + ("+dirty" if dirty else ""), "device": f"{cpu} x{os.cpu_count()}"}
+
+
 def _percentile(xs: list[float], q: float) -> float | None:
     xs = sorted(x for x in xs if x is not None)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else None
@@ -62,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-assets", type=Path, default=Path(__file__).resolve().parents[1] / "serving" / "demo" / "assets",
                    help="the demo's assets (its tenants.json names the adapters uploaded for the tenants)")  # fmt: skip
     args = p.parse_args(argv)
+    machine = _machine()  # before the run: the code the server starts with
     root = Path(tempfile.mkdtemp(prefix="deltaserve-soak-"))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -119,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(10)
         for t in threads:
             t.join()
-        report: dict[str, object] = {"date": dt.date.today().isoformat(), "minutes": args.minutes,
+        report: dict[str, object] = {"date": dt.date.today().isoformat(), **machine, "minutes": args.minutes,
                                      "tenants": args.tenants, "streams": 64}  # fmt: skip
         for name, run in results.items():
             rs = run.results  # type: ignore[attr-defined]
