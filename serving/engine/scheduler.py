@@ -19,7 +19,11 @@ leaves places empty. With one tenant this is first come, first served.
 
 Chunked prefill: a prompt is computed `prefill_chunk` tokens at a time at most, so a long prompt never holds
 other tenants' decodes for more than one chunk. Preempted sequences (KV blocks run out) give back their blocks
-and their delta slot and wait at the head of their tenant's queue, to be recomputed from their tokens.
+and their delta slot and wait at the head of their tenant's queue, to be recomputed from their tokens. KV memory
+short, the running sequences come first: a step that had to free blocks admits nobody, a parked sequence gives its
+blocks before a running one is preempted, and one sequence without blocks for its next chunk does not hold its
+tenant's others (tests/engine/test_scheduler_properties.py checks, over random workloads, that every request
+finishes and nothing is left held).
 
 Delta slots: a waiting sequence whose delta finds every slot of its kind pinned keeps its place while the
 sequences behind it go ahead, and waiting for a slot is not waiting for a place in the batch. Slots are loaded
@@ -134,9 +138,14 @@ class Scheduler:
         seq.finish_reason = reason
 
     # ---- one step ----------------------------------------------------------------------------------
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self, admit: bool = True) -> list[ScheduledSeq]:
+        """The next step's sequences and tokens. admit=False: no waiting sequence joins the batch this step.
+
+        One function on purpose (over 60 lines): the step's order — decodes, prefill chunks by tenant, the
+        no-progress rule — reads top to bottom, as in nano-vllm."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
+        preemptions = self.num_preemptions
         self._bound_leads()
         self._load_turn = self._next_loads()
         self._make_room_for_waiting_tenants()
@@ -161,17 +170,19 @@ class Scheduler:
                 budget -= 1
                 i += 1
         # 2. Prefill chunks, tenant by tenant in counter order: running sequences still prefilling first, then the
-        # head of the tenant's queue if the batch has room.
+        # head of the tenant's queue if the batch has room. A step that had to free KV blocks admits nobody (as
+        # vLLM): the freed blocks are for the running sequences, or a new one would take them and none progress.
+        admit = admit and self.num_preemptions == preemptions
         blocked: set[str] = set()  # tenants that cannot be served more this step
         skipped: dict[str, list[Sequence]] = {}  # waiting for a delta slot: they keep their place
-        chunked = {id(s.seq) for s in scheduled}
+        chunked = {id(s.seq) for s in scheduled}  # done for this step: served, or no KV blocks for their next chunk
         while budget > 0:
             tenant = self._next_tenant(blocked, chunked)
             if tenant is None:
                 break
             seq = next((s for s in self.running if s.tenant == tenant and s.num_uncomputed > 1 and id(s) not in chunked), None)
             if seq is None:
-                seq = self._admit(tenant, skipped)
+                seq = self._admit(tenant, skipped) if admit else None
                 if seq is None:
                     blocked.add(tenant)
                     continue
@@ -190,7 +201,9 @@ class Scheduler:
             if not self.blocks.can_grow(seq, seq.num_computed + n):
                 if seq.num_computed == 0 and not seq.block_table:  # just admitted: back to its place
                     self._unadmit(seq)
-                blocked.add(tenant)
+                    blocked.add(tenant)
+                else:  # the tenant's other running sequences may still fit (and, finishing, free blocks)
+                    chunked.add(id(seq))
                 continue
             self.blocks.grow(seq, seq.num_computed + n)
             scheduled.append(ScheduledSeq(seq, n))
@@ -200,9 +213,12 @@ class Scheduler:
         for tenant, seqs in skipped.items():
             self.queues[tenant].extendleft(reversed(seqs))
         if not scheduled and self.running and not any(s.num_uncomputed == 1 for s in self.running):
-            # Only part-prefilled sequences, and no blocks for any next chunk: free the newest one's blocks.
-            self._preempt(self.running[-1])
-            return self.schedule()
+            # Only part-prefilled sequences, and no blocks for any next chunk: a parked sequence's blocks, else the
+            # newest one's, go to the older ones (admitting anyone while some run would take them back: no step
+            # would progress).
+            if not self._reclaim_parked():
+                self._preempt(self.running[-1])
+            return self.schedule(admit=not self.running)
         return scheduled
 
     # ---- inside ------------------------------------------------------------------------------------

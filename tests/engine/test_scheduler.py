@@ -374,3 +374,14 @@ def test_aborting_a_waiting_request_leaves_the_running_ones_pin() -> None:
     assert running.status is SeqStatus.RUNNING and waiting.slot == -1 and s.slots.pins == {"X": 1}
     s.finish(waiting, "abort")  # it never held the slot: the running request's pin stays
     assert s.slots.pins == {"X": 1} and not s.waiting
+
+
+def test_one_sequence_without_blocks_does_not_hold_its_tenants_others() -> None:
+    s = make(chunk=2, blocks=2, block_size=4)
+    x, y = seq("x", 10), seq("y", 4)
+    s.add(x)
+    assert step(s) == [("x", 2)]
+    s.add(y)
+    assert step(s) == [("x", 2), ("y", 2)]  # both blocks now held: x's next chunk needs a third
+    assert step(s) == [("y", 2)]  # y's last prompt chunk fits its block: it runs, nobody is preempted
+    assert s.num_preemptions == 0 and x.num_computed == 4
