@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip show mutmut >/dev/null 2>&1 || { echo "pip install mutmut==3.8.1 first" >&2; exit 2; }
 rm -rf mutants
-OMP_NUM_THREADS=1 mutmut run &  # a non-zero exit means surviving mutants: the summary below says which
+HYPOTHESIS_PROFILE=mutation OMP_NUM_THREADS=1 mutmut run &  # a non-zero exit means surviving mutants: the summary below says which
 run=$!
 # mutmut does not stop a worker stuck in an infinite loop (a mutated `while`) under its fork server: the
 # watchdog kills workers older than 60 s (counted as detected: the tests never pass against them).

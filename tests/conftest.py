@@ -12,6 +12,13 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Property tests (hypothesis): 300 random cases each by default; scripts/mutation.sh runs them with fewer, per mutant.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("default", max_examples=300)
+settings.register_profile("mutation", max_examples=40)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -73,7 +73,7 @@ def found(requests, max_num_seqs, chunk, extra_budget, blocks, slots=1, fair=Fal
             "blocks": blocks, "slots": slots, "fair": fair, "aborts": []}  # fmt: skip
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # examples: tests/conftest.py
 @given(workload)
 # Workloads this test found that ran for ever before the fixes in Scheduler.schedule: a step that freed KV blocks
 # admits nobody (a preempted decode took its own block back every step); a parked sequence's blocks go to the
