@@ -28,6 +28,7 @@ import torch
 from kernels.bitdelta import sign_pool_shape, to_sign_layout
 from registry.deltas import BitDelta, Delta, LoraDelta
 from registry.errors import AdapterMismatch
+from registry.host_tier import TierObserver
 
 
 @dataclass
@@ -111,11 +112,13 @@ class SlotPool:
         dtype: torch.dtype,
         device: torch.device | str,
         sign_layout: str = "rows",
+        observer: TierObserver | None = None,
     ):
         """projections: module path -> (out, in). base_tensors: every tensor of the served model by
         state-dict name (on `device`): the source of replacement pools' base rows (a CPU linear weight may be
         oneDNN-packed: it is unpacked when a replacement pool needs its rows). sign_layout: how the
-        1-bit kernels that will read the pool want the packed signs (DeltaOps.sign_layout)."""
+        1-bit kernels that will read the pool want the packed signs (DeltaOps.sign_layout). observer(event,
+        seconds): "hit", "miss", "load" (with the host time of the copies) and "evict", as the host tier's."""
         if bitdelta_slots < 0 or lora_slots < 0 or max_lora_rank < 1:
             raise ValueError("slot counts must be >= 0 and max_lora_rank >= 1")
         self.dtype = dtype
@@ -140,10 +143,7 @@ class SlotPool:
             self._projections[path] = p
         self._replacements: dict[str, Replacement] = {}
         self._tables = {"bitdelta": _SlotTable(bitdelta_slots), "lora": _SlotTable(lora_slots)}
-        self.load_seconds: list[float] = []  # host time of each load (copies enqueued), drained by the metrics
-        self.hits = 0  # acquire found the delta resident
-        self.loads = 0  # acquire copied it into a slot (a miss)
-        self.evictions = 0  # ... replacing another delta
+        self.observer: TierObserver = observer or (lambda event, seconds: None)
 
     # ---- what the layers read -------------------------------------------------------------------
     def projection(self, path: str) -> ProjectionPools | None:
@@ -226,21 +226,21 @@ class SlotPool:
         table = self._tables[delta.kind]
         slot = table.find(delta.key)
         if slot is not None:
-            self.hits += 1
+            self.observer("hit", 0.0)
         else:
             slot = table.victim()
             if slot is None:
                 return None
+            self.observer("miss", 0.0)
             if table.owner[slot] is not None:
-                self.evictions += 1
+                self.observer("evict", 0.0)
             table.assign(slot, delta.key)
             t0 = time.perf_counter()
             if isinstance(delta, LoraDelta):
                 self._load_lora(slot, delta)
             else:
                 self._load_bitdelta(slot, delta)
-            self.load_seconds.append(time.perf_counter() - t0)
-            self.loads += 1
+            self.observer("load", time.perf_counter() - t0)
         table.pin(slot)
         return slot
 

@@ -62,7 +62,8 @@ class Backend:
         self.tokenizer = engine.tokenizer
         self.model_id = engine.model.config.name
         self.max_model_len = engine.max_model_len
-        self.host_tier = HostTier(self.config.host_cache_bytes, self._host_event)
+        self.host_tier = HostTier(self.config.host_cache_bytes, lambda event, s: self._tier_event("host", event, s))
+        engine.observe_slots(lambda event, s: self._tier_event("gpu", event, s))  # the engine thread reports
         self.loop = EngineLoop(engine, self.config.max_pending, on_step=self._observe_step)
         # Loading a requested delta from disk (the request path) and validating uploads run in pools of their own,
         # so that uploads, however many or heavy, never make another tenant's request wait for a worker.
@@ -75,17 +76,15 @@ class Backend:
         self.started = False
         self._in_flight: dict[str, int] = {}
         self._in_flight_lock = threading.Lock()
-        self._slot_counts = (0, 0, 0)  # the slot pool's hits, loads, evictions already counted
         self._preemptions_seen = 0
         # State gauges are read when /metrics is scraped, so they are right even while the engine is idle
         # (e.g. just after an abort freed a disconnected client's KV blocks).
-        sched, slots = engine.scheduler, engine.slots
-        metrics.kv_usage.set_function(lambda: engine.blocks.usage)
-        metrics.queue_length.set_function(lambda: sched.num_waiting)
-        metrics.running.set_function(lambda: len(sched.running))
+        metrics.kv_usage.set_function(lambda: engine.stats().kv_usage)
+        metrics.queue_length.set_function(lambda: engine.stats().num_waiting)
+        metrics.running.set_function(lambda: engine.stats().num_running)
         metrics.pending.set_function(lambda: self.loop.num_pending)
-        metrics.slots_in_use.labels("gpu_lora").set_function(lambda: slots.num_resident("lora"))
-        metrics.slots_in_use.labels("gpu_bitdelta").set_function(lambda: slots.num_resident("bitdelta"))
+        metrics.slots_in_use.labels("gpu_lora").set_function(lambda: engine.stats().slots_in_use["lora"])
+        metrics.slots_in_use.labels("gpu_bitdelta").set_function(lambda: engine.stats().slots_in_use["bitdelta"])
         metrics.slots_in_use.labels("host").set_function(lambda: self.host_tier.num_items)
         for tier, n in (("gpu_lora", engine.config.lora_slots), ("gpu_bitdelta", engine.config.bitdelta_slots)):
             metrics.slots_total.labels(tier).set(n)
@@ -122,9 +121,7 @@ class Backend:
         record = self.registry.resolve(tenant, name)
         if record is None:
             raise NotFound(f"no ready adapter {ref!r} to preload", param="preload")
-        delta = self._load_record(record)
-        if self.engine.slots.acquire(delta) is not None:
-            self.engine.slots.release(delta)
+        self.engine.preload(self._load_record(record))
 
     # ---- models ------------------------------------------------------------------------------------
     async def resolve(self, tenant: Tenant, model: str) -> ResolvedModel:
@@ -364,33 +361,20 @@ class Backend:
     # ---- metrics (engine thread) -------------------------------------------------------------------
     def _observe_step(self, engine: LLMEngine, outputs: list[RequestOutput], seconds: float) -> None:
         m = self.metrics
-        sched = engine.scheduler
+        stats = engine.stats()
         m.step_time.observe(seconds)
-        running = sched.running
         m.batch_size.observe(len(outputs))
-        m.distinct_tenants.observe(len({s.delta.key for s in running if s.delta is not None}))
+        m.distinct_tenants.observe(stats.distinct_deltas_running)
         m.generation_tokens.inc(len(outputs))
-        slots = engine.slots
-        hits, loads, evictions = slots.hits, slots.loads, slots.evictions
-        h0, l0, e0 = self._slot_counts
-        if hits > h0:
-            m.adapter_hits.labels("gpu").inc(hits - h0)
-        if loads > l0:
-            m.adapter_misses.labels("gpu").inc(loads - l0)
-            m.adapter_loads.labels("gpu").inc(loads - l0)
-        if evictions > e0:
-            m.adapter_evictions.labels("gpu").inc(evictions - e0)
-        self._slot_counts = (hits, loads, evictions)
-        while slots.load_seconds:
-            m.adapter_load_seconds.labels("gpu").observe(slots.load_seconds.pop())
-        if sched.num_preemptions > self._preemptions_seen:
-            m.preemptions.inc(sched.num_preemptions - self._preemptions_seen)
-            self._preemptions_seen = sched.num_preemptions
+        if stats.num_preemptions > self._preemptions_seen:
+            m.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.num_preemptions
 
-    def _host_event(self, event: str, seconds: float) -> None:
+    def _tier_event(self, tier: str, event: str, seconds: float) -> None:
+        """A hit, miss, load or eviction of the host tier ("host") or of the GPU slots ("gpu")."""
         m = self.metrics
         {"hit": m.adapter_hits, "miss": m.adapter_misses, "evict": m.adapter_evictions, "load": m.adapter_loads}[event].labels(
-            "host"
+            tier
         ).inc()
         if event == "load":
-            m.adapter_load_seconds.labels("host").observe(seconds)
+            m.adapter_load_seconds.labels(tier).observe(seconds)

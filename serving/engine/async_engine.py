@@ -151,7 +151,7 @@ class EngineLoop:
             if kind == "add":
                 self._add(arg)
             elif kind == "forget":
-                self.engine.slots.forget(*arg)
+                self.engine.forget_delta(*arg)
             elif kind == "abort":
                 p = self._requests.get(arg)
                 if p is not None:

@@ -62,8 +62,22 @@ class Completion:
     logprobs: list[TokenLogprob]
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine holds now (for metrics and health; read from any thread, a snapshot)."""
+
+    num_waiting: int
+    num_running: int
+    kv_usage: float  # share of the KV blocks in use, 0..1
+    slots_in_use: dict[str, int]  # delta kind -> slots holding a delta
+    distinct_deltas_running: int
+    num_preemptions: int  # since start
+
+
 class LLMEngine:
-    def __init__(self, model: LlamaForCausalLM, tokenizer, spec: BaseSpec, config: EngineConfig):
+    def __init__(self, model: LlamaForCausalLM, tokenizer, spec: BaseSpec, config: EngineConfig,
+                 base_dir: Path | None = None):  # fmt: skip
+        """base_dir: the checkpoint directory the model came from (compression of uploaded fine-tunes reads it)."""
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -113,7 +127,7 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}
         self.num_steps = 0
-        self.base_dir: Path | None = None  # the checkpoint directory, when loaded from one
+        self.base_dir = base_dir
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -125,9 +139,7 @@ class LLMEngine:
         device = resolve_device(config.device)
         model = load_model_from_checkpoint(ckpt, mc, resolve_dtype(config.dtype, mc, device), device)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        engine = cls(model, tokenizer, base_spec(ckpt), config)
-        engine.base_dir = Path(model_dir)
-        return engine
+        return cls(model, tokenizer, base_spec(ckpt), config, base_dir=Path(model_dir))
 
     def _auto_num_blocks(self) -> int:
         per_block = ModelRunner.kv_block_bytes(self.model, self.config.block_size, self.dtype)
@@ -181,6 +193,34 @@ class LLMEngine:
             return False
         self.scheduler.finish(seq, "abort")
         return True
+
+    # ---- deltas and state (what a server needs; engine-thread only unless said) --------------------
+    def preload(self, delta: Delta) -> None:
+        """Loads `delta` into a slot, left unpinned (it stays until the LRU needs the slot); a no-op when every
+        slot of its kind is pinned."""
+        if self.slots.acquire(delta) is not None:
+            self.slots.release(delta)
+
+    def forget_delta(self, kind: str, key: str) -> None:
+        """A deleted or replaced delta: its slot is freed once no running request uses it."""
+        self.slots.forget(kind, key)
+
+    def observe_slots(self, observer) -> None:
+        """observer(event, seconds) for the slot pool's hits, misses, loads and evictions (registry.host_tier's
+        TierObserver: the host tier reports the same way)."""
+        self.slots.observer = observer
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the queues, KV blocks and slots (cheap: a metrics scrape may call it from another thread)."""
+        running = list(self.scheduler.running)
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=len(running),
+            kv_usage=self.blocks.usage,
+            slots_in_use={kind: self.slots.num_resident(kind) for kind in ("lora", "bitdelta")},
+            distinct_deltas_running=len({s.delta.key for s in running if s.delta is not None}),
+            num_preemptions=self.scheduler.num_preemptions,
+        )
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

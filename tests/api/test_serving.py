@@ -215,6 +215,10 @@ def test_metrics_after_load(live):
         assert metric(text, name) >= 0, name
     assert metric(text, "deltaserve_requests_total", 'model_kind="lora",route="/v1/completions",status="200"') > 0
     assert metric(text, "deltaserve_adapter_slots_in_use", 'tier="host"') >= 1
+    for name in ["deltaserve_adapter_cache_misses_total", "deltaserve_adapter_loads_total",
+                 "deltaserve_adapter_load_seconds_count"]:  # the GPU slots report as the host tier does
+        assert metric(text, name, 'tier="gpu"') > 0, name
+        assert metric(text, name, 'tier="host"') > 0, name
     assert 'tenant="' not in text and "busy-0" not in text and "secret" not in text  # no tenant or adapter labels
     assert metric(text, "deltaserve_step_batch_size_sum") >= metric(text, "deltaserve_step_batch_size_count")
 

@@ -57,8 +57,12 @@ def test_more_adapters_than_slots(world):
     few = engine_for(base, lora_slots=1, bitdelta_slots=1, max_num_seqs=4)
     greedy = SamplingParams(max_tokens=6, temperature=0.0)
     reqs = lambda eng: [(PROMPTS[i % 6], greedy, load_delta(adapters[i % 6], eng.spec, 8)) for i in range(12)]  # noqa: E731
+    events = []
+    few.observe_slots(lambda event, seconds: events.append((event, seconds)))
     assert run_all(few, reqs(few)) == run_all(roomy, reqs(roomy))
-    assert few.slots.evictions > 0
+    assert ("evict", 0.0) in events
+    loads = [s for e, s in events if e == "load"]
+    assert len(loads) == sum(e == "miss" for e, _ in events) >= 6 and all(s > 0 for s in loads)
 
 
 def test_tied_embeddings_replaced_per_row(world, tmp_path):
@@ -145,12 +149,15 @@ def test_slot_pool_lru_pins_and_forget(world):
     base, adapters = world
     engine = engine_for(base, lora_slots=2)
     pool = engine.slots
+    events = []
+    engine.observe_slots(lambda event, seconds: events.append(event))
     a, b, c = (load_delta(adapters[i], engine.spec, 8) for i in range(3))
     sa, sb = pool.acquire(a), pool.acquire(b)
     assert {sa, sb} == {0, 1} and pool.acquire(c) is None  # both pinned: c waits
+    assert events == ["miss", "load", "miss", "load"]  # a refused acquire is no miss: it is retried
     pool.release(a)
-    assert pool.acquire(c) == sa and pool.evictions == 1  # a was the least recently used unpinned slot
-    assert pool.slot_of(a) is None and pool.acquire(b) == sb and pool.hits == 1
+    assert pool.acquire(c) == sa and events[4:] == ["miss", "evict", "load"]  # a was the LRU unpinned slot
+    assert pool.slot_of(a) is None and pool.acquire(b) == sb and events[7:] == ["hit"]
     pool.forget("lora", b.key)  # deleted while pinned twice: freed only when its last request ends
     pool.release(b)
     assert pool.slot_of(b) == sb
