@@ -257,9 +257,9 @@ def engine_for(hf_model, config, device: torch.device, dtype: torch.dtype, n_bit
     from torch import nn
 
     from registry.deltas import BaseSpec
+    from registry.model_config import ModelConfig
     from serving.engine.config import EngineConfig
     from serving.engine.engine import LLMEngine
-    from serving.models.config import ModelConfig
     from serving.models.llama import LlamaForCausalLM, RotaryEmbedding
 
     mc = ModelConfig.from_hf(config.to_dict(), name="bench")

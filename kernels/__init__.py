@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from formats.signs import SignLayout
     from kernels.segments import SlotTiles
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 
-# How a backend's 1-bit slot pool lays out the packed signs (kernels.bitdelta): "rows" is the contract's own
-# [S, out, ceil(in/8)]; "blocked16" interleaves 16 output rows, [S, ceil(out/16), ceil(in/8), 16], for the CPU
-# kernel's table lookups. The slot pool stores signs in the layout of the backend that reads them.
-SIGN_LAYOUTS = ("rows", "blocked16")
+# How a backend's 1-bit slot pool lays out the packed signs (a formats.signs.SignLayout): ROWS is the contract's
+# own [S, out, ceil(in/8)]; kernels.bitdelta.BLOCKED16 interleaves 16 output rows, [S, ceil(out/16), ceil(in/8),
+# 16], for the CPU kernel's table lookups. The slot pool stores signs in the layout of the backend that reads them.
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class DeltaOps:
     lora_shrink: Callable[..., None]
     lora_expand: Callable[..., None]
     lora_apply: Callable[..., None]  # lora_shrink then lora_expand (the CPU kernels do both in one pass)
-    sign_layout: str = "rows"
+    sign_layout: SignLayout  # importing kernels stays light: the layouts come with the ops (they need torch)
 
 
 def triton_interpreting() -> bool:
@@ -118,7 +118,7 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
                 "delta-kernel backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 set before triton is "
                 "imported, to run the kernels on CPU tensors in Triton's interpreter); use backend 'torch' or 'auto'"
             )
-        from kernels.bitdelta import bitdelta_apply
+        from kernels.bitdelta import ROWS, bitdelta_apply
         from kernels.lora import lora_apply, lora_expand, lora_shrink
 
         return DeltaOps(
@@ -127,12 +127,13 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
             lora_shrink=lora_shrink,
             lora_expand=lora_expand,
             lora_apply=lora_apply,
+            sign_layout=ROWS,
         )
     if backend == "cpu":
         if device is not None and str(device).split(":")[0] != "cpu":
             raise RuntimeError(f"delta-kernel backend 'cpu' runs on CPU tensors, not on {device}")
         cpu_kernels()  # raises with the reason when they cannot be built here
-        from kernels.bitdelta import bitdelta_apply_cpu
+        from kernels.bitdelta import BLOCKED16, bitdelta_apply_cpu
         from kernels.lora import lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
 
         return DeltaOps(
@@ -141,9 +142,9 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
             lora_shrink=lora_shrink_cpu,
             lora_expand=lora_expand_cpu,
             lora_apply=lora_apply_cpu,
-            sign_layout="blocked16",
+            sign_layout=BLOCKED16,
         )
-    from kernels.bitdelta import bitdelta_apply_ref
+    from kernels.bitdelta import ROWS, bitdelta_apply_ref
     from kernels.lora import lora_apply_ref, lora_expand_ref, lora_shrink_ref
 
     return DeltaOps(
@@ -152,6 +153,7 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
         lora_shrink=lora_shrink_ref,
         lora_expand=lora_expand_ref,
         lora_apply=lora_apply_ref,
+        sign_layout=ROWS,
     )
 
 

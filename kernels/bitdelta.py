@@ -1,13 +1,13 @@
-"""1-bit deltas: sign packing in the contract's layout, and the batched multi-tenant apply.
+"""1-bit deltas: the slot pools' sign layouts and the batched multi-tenant apply.
 
-Packed layout (CONTRACT §4): `sign[o, k]` is a uint8 whose bit j (least significant first) is input
-column 8k+j; bit 1 means +1, bit 0 means -1; padding bits are 0.
+Signs arrive packed as the file format has them (formats/signs.py, CONTRACT §4).
 """
 
 from __future__ import annotations
 
 import torch
 
+from formats.signs import ROWS, SignLayout, pack_signs, packed_width, unpack_signs  # noqa: F401  (re-exported)
 from kernels import (
     call_cpu_kernel,
     check_float,
@@ -28,45 +28,6 @@ try:
     from kernels.triton_common import autotuned, launch, mma, pruner, tile_rows
 except ImportError:  # the torch references still work without triton
     triton = None
-
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-def packed_width(in_features: int) -> int:
-    """Bytes per output row of a packed sign matrix: ceil(in/8)."""
-    return (in_features + 7) // 8
-
-
-def pack_signs(positive: torch.Tensor) -> torch.Tensor:
-    """Packs a sign matrix into the contract's bit layout.
-
-    Args:  positive: [out, in] bool, True where the sign is +1 (for a delta: `delta > 0`).
-    Returns: [out, ceil(in/8)] uint8.
-    """
-    if positive.dim() != 2:
-        raise ValueError(f"pack_signs expects a 2-D matrix, got shape {tuple(positive.shape)}")
-    out_f, in_f = positive.shape
-    width = packed_width(in_f)
-    bits = torch.zeros(out_f, width * 8, dtype=torch.uint8, device=positive.device)
-    bits[:, :in_f] = positive.to(torch.uint8)
-    bits = bits.view(out_f, width, 8) << _BIT_SHIFTS.to(positive.device)
-    return bits.sum(dim=-1, dtype=torch.uint8)
-
-
-def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of pack_signs.
-
-    Args:  packed: [out, ceil(in/8)] uint8.  in_features: the matrix's column count.
-    Returns: [out, in_features] of `dtype`, every entry +1 or -1.
-    """
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_width(in_features):
-        raise ValueError(
-            f"packed signs must be uint8 [out, {packed_width(in_features)}], got {packed.dtype} {tuple(packed.shape)}"
-        )
-    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1
-    bits = bits.reshape(packed.shape[0], -1)[:, :in_features]
-    return bits.to(dtype) * 2 - 1
-
 
 # The CPU kernel's slot-pool layout ("blocked16"): the sign bytes of 16 consecutive output rows side by side, so
 # one 16-byte load holds the same input columns of 16 outputs (kernels/csrc/bitdelta_cpu.cpp explains why).
@@ -92,22 +53,12 @@ def deinterleave_signs(blocked: torch.Tensor, out_features: int) -> torch.Tensor
     return blocked.transpose(-1, -2).reshape(*lead, blocks * block, width)[..., :out_features, :]
 
 
-def sign_pool_shape(layout: str, n_slots: int, out_features: int, in_features: int) -> tuple[int, ...]:
-    """The shape of a slot pool of packed signs in `layout` (kernels.SIGN_LAYOUTS)."""
-    if layout == "rows":
-        return (n_slots, out_features, packed_width(in_features))
-    if layout == "blocked16":
-        return (n_slots, -(-out_features // SIGN_BLOCK), packed_width(in_features), SIGN_BLOCK)
-    raise ValueError(f"unknown sign layout {layout!r}")
-
-
-def to_sign_layout(layout: str, packed: torch.Tensor) -> torch.Tensor:
-    """One slot's contract-layout signs [out, W] as that slot's entry of a pool in `layout`."""
-    if layout == "rows":
-        return packed
-    if layout == "blocked16":
-        return interleave_signs(packed)
-    raise ValueError(f"unknown sign layout {layout!r}")
+# The CPU kernels' slot pools: [S, ceil(out/16), ceil(in/8), 16].
+BLOCKED16 = SignLayout(
+    "blocked16",
+    lambda n_slots, out_f, in_f: (n_slots, -(-out_f // SIGN_BLOCK), packed_width(in_f), SIGN_BLOCK),
+    interleave_signs,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------

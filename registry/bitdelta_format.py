@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.bitdelta import packed_width
+from formats.signs import packed_width
 from registry.deltas import BaseSpec, BitDelta
 from registry.errors import AdapterMismatch, UnsupportedFormat
 from registry.safetensors_io import check_finite, load_tensors, read_header, sha256_file, write_safetensors_atomic

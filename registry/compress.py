@@ -57,12 +57,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kernels.bitdelta import pack_signs
+from formats.signs import pack_signs
 from registry.bitdelta_format import save_bitdelta_file
 from registry.checkpoint import Checkpoint
 from registry.deltas import BaseSpec
 from registry.errors import DeltaError
 from registry.fingerprint import base_spec, check_matches_base
+from registry.model_config import ModelConfig, UnsupportedModel
 
 if TYPE_CHECKING:
     from registry.distill import DistillConfig, DistillReport
@@ -161,9 +162,7 @@ def _open(path: str | os.PathLike[str], role: str) -> Checkpoint:
         raise CompressError(f"{role} {path}: {e.message}", param=e.param) from None
 
 
-def _model_config(ckpt: Checkpoint, role: str):
-    from serving.models.config import ModelConfig, UnsupportedModel
-
+def _model_config(ckpt: Checkpoint, role: str) -> ModelConfig:
     try:
         return ModelConfig.from_hf(ckpt.config)
     except (UnsupportedModel, KeyError, TypeError, ValueError) as e:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kernels.bitdelta import unpack_signs
+from formats.signs import unpack_signs
 
 if TYPE_CHECKING:
     from registry.compress import CheckedPair, CompressedDelta

@@ -6,7 +6,7 @@ pinned; when a new delta needs a slot and none is free, the least recently used 
 reused.
 
 Per projection P (module path as in the HF state dict):
-  1-bit: signs uint8 in the delta kernels' layout (kernels.SIGN_LAYOUTS: the contract's [S_bd, out, ceil(in/8)],
+  1-bit: signs uint8 in the delta kernels' layout (formats.signs.SignLayout: the contract's [S_bd, out, ceil(in/8)],
          or [S_bd, ceil(out/16), ceil(in/8), 16] for the CPU kernels), scales [S_bd, out] float32 (0 where the
          delta leaves P alone)
   LoRA:  a [S_lora, r_max, in], bt [S_lora, r_max, out] (B transposed; ranks below r_max zero-padded),
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.bitdelta import sign_pool_shape, to_sign_layout
+from formats.signs import ROWS, SignLayout
 from registry.deltas import BitDelta, Delta, LoraDelta
 from registry.errors import AdapterMismatch
 from registry.host_tier import TierObserver
@@ -111,7 +111,7 @@ class SlotPool:
         max_lora_rank: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        sign_layout: str = "rows",
+        sign_layout: SignLayout = ROWS,
         observer: TierObserver | None = None,
     ):
         """projections: module path -> (out, in). base_tensors: every tensor of the served model by
@@ -132,7 +132,7 @@ class SlotPool:
         for path, (out_f, in_f) in projections.items():
             p = ProjectionPools(out_f, in_f)
             if bitdelta_slots:
-                shape = sign_pool_shape(sign_layout, bitdelta_slots, out_f, in_f)
+                shape = sign_layout.pool_shape(bitdelta_slots, out_f, in_f)
                 p.signs = torch.zeros(shape, dtype=torch.uint8, device=device)
                 p.scales = torch.zeros(bitdelta_slots, out_f, dtype=torch.float32, device=device)
             if lora_slots:
@@ -267,7 +267,7 @@ class SlotPool:
                 p.scales[slot].zero_()  # this delta leaves P as in the base
                 continue
             sign, scale = entry
-            p.signs[slot].copy_(to_sign_layout(self.sign_layout, sign), non_blocking=True)
+            p.signs[slot].copy_(self.sign_layout.to_slot(sign), non_blocking=True)
             p.scales[slot].copy_(scale.to(torch.float32).expand(p.out_features), non_blocking=True)
         for name, rep in self._replacements.items():
             if name not in delta.replacements and slot in rep.replaced_slots:

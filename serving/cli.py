@@ -330,9 +330,9 @@ def _read_requests(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from registry.loading import load_delta
+    from registry.model_config import UnsupportedModel
     from serving.engine.engine import LLMEngine
     from serving.engine.sampling_params import SamplingParams, SamplingParamsError
-    from serving.models.config import UnsupportedModel
 
     model, adapter = args.model, args.adapter
     if model is None:  # the embedded demo, offline

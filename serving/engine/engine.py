@@ -20,6 +20,7 @@ from registry.checkpoint import Checkpoint
 from registry.deltas import BaseSpec, Delta
 from registry.fingerprint import base_spec
 from registry.magnitudes import measure as measure_magnitudes
+from registry.model_config import ModelConfig
 from registry.slot_pool import SlotPool
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
@@ -30,7 +31,6 @@ from serving.engine.model_runner import ModelRunner
 from serving.engine.sampling_params import SamplingParams, SamplingParamsError
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import SeqStatus, Sequence, TokenLogprob
-from serving.models.config import ModelConfig
 from serving.models.llama import LlamaForCausalLM
 from serving.models.loader import load_model_from_checkpoint, resolve_device, resolve_dtype
 from serving.models.tenant_layers import cpu_weight_packing_available, pack_cpu_weights

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from registry.model_config import ModelConfig
 from serving.models.attention import AttentionBatch, paged_attention
-from serving.models.config import ModelConfig
 from serving.models.tenant_layers import DeltaBatch, TenantEmbedding, TenantLinear, TenantRMSNorm
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from registry.checkpoint import Checkpoint
-from serving.models.config import ModelConfig, UnsupportedModel
+from registry.model_config import ModelConfig, UnsupportedModel
 from serving.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

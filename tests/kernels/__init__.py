@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from kernels import DeltaOps, cpu_kernels, select_delta_ops
-from kernels.bitdelta import to_sign_layout
 from kernels.segments import SlotTiles, build_slot_tiles
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -122,4 +121,4 @@ def backend_ops(backend: str) -> Iterator[DeltaOps]:
 
 def pool_signs(ops: DeltaOps, signs: torch.Tensor) -> torch.Tensor:
     """A [S, out, W] contract-layout sign pool in the layout `ops` reads."""
-    return to_sign_layout(ops.sign_layout, signs)
+    return ops.sign_layout.to_slot(signs)

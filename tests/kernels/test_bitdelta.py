@@ -275,10 +275,10 @@ def test_select_delta_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     assert triton_ops.name == "triton" and triton_ops.bitdelta_apply is bitdelta_apply
     assert triton_ops.lora_shrink is lora.lora_shrink
     cpu_ops = select_delta_ops("cpu")
-    assert cpu_ops.name == "cpu" and cpu_ops.bitdelta_apply is bitdelta_apply_cpu and cpu_ops.sign_layout == "blocked16"
+    assert cpu_ops.name == "cpu" and cpu_ops.bitdelta_apply is bitdelta_apply_cpu and cpu_ops.sign_layout.name == "blocked16"
     assert cpu_ops.lora_shrink is lora.lora_shrink_cpu and cpu_ops.lora_expand is lora.lora_expand_cpu
     assert cpu_ops.lora_apply is lora.lora_apply_cpu and torch_ops.lora_apply is lora.lora_apply_ref
-    assert torch_ops.sign_layout == triton_ops.sign_layout == "rows"
+    assert torch_ops.sign_layout.name == triton_ops.sign_layout.name == "rows"
     expected_auto = "triton" if torch.cuda.is_available() else "cpu"
     assert select_delta_ops().name == select_delta_ops("auto").name == expected_auto
     assert select_delta_ops("auto", "cpu").name == "cpu"  # a CPU engine, even on a GPU machine

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from registry.model_config import ModelConfig, UnsupportedModel
 from serving.models.attention import build_attention_batch
-from serving.models.config import ModelConfig, UnsupportedModel
 from serving.models.loader import load_model
 from tests.helpers import make_model_dir
 

@@ -1,4 +1,6 @@
-"""The model's configuration, read from a Hugging Face `config.json` and checked at the boundary."""
+"""The model's configuration, read from a Hugging Face `config.json` and checked at the boundary: which
+architectures deltaserve serves. In the registry because checking an uploaded fine-tune needs it as much as
+loading the model does (serving imports it from here)."""
 
 from __future__ import annotations
 
