@@ -167,7 +167,7 @@ def save_bitdelta_file(
 ) -> str:
     """Writes a 1-bit delta file atomically (registry.safetensors_io.write_safetensors_atomic).
 
-    projections: P -> (sign uint8 [out, ceil(in/8)], scale float32 [out] or [1]), as kernels.bitdelta.pack_signs
+    projections: P -> (sign uint8 [out, ceil(in/8)], scale float32 [out] or [1]), as formats.signs.pack_signs
     makes them.  replacements: NAME -> tensor written as given (its dtype is kept).
     metadata: extra str -> str entries; "format", "version" and "base" are set here and may not be given.
     Returns the hex sha256 of the written file. Raises ValueError for malformed arguments (a caller bug).

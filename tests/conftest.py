@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("default", max_examples=300)
-settings.register_profile("mutation", max_examples=40)
+settings.register_profile("mutation", max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

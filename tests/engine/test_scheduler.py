@@ -348,6 +348,31 @@ def test_out_of_blocks_the_newest_sequence_is_preempted() -> None:
     got = step(s)  # each decode needs a new block: the newest gives its blocks back first
     assert seqs[2].status is SeqStatus.WAITING and seqs[2].num_computed == 0
     assert ("s0", 1) in got and ("s1", 1) in got
+    assert [x.num_preemptions for x in seqs] == [0, 0, 1] and s.num_preemptions == 1
+
+
+def test_out_of_blocks_with_only_prefills_the_newest_of_three_gives_its_blocks() -> None:
+    s = make(blocks=6, block_size=4, budget=12, chunk=4)
+    seqs = [seq(f"s{i}", 12) for i in range(3)]
+    for x in seqs:
+        s.add(x)
+    assert step(s) == [("s0", 4), ("s1", 4), ("s2", 4)]
+    assert step(s) == [("s0", 4), ("s1", 4), ("s2", 4)]  # all 6 blocks held, every next chunk needs one more
+    got = step(s)
+    assert [x.num_preemptions for x in seqs] == [0, 0, 1] and s.num_preemptions == 1
+    assert got == [("s0", 4), ("s1", 4)]  # s2's two blocks: the last chunks of the older two (nobody admitted)
+    assert seqs[2].status is SeqStatus.WAITING and s.waiting == [seqs[2]]
+
+
+def test_a_tenant_waiting_for_a_slot_does_not_stop_the_others_being_admitted() -> None:
+    s = make(slots=1)
+    s.add(seq("a", 2, tenant="a", delta=FakeDelta("A")))
+    step(s)  # a holds the only slot
+    b, c = seq("b", 2, tenant="b", delta=FakeDelta("B")), seq("c", 2, tenant="c")
+    s.add(b)
+    s.add(c)
+    got = step(s)  # b (first by name among equals) has no slot to get: c is admitted all the same
+    assert ("c", 2) in got and b.status is SeqStatus.WAITING
 
 
 def test_a_parked_sequence_gives_its_blocks_before_a_running_one_is_preempted() -> None:
