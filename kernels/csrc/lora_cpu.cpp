@@ -53,7 +53,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void shrink_block(const T* 
     for (int i = 0; i < NR; ++i) xv[i] = _mm512_loadu_ps(X + i * Kp + k);
     for (int j = 0; j < NJ; ++j) {
       // the next NJ rank rows (the next slot's after the last ones): at in = 1024 each A row is one 4 KiB page,
-      // where the hardware prefetcher stops; 5-12 % less time at 32 distinct tenants on Zen 5 (A B A B, 298 MB)
+      // where the hardware prefetcher stops (bench/cpu_kernels.py measures the kernel beside its byte floor)
       _mm_prefetch(reinterpret_cast<const char*>(a + (j + NJ) * a_stride + k), _MM_HINT_T0);
       const __m512 av = load16<T>(a + j * a_stride + k, m);
       for (int i = 0; i < NR; ++i) acc[j][i] = _mm512_fmadd_ps(av, xv[i], acc[j][i]);

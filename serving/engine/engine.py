@@ -19,6 +19,7 @@ from kernels import select_delta_ops
 from registry.checkpoint import Checkpoint
 from registry.deltas import BaseSpec, Delta
 from registry.fingerprint import base_spec
+from registry.host_tier import TierObserver
 from registry.magnitudes import measure as measure_magnitudes
 from registry.model_config import ModelConfig
 from registry.slot_pool import SlotPool
@@ -205,16 +206,17 @@ class LLMEngine:
         """A deleted or replaced delta: its slot is freed once no running request uses it."""
         self.slots.forget(kind, key)
 
-    def observe_slots(self, observer) -> None:
+    def observe_slots(self, observer: TierObserver) -> None:
         """observer(event, seconds) for the slot pool's hits, misses, loads and evictions (registry.host_tier's
         TierObserver: the host tier reports the same way)."""
         self.slots.observer = observer
 
     def stats(self) -> EngineStats:
         """A snapshot of the queues, KV blocks and slots (cheap: a metrics scrape may call it from another thread)."""
-        running = list(self.scheduler.running)
+        # list() copies are atomic under the GIL: the engine thread may add a tenant's queue meanwhile
+        running, queues = list(self.scheduler.running), list(self.scheduler.queues.values())
         return EngineStats(
-            num_waiting=self.scheduler.num_waiting,
+            num_waiting=sum(len(q) for q in queues),
             num_running=len(running),
             kv_usage=self.blocks.usage,
             slots_in_use={kind: self.slots.num_resident(kind) for kind in ("lora", "bitdelta")},
