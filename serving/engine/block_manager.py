@@ -43,14 +43,6 @@ class BlockManager:
         assert need <= len(self._free), "grow beyond the free blocks"
         seq.block_table.extend(self._free.popleft() for _ in range(max(0, need)))
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """Blocks for every token of `seq` (its whole prompt, plus what it generated before a preemption)."""
-        return self.can_grow(seq, len(seq.token_ids))
-
-    def allocate(self, seq: Sequence) -> None:
-        assert not seq.block_table, "allocate on a sequence that holds blocks"
-        self.grow(seq, len(seq.token_ids))
-
     def can_append(self, seq: Sequence) -> bool:
         """Room for the sequence's next token (its last generated one, not yet in the cache)."""
         return self.can_grow(seq, len(seq.token_ids))

@@ -130,8 +130,8 @@ def test_bad_requests_are_refused(world):
 def test_block_manager_accounting():
     bm = BlockManager(num_blocks=4, block_size=4)
     seq = Sequence("s", list(range(5)), SamplingParams())
-    assert bm.can_allocate(seq)
-    bm.allocate(seq)
+    assert bm.can_grow(seq, 5)
+    bm.grow(seq, 5)
     assert len(seq.block_table) == 2 and bm.num_free == 2
     for t in range(3):  # tokens 6..8 fit in the second block
         seq.token_ids.append(t)
