@@ -144,22 +144,6 @@ class AdapterRecord:
         """The stored delta's kind, which loader reads the blob: "lora" or "bitdelta"."""
         return blob_kind(self.format)
 
-    def to_api(self) -> dict[str, Any]:
-        """The contract's adapter object (CONTRACT §2) plus size_bytes and rank; never the tenant or the blob."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "format": self.format,
-            "version": self.version,
-            "sha256": self.sha256,
-            "status": self.status,
-            "progress": self.progress,
-            "error": self.error,
-            "created": self.created,
-            "size_bytes": self.size_bytes,
-            "rank": self.rank,
-        }
-
 
 def _next_version(db: sqlite3.Connection, tenant: str, name: str) -> int:
     """The version a new upload of `tenant`'s `name` gets (inside the inserting transaction); NotFound if
@@ -438,11 +422,6 @@ class Registry:
             except sqlite3.IntegrityError:
                 raise NameTaken(f"tenant {name!r} already exists", "name") from None
         return tenant, key
-
-    def get_tenant(self, name: str) -> Tenant | None:
-        """The tenant of that name, or None."""
-        rows = self._query("SELECT name, created FROM tenants WHERE name=?", (name,))
-        return Tenant(*rows[0]) if rows else None
 
     def list_tenants(self) -> list[Tenant]:
         """All tenants, by name."""

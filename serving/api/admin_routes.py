@@ -12,7 +12,7 @@ from serving.api.auth import Admin, TenantDep, require_admin
 from serving.api.errors import APIError, refuse_when_draining
 from serving.api.multipart import parse_multipart
 from serving.api.openai_routes import parse, read_json
-from serving.api.schemas import TenantCreate
+from serving.api.schemas import AdapterObject, TenantCreate
 
 router = APIRouter()
 
@@ -93,13 +93,13 @@ async def upload_adapter(request: Request, tenant: TenantDep):
         backend.metrics.uploads.labels(fmt, "refused").inc()
         raise
     backend.metrics.uploads.labels(fmt, "accepted").inc()
-    return JSONResponse(record.to_api(), status_code=202 if fmt == "finetune" else 201)
+    return JSONResponse(AdapterObject.of(record), status_code=202 if fmt == "finetune" else 201)
 
 
 @router.get("/v1/adapters")
 async def list_adapters(request: Request, tenant: TenantDep):
     records = request.app.state.backend.registry.list_adapters(tenant.name)
-    return {"object": "list", "data": [r.to_api() for r in records]}
+    return {"object": "list", "data": [AdapterObject.of(r) for r in records]}
 
 
 @router.get("/v1/adapters/{name}")
@@ -107,7 +107,7 @@ async def get_adapter(request: Request, name: str, tenant: TenantDep):
     record = request.app.state.backend.registry.get_adapter(tenant.name, name)
     if record is None:
         raise NotFound(f"No adapter named `{name}`.", param="name")
-    return record.to_api()
+    return AdapterObject.of(record)
 
 
 @router.delete("/v1/adapters/{name}", status_code=204)

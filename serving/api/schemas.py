@@ -151,3 +151,25 @@ class ChatCompletionRequest(_Sampling):
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64)
+
+
+class AdapterObject(BaseModel):
+    """The contract's adapter object (CONTRACT §2) plus size_bytes and rank: what the adapter routes answer.
+    Never the tenant or the blob (a registry record has both)."""
+
+    id: str
+    name: str
+    format: Literal["lora", "bitdelta", "finetune"]
+    version: int
+    sha256: str | None
+    status: Literal["ready", "compressing", "failed"]
+    progress: float
+    error: str | None
+    created: int
+    size_bytes: int | None
+    rank: int | None
+
+    @classmethod
+    def of(cls, record: Any) -> dict[str, Any]:
+        """The JSON object of a registry.catalog.AdapterRecord."""
+        return cls.model_validate({f: getattr(record, f) for f in cls.model_fields}).model_dump()

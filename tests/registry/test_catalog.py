@@ -20,6 +20,7 @@ from registry.deltas import Delta
 from registry.errors import InvalidName, NameTaken, NotFound, UnsupportedFormat
 from registry.loading import load_delta
 from registry.names import validate_name
+from serving.api.schemas import AdapterObject
 from tests.registry.assets import Assets, add_files, lora_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,7 +186,7 @@ def test_catalog_imports_no_torch() -> None:
 def test_commit_and_api_object(reg: Registry, assets: Assets) -> None:
     reg.create_tenant("acme")
     rec = commit(reg, "acme", "support", "lora", assets.lora, assets)
-    api = rec.to_api()
+    api = AdapterObject.of(rec)  # the HTTP shape of a record (serving/api/schemas.py)
     assert set(api) == {"id", "name", "format", "version", "sha256", "status", "progress", "error", "created",
                         "size_bytes", "rank"}  # fmt: skip
     assert api["name"] == "support" and api["format"] == "lora" and api["version"] == 1
