@@ -101,15 +101,18 @@ def _expected(format: str) -> str:
 FINETUNE_OPTIONAL = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def refuse_pickle_name(filename: str) -> None:
+    """Raises PickleRefused (param = the file name) for a file named as torch.save / pickle name theirs."""
+    if is_pickle_name(filename):
+        raise PickleRefused(f"{filename}: pickle files are never loaded; upload safetensors files instead", param=filename)
+
+
 def check_file_allowed(format: str, filename: str, present: Iterable[str] = ()) -> None:
     """Raises UnsupportedFormat (param = the file name) unless `filename` (already a plain name) may be
     part of a `format` upload that already holds `present`: pickle files never, anything the format does
     not name never, no name twice, one weights file for "bitdelta", at most MAX_FILES files."""
     present = set(present)
-    if is_pickle_name(filename):
-        raise PickleRefused(
-            f"{filename}: pickle files are never loaded; upload safetensors files instead", param=filename
-        )
+    refuse_pickle_name(filename)
     if filename in present:
         raise UnsupportedFormat(f"file {filename} is given twice", param=filename)
     if len(present) >= MAX_FILES:
@@ -206,8 +209,7 @@ class Staging:
             check_file_allowed(self.format, filename, self._files)
             return
         # Format not known yet (the multipart field may come after the files): refuse what no format takes.
-        if is_pickle_name(filename):
-            check_file_allowed(FORMATS[0], filename)  # raises PickleRefused, the same words as with a format
+        refuse_pickle_name(filename)
         errors: list[UnsupportedFormat] = []
         for fmt in FORMATS:
             try:

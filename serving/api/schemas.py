@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from registry.catalog import STATUSES
+from registry.uploads import FORMATS
 from serving.api.errors import APIError
 from serving.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
 
@@ -159,10 +161,10 @@ class AdapterObject(BaseModel):
 
     id: str
     name: str
-    format: Literal["lora", "bitdelta", "finetune"]
+    format: Literal[FORMATS]
     version: int
     sha256: str | None
-    status: Literal["ready", "compressing", "failed"]
+    status: Literal[STATUSES]
     progress: float
     error: str | None
     created: int
