@@ -236,10 +236,11 @@ class SlotPool:
                 self.observer("evict", 0.0)
             table.assign(slot, delta.key)
             t0 = time.perf_counter()
-            if isinstance(delta, LoraDelta):
-                self._load_lora(slot, delta)
-            else:
-                self._load_bitdelta(slot, delta)
+            with torch.no_grad():  # the pools are plain buffers: copies into them record no autograd history
+                if isinstance(delta, LoraDelta):
+                    self._load_lora(slot, delta)
+                else:
+                    self._load_bitdelta(slot, delta)
             self.observer("load", time.perf_counter() - t0)
         table.pin(slot)
         return slot
@@ -258,7 +259,6 @@ class SlotPool:
         return list(self._tables[kind].owner)
 
     # ---- loading (copies into the preallocated pools) ---------------------------------------------
-    @torch.no_grad()
     def _load_bitdelta(self, slot: int, delta: BitDelta) -> None:
         for path, p in self._projections.items():
             assert p.signs is not None and p.scales is not None
@@ -283,7 +283,6 @@ class SlotPool:
             rep.pool[slot].copy_(tensor, non_blocking=True)
             rep.replaced_slots.add(slot)
 
-    @torch.no_grad()
     def _load_lora(self, slot: int, delta: LoraDelta) -> None:
         ranks = torch.zeros(len(self._projections), dtype=torch.int32)
         scaling = torch.zeros(len(self._projections), dtype=torch.float32)
