@@ -2,18 +2,16 @@
 
 Layout of `root`:
     catalog.sqlite3      SQLite (WAL, foreign keys, synchronous=FULL): tenants and adapter versions
-    blobs/<kind>/<h2>/<sha256>
-                         the content-addressed blob store; <kind> is "lora" (a directory holding
-                         adapter_config.json and adapter_model.safetensors) or "bitdelta" (one file);
-                         <sha256> is the delta's identity (registry.deltas: `Delta.sha256`), <h2> its first
-                         two hex digits. Blob files are read-only (0400).
-    tmp/                 staging directories of uploads in progress (registry.uploads.Staging)
-    admin_key.sha256     the hash of the generated admin key (mode 0600), when one was generated
+    blobs/               the content-addressed blob store (registry.blob_store)
+    tmp/                 staging directories of uploads in progress (registry.uploads.Staging), and blobs
+                         on their way out
+    admin_key.sha256     the hash of the admin key (registry.keys, mode 0600)
+    reserve.bin          space given up on a full disk so that deletes can still be written (registry.fsync)
     registry.lock        held (flock) by the one process that has the registry open
 
 Guarantees:
-- Secrets: API keys are stored only as sha256 hashes (a key is 256 random bits, so a plain hash is
-  enough); a key is shown once, when created, and never logged.
+- Secrets: API keys are stored only as sha256 hashes (registry.keys); a key is shown once, when created,
+  and never logged.
 - Isolation: every adapter call is scoped by tenant; another tenant's adapter is indistinguishable from a
   missing one (None / NotFound with the same message). Ids (random, opaque) are used only by the
   background compression calls (`set_progress`, `complete_pending`, `fail_pending`), never with an id a
@@ -28,48 +26,45 @@ Guarantees:
   RegistryBusy), because opening recovers (clears tmp/, fails pending rows) as if the last user had died.
 
 This module imports no torch: deltas are duck-typed (`.kind`, `.sha256`, `.rank` of registry.deltas).
+It is one concept, the catalog of tenants and adapter versions, and over 400 lines because each operation's
+durability and isolation promise is spelled out where it is kept; the blobs, keys and disk reserve it uses live
+in registry.blob_store, registry.keys and registry.fsync.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import hmac
 import os
-import re
 import secrets
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from registry.blob_store import BlobStore
 from registry.errors import InsufficientStorage, NameTaken, NotFound, is_disk_full
-from registry.fsync import fsync_dir
+from registry.fsync import DiskReserve
+from registry.keys import AdminKey, hash_key, is_sha256_hex, new_tenant_key, plausible_key
 from registry.names import validate_name
-from registry.uploads import DEFAULT_MAX_UPLOAD_BYTES, LORA_CONFIG, LORA_WEIGHTS, Staging, check_format
+from registry.uploads import DEFAULT_MAX_UPLOAD_BYTES, Staging, check_format
 
 if TYPE_CHECKING:
     from registry.deltas import Delta
 
 STATUSES = ("ready", "compressing", "failed")
-KINDS = ("lora", "bitdelta")
 INTERRUPTED = "interrupted by a restart; upload again"
 MISSING_BLOB = "the stored adapter data is missing; upload again"
 MAX_ERROR_LENGTH = 4000
-MIN_ADMIN_KEY_LENGTH = 16
-ADMIN_KEY_FILE = "admin_key.sha256"
-_MAX_KEY_LENGTH = 512
+RESERVE_BYTES = 16 << 20  # given up on a full disk so that deletes (SQLite's journal) can still be written
 _SCHEMA_VERSION = 1
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_BLOB_RE = re.compile(r"(lora|bitdelta)/([0-9a-f]{2})/([0-9a-f]{64})")
-_ADMIN_KEY_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: a valid HTTP header token
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -162,31 +157,6 @@ def blob_kind(format: str) -> str:
     return "lora" if check_format(format) == "lora" else "bitdelta"
 
 
-def _hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def content_sha256(kind: str, path: str | os.PathLike[str]) -> str:
-    """The identity of stored delta data, computed from disk exactly as registry.deltas defines it:
-    "bitdelta": sha256 of the file's bytes; "lora" (a directory): sha256 of
-    u64le(len(adapter_config.json)) + adapter_config.json + adapter_model.safetensors."""
-    from registry.lora_format import lora_sha256  # torch: not for the API process's imports
-    from registry.safetensors_io import sha256_file
-
-    path = Path(path)
-    if kind == "bitdelta":
-        return sha256_file(path)
-    if kind == "lora":
-        return lora_sha256((path / LORA_CONFIG).read_bytes(), path / LORA_WEIGHTS)
-    raise ValueError(f"unknown delta kind {kind!r}")
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.iterdir())
-    return path.stat().st_size
-
-
 def _now() -> int:
     return int(time.time())
 
@@ -215,7 +185,6 @@ class Registry:
         self.max_upload_bytes = max_upload_bytes
         self.tenant_quota_bytes = tenant_quota_bytes
         self._lock = threading.RLock()
-        self._admin_hash: str | None = None
         self._lock_fd = -1  # -1: closed (or not open yet)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)  # also an existing registry's (the admin key's hash and tenants' blobs are here)
@@ -231,15 +200,14 @@ class Registry:
         try:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir(mode=0o700)
-            for folder in [self.blobs] + [self.blobs / kind for kind in KINDS]:
-                folder.mkdir(mode=0o700, exist_ok=True)
-                os.chmod(folder, 0o700)  # mkdir's mode does not apply to an existing folder
+            self.store = BlobStore(self.blobs, graveyard=self.tmp)
             db = self._connect(self.root / "catalog.sqlite3")
             self._db = db
             self._lock_fd = fd
             self._recover()
-            self._admin_hash = self._read_admin_hash()
-            self._ensure_reserve()
+            self.admin_key = AdminKey(self.root)
+            self.reserve = DiskReserve(self.root / "reserve.bin", RESERVE_BYTES)
+            self.reserve.ensure()
         except BaseException:
             self._lock_fd = -1
             if db is not None:
@@ -270,22 +238,13 @@ class Registry:
         with self._lock, self._tx() as db:
             db.execute("UPDATE adapters SET status='failed', error=? WHERE status='compressing'", (INTERRUPTED,))
             for row_id, blob in db.execute("SELECT id, blob FROM adapters WHERE status='ready'").fetchall():
-                if not _BLOB_RE.fullmatch(blob) or not os.path.lexists(self.blobs / blob):
+                if not self.store.has(blob):
                     db.execute(
                         "UPDATE adapters SET status='failed', error=?, blob=NULL WHERE id=?", (MISSING_BLOB, row_id)
                     )
         with self._lock:
             referenced = {b for (b,) in self._db.execute("SELECT DISTINCT blob FROM adapters WHERE blob IS NOT NULL")}
-            for kind in KINDS:
-                for shard in sorted((self.blobs / kind).iterdir()):
-                    entries = sorted(shard.iterdir()) if shard.is_dir() and not shard.is_symlink() else []
-                    for entry in entries:
-                        if f"{kind}/{shard.name}/{entry.name}" not in referenced:
-                            self._remove_blob_path(entry)
-                    if not shard.is_dir() or shard.is_symlink():
-                        self._remove_blob_path(shard)
-                    elif not any(shard.iterdir()):
-                        shard.rmdir()
+            self.store.sweep(referenced)
 
     def close(self) -> None:
         """Closes the catalog and releases the directory for another process. Idempotent."""
@@ -340,68 +299,13 @@ class Registry:
     # --- admin key ---------------------------------------------------------------------------------------
 
     def ensure_admin_key(self, given: str | None) -> str | None:
-        """Sets up the admin key; returns the plaintext key only when it was generated now (print it once).
-
-        given (from --admin-key or DELTASERVE_ADMIN_KEY): becomes the admin key; its sha256 (never the
-        key) is stored in root/admin_key.sha256 (mode 0600), replacing any earlier one, so every Registry
-        opened on this directory later recognises it, also without `given`. It must be at least 16
-        printable ASCII characters without spaces (ValueError otherwise).
-        Else, if root/admin_key.sha256 exists, the key it hashes is the admin key (ValueError if the file
-        is not a sha256 hex digest). Else a key is generated ("ds-admin-" + 32 random bytes, urlsafe
-        base64), its hash stored the same way, and the key returned.
-        """
-        path = self.root / ADMIN_KEY_FILE
-        if given is not None:
-            if len(given) < MIN_ADMIN_KEY_LENGTH or not _ADMIN_KEY_RE.fullmatch(given):
-                raise ValueError(
-                    f"the admin key must be at least {MIN_ADMIN_KEY_LENGTH} printable ASCII characters without spaces"
-                )
-            digest = _hash_key(given)
-            if self._read_admin_hash() != digest:
-                self._write_private(path, (digest + "\n").encode("ascii"))
-            self._admin_hash = digest
-            return None
-        if path.exists():
-            stored = self._read_admin_hash()
-            if stored is None:
-                raise ValueError(f"{path} does not hold a sha256 hex digest; delete it to generate a new admin key")
-            os.chmod(path, 0o600)
-            self._admin_hash = stored
-            return None
-        key = "ds-admin-" + secrets.token_urlsafe(32)
-        self._write_private(path, (_hash_key(key) + "\n").encode("ascii"))
-        self._admin_hash = _hash_key(key)
-        return key
-
-    def _read_admin_hash(self) -> str | None:
-        """The stored admin key hash, or None if there is no file or it is not a sha256 hex digest."""
-        try:
-            stored = (self.root / ADMIN_KEY_FILE).read_text(encoding="ascii", errors="replace").strip()
-        except FileNotFoundError:
-            return None
-        return stored if _HEX64.fullmatch(stored) else None
+        """Sets up the admin key (registry.keys.AdminKey.ensure); returns the plaintext key only when it was
+        generated now (print it once)."""
+        return self.admin_key.ensure(given)
 
     def is_admin(self, key: str | None) -> bool:
-        """Whether `key` is the admin key (constant-time comparison of hashes): the one stored in
-        root/admin_key.sha256 when the registry was opened, or set by `ensure_admin_key`. False if none."""
-        if self._admin_hash is None or not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH:
-            return False
-        return hmac.compare_digest(_hash_key(key), self._admin_hash)
-
-    def _write_private(self, path: Path, data: bytes) -> None:
-        """Writes a small file atomically with mode 0600 (temp file, fsync, rename, fsync directory)."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(path.parent)
+        """Whether `key` is the admin key (constant-time comparison of hashes). False if there is none."""
+        return self.admin_key.matches(key)
 
     # --- tenants ----------------------------------------------------------------------------------------
 
@@ -410,14 +314,14 @@ class Registry:
         is stored only as a hash: this is the only time it is seen. Raises InvalidName (bad name) or
         NameTaken (param "name") if the tenant exists."""
         validate_name("tenant", name)
-        key = "ds-" + secrets.token_urlsafe(32)
+        key = new_tenant_key()
         tenant = Tenant(name=name, created=_now())
         with self._lock:
             try:
                 with self._tx() as db:
                     db.execute(
                         "INSERT INTO tenants (name, key_hash, created) VALUES (?, ?, ?)",
-                        (name, _hash_key(key), tenant.created),
+                        (name, hash_key(key), tenant.created),
                     )
             except sqlite3.IntegrityError:
                 raise NameTaken(f"tenant {name!r} already exists", "name") from None
@@ -431,7 +335,7 @@ class Registry:
         """Deletes a tenant, its key and all its adapters (their blobs when no other row uses them).
         Background compressions of its adapters then fail with NotFound. Raises NotFound if absent.
         Works on a full disk (the reserve is given up for it)."""
-        self._with_reserve(self._delete_tenant, name)
+        self.reserve.run(self._delete_tenant, name)
 
     def _delete_tenant(self, name: str) -> None:
         with self._lock:
@@ -450,9 +354,10 @@ class Registry:
     def authenticate(self, key: str | None) -> Tenant | None:
         """The tenant whose API key this is, else None (never raises for a malformed key; never logs it).
         Looks the key's sha256 up and compares it with hmac.compare_digest."""
-        if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH:
+        if not plausible_key(key):
             return None
-        digest = _hash_key(key)
+        assert key is not None
+        digest = hash_key(key)
         rows = self._query("SELECT name, created, key_hash FROM tenants WHERE key_hash=?", (digest,))
         if not rows or not hmac.compare_digest(rows[0][2], digest):
             return None
@@ -508,45 +413,42 @@ class Registry:
         got = getattr(delta, "kind", None)
         if got != kind:
             raise ValueError(f"expected a {kind} delta, got {got!r}")
-        if not isinstance(delta.sha256, str) or not _HEX64.fullmatch(delta.sha256):
+        if not is_sha256_hex(delta.sha256):
             raise ValueError(f"delta sha256 must be 64 lowercase hex digits, got {delta.sha256!r}")
-
-    @staticmethod
-    def _prepare(staging: Staging, kind: str, sha256: str) -> tuple[Path, int]:
-        """Flushes the staged data to disk, makes its files read-only and checks that its content is
-        `sha256`. Returns (payload path, size in bytes). Runs without the lock (it reads all the data)."""
-        payload = staging.payload(kind)
-        staging.fsync()
-        for f in [payload] if payload.is_file() else list(payload.iterdir()):
-            os.chmod(f, 0o400)
-        actual = content_sha256(kind, payload)
-        if actual != sha256:
-            raise ValueError(f"the staged data has sha256 {actual}, not the delta's {sha256}: was it changed?")
-        return payload, _size(payload)
-
-    def _place_blob(self, payload: Path, kind: str, sha256: str) -> str:
-        """Moves the payload into the blob store (or keeps the existing identical blob: dedup). The caller
-        holds the lock. Returns the blob's relative path."""
-        blob = f"{kind}/{sha256[:2]}/{sha256}"
-        dest = self.blobs / blob
-        if os.path.lexists(dest):
-            return blob
-        shard = dest.parent
-        try:
-            if not shard.is_dir():
-                shard.mkdir(mode=0o700)
-                fsync_dir(shard.parent)
-            os.rename(payload, dest)
-            fsync_dir(shard)
-        except OSError as e:
-            if is_disk_full(e):
-                raise InsufficientStorage("the registry's disk is full; the upload was not stored") from None
-            raise
-        return blob
 
     def _row(self, row_id: str) -> AdapterRecord | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE id=?", (row_id,))
         return AdapterRecord(*rows[0]) if rows else None
+
+    def _stored_row(self, row_id: str) -> AdapterRecord:
+        record = self._row(row_id)
+        assert record is not None, "a row written under the lock is gone"
+        return record
+
+    def _store(
+        self, staging: Staging, delta: Delta, record: tuple[str, str, str], write_row: Callable[..., None],
+        recheck: Callable[[], object] = lambda: None,
+    ) -> None:
+        """The one way data enters the registry. record: (kind, tenant, name) of the version being stored.
+        The staged data is checked against the delta and made durable without the lock; then, under it,
+        `recheck()` (what may have changed meanwhile), the quota, the blob placed (or an identical one reused),
+        and `write_row(db, blob, size, rank)` in one transaction, LAST (the blob is collected again if it
+        fails). The staging is discarded."""
+        kind, tenant, name = record
+        self._check_delta(kind, delta)
+        payload, size = self.store.prepare(staging, kind, delta.sha256)
+        rank = getattr(delta, "rank", None) if kind == "lora" else None
+        with self._lock:
+            recheck()
+            self._check_quota(tenant, name, size)
+            blob = self.store.place(payload, kind, delta.sha256)
+            try:
+                with self._tx() as db:
+                    write_row(db, blob, size, rank)
+            except BaseException:
+                self._gc([blob])
+                raise
+        staging.discard()
 
     def commit_adapter(self, tenant: str, name: str, format: str, staging: Staging, delta: Delta) -> AdapterRecord:
         """Stores a validated upload as the next version of `tenant`'s adapter `name`, status "ready".
@@ -562,27 +464,17 @@ class Registry:
         kind = blob_kind(format)
         if format == "finetune":
             raise ValueError("a finetune upload is stored with create_pending and complete_pending")
-        self._check_delta(kind, delta)
-        payload, size = self._prepare(staging, kind, delta.sha256)
-        rank = getattr(delta, "rank", None) if kind == "lora" else None
         row_id = "ad-" + secrets.token_hex(12)
-        with self._lock:
-            self._check_quota(tenant, name, size)
-            blob = self._place_blob(payload, kind, delta.sha256)
-            try:
-                with self._tx() as db:
-                    db.execute(
-                        f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'ready', 1.0, NULL, ?, ?, ?, ?)",
-                        (row_id, tenant, name, format, _next_version(db, tenant, name), delta.sha256, _now(), size,
-                         rank, blob),
-                    )
-            except BaseException:
-                self._gc([blob])
-                raise
-        staging.discard()
-        record = self._row(row_id)
-        assert record is not None
-        return record
+
+        def insert(db: sqlite3.Connection, blob: str, size: int, rank: int | None) -> None:
+            db.execute(
+                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'ready', 1.0, NULL, ?, ?, ?, ?)",
+                (row_id, tenant, name, format, _next_version(db, tenant, name), delta.sha256, _now(), size, rank,
+                 blob),
+            )  # fmt: skip
+
+        self._store(staging, delta, (kind, tenant, name), insert)
+        return self._stored_row(row_id)
 
     def create_pending(self, tenant: str, name: str, format: str) -> AdapterRecord:
         """Creates the next version of `tenant`'s adapter `name` with status "compressing", progress 0 and
@@ -597,9 +489,7 @@ class Registry:
                 f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 'compressing', 0.0, NULL, ?, NULL, NULL, NULL)",
                 (row_id, tenant, name, format, _next_version(db, tenant, name), _now()),
             )
-        record = self._row(row_id)
-        assert record is not None
-        return record
+        return self._stored_row(row_id)
 
     def _pending(self, row_id: str) -> AdapterRecord:
         record = self._row(row_id)
@@ -628,29 +518,17 @@ class Registry:
         its tenant) was deleted meanwhile (nothing is stored), ValueError if it is not compressing, for a
         delta of the wrong kind or staged data that does not match it."""
         record = self._pending(id)
-        kind = record.kind
-        self._check_delta(kind, delta)
-        payload, size = self._prepare(staging, kind, delta.sha256)
-        rank = getattr(delta, "rank", None) if kind == "lora" else None
-        with self._lock:
-            self._pending(id)
-            self._check_quota(record.tenant, record.name, size)
-            blob = self._place_blob(payload, kind, delta.sha256)
-            try:
-                with self._tx() as db:
-                    cur = db.execute(
-                        "UPDATE adapters SET status='ready', progress=1.0, error=NULL, sha256=?, size_bytes=?, "
-                        "rank=?, blob=? WHERE id=? AND status='compressing'",
-                        (delta.sha256, size, rank, blob, id),
-                    )
-                    assert cur.rowcount == 1, "row changed while the lock was held"
-            except BaseException:
-                self._gc([blob])
-                raise
-        staging.discard()
-        done = self._row(id)
-        assert done is not None
-        return done
+
+        def update(db: sqlite3.Connection, blob: str, size: int, rank: int | None) -> None:
+            cur = db.execute(
+                "UPDATE adapters SET status='ready', progress=1.0, error=NULL, sha256=?, size_bytes=?, "
+                "rank=?, blob=? WHERE id=? AND status='compressing'",
+                (delta.sha256, size, rank, blob, id),
+            )
+            assert cur.rowcount == 1, "row changed while the lock was held"
+
+        self._store(staging, delta, (record.kind, record.tenant, record.name), update, recheck=lambda: self._pending(id))
+        return self._stored_row(id)
 
     def fail_pending(self, id: str, error: str) -> bool:
         """Marks a "compressing" adapter "failed" with `error` (what the tenant sees; at most 4000
@@ -708,7 +586,7 @@ class Registry:
         uses). A compression in progress then fails with NotFound. Raises NotFound(param "name") if
         there is none, the same whether it never existed or is another tenant's. Works on a full disk
         (deleting is how space is freed: the reserve is given up for it)."""
-        self._with_reserve(self._delete_adapter, tenant, name)
+        self.reserve.run(self._delete_adapter, tenant, name)
 
     def _delete_adapter(self, tenant: str, name: str) -> None:
         with self._lock:
@@ -742,72 +620,17 @@ class Registry:
                     self._gc([r.blob for r in old if r.blob is not None])
                 return old
 
-        return self._with_reserve(collect)
-
-    # --- a full disk --------------------------------------------------------------------------------------
-
-    RESERVE_BYTES = 16 << 20  # given up on a full disk so that deletes (SQLite's journal) can still be written
-
-    @property
-    def _reserve(self) -> Path:
-        return self.root / "reserve.bin"
-
-    def _ensure_reserve(self) -> None:
-        """Keeps RESERVE_BYTES of the disk for the day it is full (best effort: nothing if there is no room)."""
-        if self._reserve.exists():
-            return
-        try:
-            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return
-        try:
-            os.posix_fallocate(fd, 0, self.RESERVE_BYTES)
-        except OSError:
-            os.close(fd)
-            self._reserve.unlink(missing_ok=True)
-            return
-        os.close(fd)
-
-    def _with_reserve(self, fn, *args):
-        """fn(*args); when the disk is full, once more after giving up the reserve (then kept again if it fits)."""
-        try:
-            return fn(*args)
-        except InsufficientStorage:
-            if not self._reserve.exists():
-                raise
-            self._reserve.unlink()
-            try:
-                return fn(*args)
-            finally:
-                self._ensure_reserve()
+        return self.reserve.run(collect)
 
     def blob_path(self, record: AdapterRecord) -> Path:
         """Where a ready version's data is: a LoRA directory (kind "lora") or a 1-bit delta file
         (kind "bitdelta"), for registry.loading.load_delta. ValueError if it has no data (not ready)."""
         if record.blob is None:
             raise ValueError(f"adapter {record.name} version {record.version} is {record.status}: it has no data")
-        if not _BLOB_RE.fullmatch(record.blob):
-            raise ValueError(f"malformed blob path {record.blob!r}")
-        return self.blobs / record.blob
-
-    # --- garbage collection -------------------------------------------------------------------------------
+        return self.store.path(record.blob)
 
     def _gc(self, blobs: list[str]) -> None:
         """Removes the given blobs that no row references (the caller holds the lock)."""
         for blob in blobs:
-            if self._db.execute("SELECT 1 FROM adapters WHERE blob=? LIMIT 1", (blob,)).fetchone():
-                continue
-            path = self.blobs / blob
-            if os.path.lexists(path):
-                self._remove_blob_path(path)
-
-    def _remove_blob_path(self, path: Path) -> None:
-        """Removes a blob atomically: renamed into tmp/ first (so a half-deleted blob is never under
-        blobs/, where an identical upload would reuse it), then deleted."""
-        grave = self.tmp / f"gc-{secrets.token_hex(8)}"  # a rename, no new folder: works on a full disk too
-        os.rename(path, grave)
-        fsync_dir(path.parent)
-        if grave.is_dir() and not grave.is_symlink():
-            shutil.rmtree(grave, ignore_errors=True)
-        else:
-            grave.unlink(missing_ok=True)
+            if not self._db.execute("SELECT 1 FROM adapters WHERE blob=? LIMIT 1", (blob,)).fetchone():
+                self.store.remove(blob)

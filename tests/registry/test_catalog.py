@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from registry.catalog import INTERRUPTED, MISSING_BLOB, AdapterRecord, Registry, RegistryBusy, content_sha256
+from registry.blob_store import content_sha256
+from registry.catalog import INTERRUPTED, MISSING_BLOB, RESERVE_BYTES, AdapterRecord, Registry, RegistryBusy
 from registry.deltas import Delta
 from registry.errors import InvalidName, NameTaken, NotFound, UnsupportedFormat
 from registry.loading import load_delta
@@ -380,7 +381,8 @@ def test_recovery_on_open(tmp_path: Path, assets: Assets) -> None:
 CHILD = r"""
 import random, sys
 from pathlib import Path
-from registry.catalog import Registry, content_sha256
+from registry.blob_store import content_sha256
+from registry.catalog import Registry
 from registry.errors import NotFound
 
 class FakeDelta:  # the catalog only reads .kind, .sha256 and .rank
@@ -585,4 +587,4 @@ def test_a_full_disk_is_507_and_deletes_still_work(tmp_path: Path, assets: Asset
         filler.unlink()
         commit(reg, "acme", "new", "bitdelta", assets.bd2, assets)  # space again: writes work again
     with small_filesystem(tmp_path / "disk2", 24) as disk, Registry(disk / "reg") as reg:
-        assert (disk / "reg" / "reserve.bin").stat().st_size == Registry.RESERVE_BYTES
+        assert (disk / "reg" / "reserve.bin").stat().st_size == RESERVE_BYTES

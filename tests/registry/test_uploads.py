@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from registry.catalog import Registry, content_sha256
+from registry.blob_store import content_sha256
+from registry.catalog import Registry
 from registry.deltas import BitDelta, LoraDelta
 from registry.errors import AdapterMismatch, InvalidName, PickleRefused, UnsupportedFormat, UploadTooLarge
 from registry.lora_format import CONFIG_FILE, WEIGHTS_FILE
