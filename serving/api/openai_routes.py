@@ -200,96 +200,126 @@ def sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def respond(request: Request, tenant, resolved, jobs: list[Job], req, chat: bool):
-    backend = request.app.state.backend
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    obj = "chat.completion" if chat else "text_completion"
-    stream = run_jobs(request, tenant, resolved, jobs)
-    # Prime the stream: errors before the first token (overloaded, busy tenant, bad input) are plain HTTP errors.
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = None
+def absorb(job: Job, out) -> None:
+    """Adds one step's output of a job to what the job has produced."""
+    job.text.append(out.new_text)
+    job.token_ids.extend(out.new_token_ids)
+    job.logprobs.extend(out.new_logprobs)
+    if out.finished:
+        job.finish_reason = "length" if out.finish_reason == "length" else "stop"
 
-    def absorb(job: Job, out) -> tuple[str, list]:
-        job.text.append(out.new_text)
-        job.token_ids.extend(out.new_token_ids)
-        job.logprobs.extend(out.new_logprobs)
-        if out.finished:
-            job.finish_reason = "length" if out.finish_reason == "length" else "stop"
-        return out.new_text, out.new_logprobs
 
-    if not req.stream:
-        items = [first] if first is not None else []
-        for job, out in items:
-            absorb(job, out)
+@dataclass
+class Reply:
+    """The response being built for one request: its id and what a chat and a completion choice look like."""
 
-        async def collect() -> None:
-            async for job, out in stream:
-                absorb(job, out)
+    backend: Any
+    model: str
+    chat: bool
+    id: str = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: set[int] = field(default_factory=set)  # chat choices whose first chunk (with the role) is sent
 
-        if not await until_done_or_disconnected(request, collect()):
-            await stream.aclose()  # the client went away: its sequences are aborted within a step
-            return Response(status_code=499)
+    def __post_init__(self) -> None:
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+
+    def whole(self, jobs: list[Job]) -> dict:
+        """The non-streamed response."""
         choices = []
         for job in jobs:
             text = "".join(job.text)
-            if chat:
-                c = {"index": job.index, "message": {"role": "assistant", "content": text},
-                     "logprobs": chat_logprobs(backend, job.logprobs) if job.params.logprobs is not None else None,
-                     "finish_reason": job.finish_reason}
+            wanted = job.params.logprobs is not None
+            if self.chat:
+                choices.append({"index": job.index, "message": {"role": "assistant", "content": text},
+                                "logprobs": chat_logprobs(self.backend, job.logprobs) if wanted else None,
+                                "finish_reason": job.finish_reason})  # fmt: skip
             else:
-                lp = completion_logprobs(backend, job.logprobs, 0) if job.params.logprobs is not None else None
-                c = {"index": job.index, "text": text, "logprobs": lp, "finish_reason": job.finish_reason}
-            choices.append(c)
-        return JSONResponse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices,
-                             "usage": usage_of(jobs)})
+                choices.append({"index": job.index, "text": text,
+                                "logprobs": completion_logprobs(self.backend, job.logprobs, 0) if wanted else None,
+                                "finish_reason": job.finish_reason})  # fmt: skip
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, "usage": usage_of(jobs)}  # fmt: skip
 
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+    def chunk(self, choices: list[dict], usage: dict | None, with_usage: bool) -> dict:
+        payload = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                   "created": self.created, "model": self.model, "choices": choices}  # fmt: skip
+        if with_usage:
+            payload["usage"] = usage
+        return payload
 
-    async def events():
-        started: set[int] = set()
-        try:
-            pending = [first] if first is not None else []
+    def chunk_choice(self, job: Job, out, text_before: int) -> dict | None:
+        """The streamed choice for one step's output of `job` (None when the step has nothing to send)."""
+        text, lps = out.new_text, out.new_logprobs
+        finish = job.finish_reason if out.finished else None
+        if self.chat:
+            delta: dict = {"content": text} if text else {}
+            first = job.index not in self.started
+            if first:
+                delta = {"role": "assistant", **delta, "content": text}
+                self.started.add(job.index)
+            choice = {"index": job.index, "delta": delta,
+                      "logprobs": chat_logprobs(self.backend, lps) if lps else None, "finish_reason": finish}  # fmt: skip
+        else:
+            first = False
+            wanted = job.params.logprobs is not None and lps
+            lp = completion_logprobs(self.backend, lps, text_before) if wanted else None
+            choice = {"index": job.index, "text": text, "logprobs": lp, "finish_reason": finish}
+        return choice if text or finish or lps or first else None
 
-            async def all_items():
-                for item in pending:
-                    yield item
-                async for item in stream:
-                    yield item
 
-            async for job, out in all_items():
-                before = sum(len(t) for t in job.text)
-                text, lps = absorb(job, out)
-                finish = job.finish_reason if out.finished else None
-                if chat:
-                    delta: dict = {"content": text} if text else {}
-                    if job.index not in started:
-                        delta = {"role": "assistant", **delta, "content": text}
-                        started.add(job.index)
-                    choice = {"index": job.index, "delta": delta,
-                              "logprobs": chat_logprobs(backend, lps) if lps else None, "finish_reason": finish}
-                else:
-                    lp = completion_logprobs(backend, lps, before) if job.params.logprobs is not None and lps else None
-                    choice = {"index": job.index, "text": text, "logprobs": lp, "finish_reason": finish}
-                if text or finish or lps or (chat and "role" in choice["delta"]):
-                    payload = {"id": rid, "object": chunk_obj, "created": created, "model": req.model, "choices": [choice]}
-                    if include_usage:
-                        payload["usage"] = None
-                    yield sse(payload)
-            if include_usage:
-                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": req.model, "choices": [],
-                           "usage": usage_of(jobs)})
-        except Exception as e:  # after the stream started: one error event, then [DONE]
-            err = to_api_error(e)
-            yield sse(error_body(err.status, err.message, err.param, err.code))
-        finally:
-            await stream.aclose()
-        yield sse("[DONE]")
+async def respond(request: Request, tenant, resolved, jobs: list[Job], req, chat: bool) -> Response:
+    reply = Reply(request.app.state.backend, req.model, chat)
+    stream = run_jobs(request, tenant, resolved, jobs)
+    # Prime the stream: errors before the first token (overloaded, busy tenant, bad input) are plain HTTP errors.
+    try:
+        first = [await anext(stream)]
+    except StopAsyncIteration:
+        first = []
+    if not req.stream:
+        return await respond_whole(request, reply, jobs, first, stream)
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return StreamingResponse(stream_events(reply, jobs, first, stream, with_usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})  # fmt: skip
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+async def respond_whole(request: Request, reply: Reply, jobs: list[Job], first: list, stream) -> Response:
+    for job, out in first:
+        absorb(job, out)
+
+    async def collect() -> None:
+        async for job, out in stream:
+            absorb(job, out)
+
+    if not await until_done_or_disconnected(request, collect()):
+        await stream.aclose()  # the client went away: its sequences are aborted within a step
+        return Response(status_code=499)
+    return JSONResponse(reply.whole(jobs))
+
+
+async def stream_events(reply: Reply, jobs: list[Job], first: list, stream, with_usage: bool) -> AsyncIterator[bytes]:
+    """The server-sent events of a streamed response; an error after the stream started is one error event."""
+
+    async def outputs():
+        for item in first:
+            yield item
+        async for item in stream:
+            yield item
+
+    try:
+        async for job, out in outputs():
+            text_before = sum(len(t) for t in job.text)
+            absorb(job, out)
+            choice = reply.chunk_choice(job, out, text_before)
+            if choice is not None:
+                yield sse(reply.chunk([choice], None, with_usage))
+        if with_usage:
+            yield sse(reply.chunk([], usage_of(jobs), True))
+    except Exception as e:  # after the stream started: one error event, then [DONE]
+        err = to_api_error(e)
+        yield sse(error_body(err.status, err.message, err.param, err.code))
+    finally:
+        await stream.aclose()
+    yield sse("[DONE]")
 
 
 async def until_done_or_disconnected(request: Request, work) -> bool:
