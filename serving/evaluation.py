@@ -171,6 +171,94 @@ def _score(logits: torch.Tensor, window: list[int], reference_top1: torch.Tensor
     return top1
 
 
+@dataclass(frozen=True)
+class _Form:
+    """One form of the tenant's model that is scored on the base: a delta in a slot."""
+
+    name: str
+    label: str
+    delta: Delta
+    size: int | None  # bytes on disk
+    note: str
+
+
+def _forms(pair, options, delta_path, distill, calibration_text, lora_dir) -> tuple[list[_Form], DistillReport | None]:
+    """The 1-bit delta computed now, the distilled (or given) one, the LoRA: loaded, with their sizes."""
+    spec = pair.spec
+    forms: list[_Form] = []
+    report: DistillReport | None = None
+    with tempfile.TemporaryDirectory(prefix="deltaserve-eval-") as tmp:
+        delta = compress_pair(pair, options)
+        before_path = Path(tmp) / "before.safetensors"
+        write_delta(before_path, delta)
+        forms.append(_Form("bitdelta", "1-bit (mean|Δ|)", load_delta(before_path, spec), before_path.stat().st_size,
+                           f"{delta.metadata['scale_mode']} scales, computed on the fly"))  # fmt: skip
+        after_path: Path | None = None
+        note = ""
+        if delta_path is not None:
+            after_path = Path(delta_path)
+            if not after_path.is_file():
+                raise FileNotFoundError(f"no such 1-bit delta file: {after_path}")
+            note = f"file {after_path.name}"
+        elif distill is not None and distill.steps > 0:
+            assert calibration_text is not None
+            report = distill_delta(pair, delta, calibration_text, distill)
+            after_path = Path(tmp) / "after.safetensors"
+            write_delta(after_path, delta)
+            note = f"distilled on the fly, {distill.steps} steps"
+        if after_path is not None:
+            after = load_delta(after_path, spec)
+            if after.kind != "bitdelta":
+                raise ValueError(f"{after_path} is not a 1-bit delta file")
+            steps = after.metadata.get("distill_steps", "?")
+            label = "1-bit (distilled)" if steps not in ("0", "?") else "1-bit (file)"
+            forms.append(_Form("bitdelta_distilled", label, after, after_path.stat().st_size,
+                               f"{note}; distill_steps={steps}"))  # fmt: skip
+    if lora_dir is not None:
+        lora = load_delta(lora_dir, spec)
+        if lora.kind != "lora":
+            raise ValueError(f"{lora_dir} is not a PEFT LoRA directory")
+        size = (Path(lora_dir) / "adapter_model.safetensors").stat().st_size
+        forms.append(_Form("lora", f"LoRA (r={lora.rank})", lora, size, ""))
+    return forms, report
+
+
+def _score_finetune(finetune_dir, windows, dtype, dev) -> tuple[_Tally, list[torch.Tensor]]:
+    """The full fine-tune's scores and its top-1 tokens (the reference of agreement); the model is freed."""
+    ft_model = load_model(finetune_dir, dtype, dev)
+    ft_model.bind_kv_cache(None)
+    tally = _Tally()
+    top1 = [_score(prefill_logits(ft_model, [w], None, dev), w, None, tally) for w in windows]
+    tally.agree = tally.count
+    return tally, top1
+
+
+def _score_forms(base_dir, forms: list[_Form], windows, reference, dtype, dev, kernel_backend) -> list[_Tally]:
+    """Scores the base (tally 0) and every form (tally 1..) in one batch per window, each row in its own slot."""
+    model = load_model(base_dir, dtype, dev)
+    model.bind_kv_cache(None)
+    n_bd = sum(1 for f in forms if f.delta.kind == "bitdelta")
+    loras = [f.delta for f in forms if f.delta.kind == "lora"]
+    max_rank = max((d.rank for d in loras), default=1)  # type: ignore[union-attr]
+    ops = select_delta_ops(kernel_backend, dev)
+    pool = SlotPool(model.projection_paths(), dict(model.state_dict()), bitdelta_slots=n_bd, lora_slots=len(loras),
+                    max_lora_rank=max_rank, dtype=dtype, device=dev, sign_layout=ops.sign_layout)  # fmt: skip
+    bd_slots, lora_slots = [-1], [-1]  # row 0 of every batch: the base
+    for f in forms:
+        pool.check_servable(f.delta)
+        slot = pool.acquire(f.delta)
+        assert slot is not None
+        bd_slots.append(slot if f.delta.kind == "bitdelta" else -1)
+        lora_slots.append(slot if f.delta.kind == "lora" else -1)
+    tallies = [_Tally() for _ in bd_slots]
+    for w, ref in zip(windows, reference):
+        deltas = delta_batch(pool, ops, bd_slots, lora_slots, [len(w)] * len(bd_slots), dev)
+        logits = prefill_logits(model, [w] * len(bd_slots), deltas, dev)
+        for j, tally in enumerate(tallies):
+            _score(logits[j * len(w) : (j + 1) * len(w)], w, ref, tally)
+    return tallies
+
+
 def evaluate(
     base_dir: str | os.PathLike[str],
     finetune_dir: str | os.PathLike[str],
@@ -217,75 +305,9 @@ def evaluate(
     if not windows:
         raise ValueError("the evaluation text has fewer than 2 tokens")
 
-    forms: list[tuple[str, str, Delta | None, int | None, str]] = []  # name, label, delta, size, note
-    report: DistillReport | None = None
-    with tempfile.TemporaryDirectory(prefix="deltaserve-eval-") as tmp:
-        delta = compress_pair(pair, options)
-        scale_mode = delta.metadata["scale_mode"]
-        before_path = Path(tmp) / "before.safetensors"
-        write_delta(before_path, delta)
-        forms.append(("bitdelta", "1-bit (mean|Δ|)", load_delta(before_path, spec), before_path.stat().st_size,
-                      f"{scale_mode} scales, computed on the fly"))  # fmt: skip
-        after_path: Path | None = None
-        note = ""
-        if delta_path is not None:
-            after_path = Path(delta_path)
-            if not after_path.is_file():
-                raise FileNotFoundError(f"no such 1-bit delta file: {after_path}")
-            note = f"file {after_path.name}"
-        elif distill is not None and distill.steps > 0:
-            assert calibration_text is not None
-            report = distill_delta(pair, delta, calibration_text, distill)
-            after_path = Path(tmp) / "after.safetensors"
-            write_delta(after_path, delta)
-            note = f"distilled on the fly, {distill.steps} steps"
-        if after_path is not None:
-            after = load_delta(after_path, spec)
-            if after.kind != "bitdelta":
-                raise ValueError(f"{after_path} is not a 1-bit delta file")
-            steps = after.metadata.get("distill_steps", "?")
-            forms.append(("bitdelta_distilled", "1-bit (distilled)" if steps not in ("0", "?") else "1-bit (file)",
-                          after, after_path.stat().st_size, f"{note}; distill_steps={steps}"))  # fmt: skip
-        if lora_dir is not None:
-            lora = load_delta(lora_dir, spec)
-            if lora.kind != "lora":
-                raise ValueError(f"{lora_dir} is not a PEFT LoRA directory")
-            forms.append(("lora", f"LoRA (r={lora.rank})", lora, (Path(lora_dir) / "adapter_model.safetensors").stat().st_size, ""))
-
-    # The full fine-tune first (its top-1 tokens are the reference), then it is freed.
-    ft_model = load_model(finetune_dir, dtype, dev)
-    ft_model.bind_kv_cache(None)
-    ft_tally = _Tally()
-    ft_top1: list[torch.Tensor] = []
-    for w in windows:
-        ft_top1.append(_score(prefill_logits(ft_model, [w], None, dev), w, None, ft_tally))
-    ft_tally.agree = ft_tally.count
-    del ft_model
-
-    model = load_model(base_dir, dtype, dev)
-    model.bind_kv_cache(None)
-    n_bd = sum(1 for f in forms if f[2] is not None and f[2].kind == "bitdelta")
-    loras = [f[2] for f in forms if f[2] is not None and f[2].kind == "lora"]
-    max_rank = max((d.rank for d in loras), default=1)  # type: ignore[union-attr]
-    ops = select_delta_ops(kernel_backend, dev)
-    pool = SlotPool(model.projection_paths(), dict(model.state_dict()), bitdelta_slots=n_bd, lora_slots=len(loras),
-                    max_lora_rank=max_rank, dtype=dtype, device=dev, sign_layout=ops.sign_layout)  # fmt: skip
-    bd_slots, lora_slots = [-1], [-1]  # row 0 of every batch: the base
-    for _, _, d, _, _ in forms:
-        assert d is not None
-        pool.check_servable(d)
-        slot = pool.acquire(d)
-        assert slot is not None
-        bd_slots.append(slot if d.kind == "bitdelta" else -1)
-        lora_slots.append(slot if d.kind == "lora" else -1)
-    tallies = [_Tally() for _ in bd_slots]
-    for w, ref in zip(windows, ft_top1):
-        seqs = [w] * len(bd_slots)
-        lens = [len(w)] * len(bd_slots)
-        deltas = delta_batch(pool, ops, bd_slots, lora_slots, lens, dev)
-        logits = prefill_logits(model, seqs, deltas, dev)
-        for j, tally in enumerate(tallies):
-            _score(logits[j * len(w) : (j + 1) * len(w)], w, ref, tally)
+    forms, report = _forms(pair, options, delta_path, distill, calibration_text, lora_dir)
+    ft_tally, ft_top1 = _score_finetune(finetune_dir, windows, dtype, dev)
+    tallies = _score_forms(base_dir, forms, windows, ft_top1, dtype, dev, kernel_backend)
 
     loss_base = tallies[0].nll / tallies[0].count
     loss_ft = ft_tally.nll / ft_tally.count
@@ -301,7 +323,7 @@ def evaluate(
         result("base", "base", tallies[0], None),
         result("finetune", "fine-tune", ft_tally, ft_bytes, "projections in float16"),
     ]
-    results += [result(name, label, t, size, note) for (name, label, _, size, note), t in zip(forms, tallies[1:])]
+    results += [result(f.name, f.label, tally, f.size, f.note) for f, tally in zip(forms, tallies[1:])]
     return EvalReport(
         tokens=tallies[0].count,
         windows=len(windows),
@@ -310,7 +332,6 @@ def evaluate(
         distill=report,
         extra={"base": str(base_dir), "finetune": str(finetune_dir)},
     )
-
 
 
 def merge_lora(base_dir: str | os.PathLike[str], lora_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
