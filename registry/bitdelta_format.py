@@ -21,7 +21,14 @@ import torch
 from formats.signs import packed_width
 from registry.deltas import BaseSpec, BitDelta
 from registry.errors import AdapterMismatch, UnsupportedFormat
-from registry.safetensors_io import check_finite, load_tensors, read_header, sha256_file, write_safetensors_atomic
+from registry.safetensors_io import (
+    TensorInfo,
+    check_finite,
+    load_tensors,
+    read_header,
+    sha256_file,
+    write_safetensors_atomic,
+)
 
 FORMAT = "deltaserve.bitdelta"
 VERSION = "1"
@@ -54,8 +61,38 @@ def load_bitdelta_file(path: str | os.PathLike[str], spec: BaseSpec) -> BitDelta
     compressed (P.weight next to P.sign).
     """
     path = Path(path)
-    fname = path.name
     header, metadata = read_header(path)
+    base = _check_metadata(path.name, metadata, spec)
+    if not header:
+        raise AdapterMismatch(f"{path.name}: the file holds no tensors", param=path.name)
+    parts: dict[str, dict[str, str]] = {}  # projection -> {"sign": tensor name, "scale": tensor name}
+    replaced: list[str] = []
+    for name in header:
+        split = _split(name)
+        if split is None:
+            replaced.append(name)
+        else:
+            parts.setdefault(split[0], {})[split[1]] = name
+    for proj in sorted(parts):
+        _check_projection(proj, parts[proj], header, spec)
+    for name in replaced:
+        _check_replacement(name, header[name], spec)
+
+    raw = load_tensors(path)
+    projections = {proj: _load_projection(raw, proj, parts[proj], spec) for proj in sorted(parts)}
+    replacements = {name: _load_replacement(raw, name) for name in sorted(replaced)}
+    assert not raw, f"unclassified tensors {sorted(raw)}"
+    return BitDelta(
+        sha256=sha256_file(path),
+        base_fingerprint=base,
+        projections=projections,
+        replacements=replacements,
+        metadata=dict(metadata),
+    )
+
+
+def _check_metadata(fname: str, metadata: Mapping[str, str], spec: BaseSpec) -> str:
+    """The format, its version and the base fingerprint; returns the fingerprint."""
     fmt, version = metadata.get("format"), metadata.get("version")
     if fmt != FORMAT:
         raise UnsupportedFormat(f"{fname}: metadata format is {fmt!r}, expected {FORMAT!r}", param=fname)
@@ -71,91 +108,73 @@ def load_bitdelta_file(path: str | os.PathLike[str], spec: BaseSpec) -> BitDelta
         raise AdapterMismatch(
             f"{fname}: built for base {base}, this server serves base {spec.fingerprint}", param=fname
         )
-    if not header:
-        raise AdapterMismatch(f"{fname}: the file holds no tensors", param=fname)
+    return base
 
-    parts: dict[str, dict[str, str]] = {}
-    replaced: list[str] = []
-    for name in header:
-        split = _split(name)
-        if split is None:
-            replaced.append(name)
-        else:
-            parts.setdefault(split[0], {})[split[1]] = name
 
-    for proj in sorted(parts):
-        have = parts[proj]
-        for need, other in (("sign", "scale"), ("scale", "sign")):
-            if need not in have:
-                raise AdapterMismatch(f"tensor {have[other]} has no matching {proj}.{need}", param=have[other])
-        if proj not in spec.projections:
-            raise AdapterMismatch(f"tensor {have['sign']}: {proj} is not a projection of the base", param=have["sign"])
-        out_f, in_f = spec.projection_shape(proj)
-        sign, scale = header[have["sign"]], header[have["scale"]]
-        expected_sign = (out_f, packed_width(in_f))
-        if sign.dtype != torch.uint8 or sign.shape != expected_sign:
-            raise AdapterMismatch(
-                f"tensor {have['sign']} must be uint8 {list(expected_sign)}, got {sign.dtype} {list(sign.shape)} "
-                f"(projection [out={out_f}, in={in_f}])",
-                param=have["sign"],
-            )
-        if scale.dtype != torch.float32 or scale.shape not in ((out_f,), (1,)):
-            raise AdapterMismatch(
-                f"tensor {have['scale']} must be float32 [{out_f}] or [1], got {scale.dtype} {list(scale.shape)}",
-                param=have["scale"],
-            )
-        if proj + ".weight" in header:
-            raise AdapterMismatch(
-                f"tensor {proj}.weight is both replaced and compressed ({have['sign']})", param=proj + ".weight"
-            )
+def _check_projection(proj: str, have: Mapping[str, str], header: Mapping[str, TensorInfo], spec: BaseSpec) -> None:
+    """A projection's sign and scale, from the header alone: both there, of the base's shapes and dtypes."""
+    for need, other in (("sign", "scale"), ("scale", "sign")):
+        if need not in have:
+            raise AdapterMismatch(f"tensor {have[other]} has no matching {proj}.{need}", param=have[other])
+    if proj not in spec.projections:
+        raise AdapterMismatch(f"tensor {have['sign']}: {proj} is not a projection of the base", param=have["sign"])
+    out_f, in_f = spec.projection_shape(proj)
+    sign, scale = header[have["sign"]], header[have["scale"]]
+    expected_sign = (out_f, packed_width(in_f))
+    if sign.dtype != torch.uint8 or sign.shape != expected_sign:
+        raise AdapterMismatch(
+            f"tensor {have['sign']} must be uint8 {list(expected_sign)}, got {sign.dtype} {list(sign.shape)} "
+            f"(projection [out={out_f}, in={in_f}])",
+            param=have["sign"],
+        )
+    if scale.dtype != torch.float32 or scale.shape not in ((out_f,), (1,)):
+        raise AdapterMismatch(
+            f"tensor {have['scale']} must be float32 [{out_f}] or [1], got {scale.dtype} {list(scale.shape)}",
+            param=have["scale"],
+        )
+    if proj + ".weight" in header:
+        raise AdapterMismatch(
+            f"tensor {proj}.weight is both replaced and compressed ({have['sign']})", param=proj + ".weight"
+        )
 
-    for name in replaced:
-        info = header[name]
-        if name == "lm_head.weight" and spec.tie_word_embeddings:
-            raise AdapterMismatch(
-                "tensor lm_head.weight: the base ties lm_head to model.embed_tokens.weight; replace that instead",
-                param=name,
-            )
-        if name not in spec.tensors:
-            raise AdapterMismatch(f"tensor {name} is not a tensor of the base", param=name)
-        base_shape = spec.tensors[name][0]
-        if info.shape != base_shape:
-            raise AdapterMismatch(
-                f"tensor {name} has shape {list(info.shape)}, the base tensor {name} has shape {list(base_shape)}",
-                param=name,
-            )
-        if not info.dtype.is_floating_point:
-            raise AdapterMismatch(
-                f"tensor {name} has dtype {info.dtype}; replacements must be floating point", param=name
-            )
 
-    raw = load_tensors(path)
-    projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for proj in sorted(parts):
-        sign_name, scale_name = parts[proj]["sign"], parts[proj]["scale"]
-        sign, scale = raw.pop(sign_name).contiguous(), raw.pop(scale_name).contiguous()
-        in_f = spec.projection_shape(proj)[1]
-        if in_f % 8:
-            padding = sign[:, -1] >> (in_f % 8)
-            if bool(padding.any()):
-                raise AdapterMismatch(f"tensor {sign_name} has non-zero padding bits (in = {in_f})", param=sign_name)
-        check_finite(scale_name, scale)
-        projections[proj] = (sign, scale)
-    replacements: dict[str, torch.Tensor] = {}
-    for name in sorted(replaced):
-        tensor = raw.pop(name)
-        check_finite(name, tensor)
-        tensor = tensor.to(torch.float32).contiguous()
-        check_finite(name, tensor)  # e.g. float64 values beyond float32's range
-        replacements[name] = tensor
-    assert not raw, f"unclassified tensors {sorted(raw)}"
-    return BitDelta(
-        sha256=sha256_file(path),
-        base_fingerprint=base,
-        projections=projections,
-        replacements=replacements,
-        metadata=dict(metadata),
-    )
+def _check_replacement(name: str, info: TensorInfo, spec: BaseSpec) -> None:
+    """A replaced base tensor, from the header alone: a floating-point tensor of the base, in its shape."""
+    if name == "lm_head.weight" and spec.tie_word_embeddings:
+        raise AdapterMismatch(
+            "tensor lm_head.weight: the base ties lm_head to model.embed_tokens.weight; replace that instead",
+            param=name,
+        )
+    if name not in spec.tensors:
+        raise AdapterMismatch(f"tensor {name} is not a tensor of the base", param=name)
+    base_shape = spec.tensors[name][0]
+    if info.shape != base_shape:
+        raise AdapterMismatch(
+            f"tensor {name} has shape {list(info.shape)}, the base tensor {name} has shape {list(base_shape)}",
+            param=name,
+        )
+    if not info.dtype.is_floating_point:
+        raise AdapterMismatch(f"tensor {name} has dtype {info.dtype}; replacements must be floating point", param=name)
+
+
+def _load_projection(
+    raw: dict[str, torch.Tensor], proj: str, names: Mapping[str, str], spec: BaseSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sign, scale) of a checked projection, taken out of `raw`; what only the values can show is checked here."""
+    sign, scale = raw.pop(names["sign"]).contiguous(), raw.pop(names["scale"]).contiguous()
+    in_f = spec.projection_shape(proj)[1]
+    if in_f % 8 and bool((sign[:, -1] >> (in_f % 8)).any()):
+        raise AdapterMismatch(f"tensor {names['sign']} has non-zero padding bits (in = {in_f})", param=names["sign"])
+    check_finite(names["scale"], scale)
+    return sign, scale
+
+
+def _load_replacement(raw: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    tensor = raw.pop(name)
+    check_finite(name, tensor)
+    tensor = tensor.to(torch.float32).contiguous()
+    check_finite(name, tensor)  # e.g. float64 values beyond float32's range
+    return tensor
 
 
 def save_bitdelta_file(
