@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_once(engine, args, fair: bool) -> dict:
     from serving.engine.sampling_params import SamplingParams
 
-    engine.config = type(engine.config)(**{**engine.config.__dict__, "fair_scheduling": fair})
+    engine.config = type(engine.config)(**{**engine.config.model_dump(), "fair_scheduling": fair})
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     tag = f"{'fair' if fair else 'fcfs'}-{engine.num_steps}"
     prompt = list(range(100, 100 + args.prompt_len))
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     max_len = args.prompt_len + args.flood_tokens + 8
     config = hf_llama_config(shape, max_len)
     engine = engine_for(random_hf_model(config, dtype, device, seed=0), config, device, dtype, 1, 1, max_len)
-    engine.config = type(engine.config)(**{**engine.config.__dict__, "max_num_seqs": args.max_num_seqs})
+    engine.config = type(engine.config)(**{**engine.config.model_dump(), "max_num_seqs": args.max_num_seqs})
     engine.scheduler.config = engine.config
     runs = []
     for r in range(args.rounds):  # A B A B

@@ -8,34 +8,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from kernels import BACKENDS
 from registry.errors import DeltaError
+from serving.engine.config import EngineOptions, KernelBackend
+from serving.flags import add_flags, given_flags, settings_error
+from serving.server import ServerSettings
 
 
 class CliError(Exception):
     """A user error: printed as `deltaserve: error: ...`, exit status 2."""
-
-
-def _add_engine_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """Engine flags. defaults=False leaves unset flags as None, so `serve` can fall back on DELTASERVE_* variables."""
-
-    def d(value):
-        return value if defaults else None
-
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d("auto"))
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d("auto"))
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=d(64), help="sequences in one step")
-    p.add_argument("--max-num-batched-tokens", type=int, default=d(4096), help="tokens in one step (prefill chunks + decodes)")
-    p.add_argument("--prefill-chunk", type=int, default=d(512), help="prompt tokens of one sequence per step at most")
-    p.add_argument("--bitdelta-slots", type=int, default=d(4), help="GPU slots for 1-bit deltas")
-    p.add_argument("--lora-slots", type=int, default=d(8), help="GPU slots for LoRA adapters")
-    p.add_argument("--max-lora-rank", type=int, default=d(64))
-    p.add_argument("--kernel-backend", choices=list(BACKENDS), default=d("auto"))
-    p.add_argument("--cuda-graphs", action="store_true", default=d(False),
-                   help="GPU: replay decode steps from CUDA graphs (not yet validated on a GPU; off by default)")
 
 
 def _add_client_flags(p: argparse.ArgumentParser, key_env: str) -> None:
@@ -61,29 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object per request")
-    _add_engine_flags(g)
+    add_flags(g, EngineOptions, EngineOptions.model_fields, defaults=True)
     _add_compress_parser(sub)
     _add_eval_parser(sub)
 
     s = sub.add_parser("serve", help="run the HTTP server (the embedded demo without --model)")
-    s.add_argument("--model", type=Path, default=None, help="local Hugging Face directory (default: the demo)")
-    s.add_argument("--host", default=None, help="default 127.0.0.1")
-    s.add_argument("--port", type=int, default=None, help="default 8000")
-    s.add_argument("--registry", type=Path, default=None, help="default ./deltaserve-registry")
-    s.add_argument("--admin-key", default=None, help="default: $DELTASERVE_ADMIN_KEY, else generated once")
-    s.add_argument("--public-metrics", action="store_true", default=None, help="serve /metrics without a key")
-    s.add_argument("--max-pending", type=int, default=None, help="requests queued or running (then 503)")
-    s.add_argument("--tenant-max-concurrent", type=int, default=None, help="one tenant's requests at once (then 429)")
-    s.add_argument("--host-cache-mb", type=int, default=None, help="host-memory tier for deltas")
-    s.add_argument("--max-upload-mb", type=int, default=None)
-    s.add_argument("--tenant-quota-mb", type=int, default=None, help="stored megabytes one tenant may hold (507 beyond)")
-    s.add_argument("--drain-timeout", type=float, default=None, help="seconds running requests get on SIGTERM")
-    s.add_argument("--header-timeout", type=float, default=None, help="seconds a request's headers may take (default 10)")
-    s.add_argument("--max-connections", type=int, default=None, help="open connections at once (default 1000)")
-    s.add_argument("--num-kv-blocks", type=int, default=None)
-    s.add_argument("--preload", action="append", default=None, metavar="TENANT/ADAPTER",
-                   help="load onto the GPU at start-up (repeatable)")
-    _add_engine_flags(s, defaults=False)
+    add_flags(s, ServerSettings, ServerSettings.model_fields, defaults=False)  # unset: DELTASERVE_* variables
 
     t = sub.add_parser("tenants", help="manage tenants (admin key)")
     tsub = t.add_subparsers(dest="action", required=True)
@@ -144,7 +109,7 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--lora", type=Path, default=None, help="a PEFT LoRA directory of the same fine-tune")
     e.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text evaluated")
     e.add_argument("--window", type=int, default=256, help="tokens per scored window")
-    e.add_argument("--kernel-backend", choices=list(BACKENDS), default="auto")
+    e.add_argument("--kernel-backend", choices=list(get_args(KernelBackend)), default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_distill_flags(e)
 
@@ -274,21 +239,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _engine_config(args: argparse.Namespace):
+    from pydantic import ValidationError
+
     from serving.engine.config import EngineConfig
 
-    return EngineConfig(
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        prefill_chunk=args.prefill_chunk,
-        bitdelta_slots=args.bitdelta_slots,
-        lora_slots=args.lora_slots,
-        max_lora_rank=args.max_lora_rank,
-        kernel_backend=args.kernel_backend,
-        cuda_graphs=args.cuda_graphs,
-    )
+    try:
+        return EngineConfig(**given_flags(args, EngineOptions))
+    except ValidationError as e:
+        raise CliError(settings_error(e)) from None
 
 
 _REQUEST_KEYS = {"prompt", "adapter", "max_tokens", "temperature", "seed", "top_p", "top_k", "stop"}
@@ -403,23 +361,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVE_FLAGS = ("model", "host", "port", "registry", "admin_key", "device", "dtype", "public_metrics", "max_model_len",
-               "max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "max_pending", "tenant_max_concurrent", "bitdelta_slots", "lora_slots", "max_lora_rank",
-               "host_cache_mb", "max_upload_mb", "tenant_quota_mb", "drain_timeout", "header_timeout", "max_connections", "num_kv_blocks", "kernel_backend", "cuda_graphs",
-               "preload")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from serving.server import ServerSettings, run_server
+    from serving.server import run_server
 
-    given = {k: getattr(args, k) for k in SERVE_FLAGS if getattr(args, k) is not None}
     try:
-        settings = ServerSettings(**given)  # flags over DELTASERVE_* variables over defaults
+        settings = ServerSettings(**given_flags(args, ServerSettings))  # flags over DELTASERVE_* variables over defaults
     except ValidationError as e:
-        err = e.errors()[0]
-        raise CliError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
+        raise CliError(settings_error(e)) from None
     if settings.model is not None and not settings.model.is_dir():
         raise CliError(f"--model {settings.model}: not a directory")
     return run_server(settings)

@@ -11,48 +11,43 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serving.engine.config import EngineConfig, EngineOptions
+
 log = logging.getLogger("deltaserve")
 
 
-class ServerSettings(BaseSettings):
-    """Every server option; flags of `deltaserve serve` or DELTASERVE_* environment variables."""
+class ServerSettings(EngineOptions, BaseSettings):
+    """Every server option: the engine's (EngineOptions) and the server's own; each is a flag of
+    `deltaserve serve` (serving.flags) and a DELTASERVE_* environment variable. Flags win over variables,
+    variables over these defaults."""
 
-    model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="forbid", frozen=False)
 
-    model: Path | None = None  # None: the embedded demo
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    registry: Path = Path("./deltaserve-registry")
-    admin_key: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    public_metrics: bool = False
-    max_model_len: int | None = None
-    max_num_seqs: int = Field(default=64, ge=1)
-    max_num_batched_tokens: int = Field(default=4096, ge=1)
-    prefill_chunk: int = Field(default=512, ge=1)
-    max_pending: int = Field(default=256, ge=1)
-    tenant_max_concurrent: int = Field(default=64, ge=1)
-    bitdelta_slots: int = Field(default=4, ge=0)
-    lora_slots: int = Field(default=8, ge=0)
-    max_lora_rank: int = Field(default=64, ge=1)
-    host_cache_mb: int = Field(default=4096, ge=1)
-    max_upload_mb: int = Field(default=2048, ge=1)
-    tenant_quota_mb: int | None = Field(default=None, ge=1)  # stored bytes one tenant may hold; None: no quota
-    drain_timeout: float = Field(default=30.0, ge=0)
-    header_timeout: float = Field(default=10.0, gt=0)  # seconds for a request's headers to arrive
-    max_connections: int = Field(default=1000, ge=1)  # open connections at once; beyond, new ones are closed
-    num_kv_blocks: int | None = None
-    kernel_backend: str = "auto"
-    cuda_graphs: bool = False
-    preload: list[str] = Field(default_factory=list)  # "tenant/adapter" to load onto the GPU at start-up
+    model: Path | None = Field(None, description="local Hugging Face directory of the base (default: the demo)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    registry: Path = Field(Path("./deltaserve-registry"), description="the registry folder (catalog, blobs, keys)")
+    admin_key: str | None = Field(None, description="the admin key (default: the stored one, else generated once)")
+    public_metrics: bool = Field(False, description="serve /metrics without a key")
+    max_pending: int = Field(256, ge=1, description="requests queued or running (then 503)")
+    tenant_max_concurrent: int = Field(64, ge=1, description="one tenant's requests at once (then 429)")
+    host_cache_mb: int = Field(4096, ge=1, description="host-memory tier for deltas, MB")
+    max_upload_mb: int = Field(2048, ge=1, description="one upload's size, MB (then 413)")
+    tenant_quota_mb: int | None = Field(None, ge=1, description="stored MB one tenant may hold (then 507; default: none)")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get on SIGTERM")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a request's headers may take")
+    max_connections: int = Field(1000, ge=1, description="open connections at once; beyond, new ones are closed")
+    preload: list[str] = Field(
+        default_factory=list,
+        description="an adapter to load onto the GPU at start-up (repeatable)",
+        json_schema_extra={"metavar": "TENANT/ADAPTER"},
+    )
 
 
 def build_backend(settings: ServerSettings, registry):
     """Loads the model and builds the backend over an open registry; registers the demo tenant when
     serving the demo."""
     from serving.backend import Backend, BackendConfig
-    from serving.engine.config import EngineConfig
     from serving.engine.engine import LLMEngine
     from serving.metrics import Metrics
 
@@ -64,13 +59,7 @@ def build_backend(settings: ServerSettings, registry):
         model_dir = demo_dir() / "base"
     engine = LLMEngine.from_model_dir(
         model_dir,
-        EngineConfig(
-            device=settings.device, dtype=settings.dtype, max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-            prefill_chunk=settings.prefill_chunk, bitdelta_slots=settings.bitdelta_slots, lora_slots=settings.lora_slots,
-            max_lora_rank=settings.max_lora_rank, num_kv_blocks=settings.num_kv_blocks,
-            kernel_backend=settings.kernel_backend, cuda_graphs=settings.cuda_graphs,
-        ),
+        EngineConfig(**settings.model_dump(include=set(EngineOptions.model_fields))),
     )
     backend = Backend(
         engine, registry, Metrics(),

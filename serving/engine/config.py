@@ -1,43 +1,48 @@
-"""The engine's typed configuration, checked once at start-up."""
+"""The engine's typed configuration: the one place its settings, defaults and limits are written.
+
+`EngineOptions` are what an operator sets: `deltaserve generate` and `deltaserve serve` make their flags from
+these fields (serving.flags), and the server's DELTASERVE_* variables come from the same fields
+(serving.server.ServerSettings derives from this class). `EngineConfig` adds what only code and benchmarks set.
+A bad value is refused when the config is made (pydantic's ValidationError, a ValueError), before anything loads.
+No torch here: the API process reads these settings too.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+KernelBackend = Literal["auto", "triton", "cpu", "torch"]  # kernels.BACKENDS (kernels.select_delta_ops)
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    max_num_seqs: int = 64  # sequences in one step
-    max_num_batched_tokens: int = 4096  # tokens in one step (prefill chunks + one per decode)
-    prefill_chunk: int = 512  # prompt tokens of one sequence computed in one step at most (chunked prefill)
+class EngineOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: Device = Field("auto", description="where the model runs (auto: cuda when there is one)")
+    dtype: Dtype = Field("auto", description="the model's dtype (auto: float32 on CPU; on a GPU the checkpoint's half dtype, else bfloat16)")
+    max_model_len: int | None = Field(None, ge=2, description="prompt + output tokens (default: the model's)")
+    max_num_seqs: int = Field(64, ge=1, description="sequences in one step")
+    max_num_batched_tokens: int = Field(4096, ge=1, description="tokens in one step (prefill chunks + decodes)")
+    prefill_chunk: int = Field(512, ge=1, description="prompt tokens of one sequence per step at most")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="KV-cache blocks (default: from the GPU's free memory, or 1 GiB on CPU)"
+    )
+    bitdelta_slots: int = Field(4, ge=0, description="GPU slots for 1-bit deltas")
+    lora_slots: int = Field(8, ge=0, description="GPU slots for LoRA adapters")
+    max_lora_rank: int = Field(64, ge=1, description="the largest LoRA rank the slots hold")
+    kernel_backend: KernelBackend = Field("auto", description="the delta kernels (auto: triton on a GPU, cpu on CPU)")
+    cuda_graphs: bool = Field(
+        False, description="GPU: replay decode steps from CUDA graphs (not yet validated on a GPU; off by default)"
+    )
+
+
+class EngineConfig(EngineOptions):
     fair_scheduling: bool = True  # shares among tenants (serving/engine/scheduler.py); False: first come, first served
-    max_model_len: int | None = None  # prompt + output; default: the model's max_position_embeddings
-    block_size: int = 16  # tokens per KV-cache block
-    num_kv_blocks: int | None = None  # default: from gpu_memory_utilization (GPU) or kv_cache_cpu_bytes (CPU)
-    gpu_memory_utilization: float = 0.85
-    kv_cache_cpu_bytes: int = 1 << 30
-    bitdelta_slots: int = 4  # GPU slots for 1-bit deltas
-    lora_slots: int = 8  # GPU slots for LoRA deltas
-    max_lora_rank: int = 64
-    kernel_backend: str = "auto"  # auto | triton | cpu | torch (see kernels.select_delta_ops)
+    block_size: int = Field(16, ge=1)  # tokens per KV-cache block
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # share of the GPU's memory for weights, slots and KV
+    kv_cache_cpu_bytes: int = Field(1 << 30, ge=1)  # the KV cache's size on CPU, without num_kv_blocks
     pack_cpu_weights: bool = True  # CPU: base linear weights in oneDNN's packed layout (faster GEMMs)
-    cuda_graphs: bool = False  # GPU: decode steps replayed from CUDA graphs (serving/engine/cuda_graphs.py)
     seed: int = 0  # the sampler's generator for unseeded requests
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
-            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
-            (self.prefill_chunk >= 1, "prefill_chunk must be >= 1"),
-            (self.block_size >= 1, "block_size must be >= 1"),
-            (self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1"),
-            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
-            (self.bitdelta_slots >= 0 and self.lora_slots >= 0, "slot counts must be >= 0"),
-            (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
-            (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
