@@ -186,7 +186,7 @@ def _check_bitdelta_args(
 
 def bitdelta_apply(
     y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, tiles: SlotTiles
-) -> None:
+) -> None:  # pragma: no mutate block (a Triton launch: see [tool.mutmut])
     """Adds every row's 1-bit delta to y, reading each tile's packed signs once (Triton).
 
     Semantics:  y[i] += scales[s] * (x[i] @ unpack(signs[s]).T)   for every row i of a tile of slot s

@@ -212,7 +212,7 @@ def _check_expand_args(
     check_tiles(op, tiles, y.shape[0], n_slots)
 
 
-def lora_shrink(buf: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, tiles: SlotTiles) -> None:
+def lora_shrink(buf: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, tiles: SlotTiles) -> None:  # pragma: no mutate block (a Triton launch: see [tool.mutmut])
     """First half of LoRA for a batch of many tenants (Triton): each row's projection onto its slot's A.
 
     Semantics:  buf[i, r] = x[i] @ a[s, r]  for r < ranks[s], and 0 for ranks[s] <= r < r_max,
@@ -247,7 +247,7 @@ def lora_expand(
     scaling: torch.Tensor,
     ranks: torch.Tensor,
     tiles: SlotTiles,
-) -> None:
+) -> None:  # pragma: no mutate block (a Triton launch: see [tool.mutmut])
     """Second half of LoRA for a batch of many tenants (Triton): adds each row's expansion through its slot's B.
 
     Semantics:  y[i] += scaling[s] * (buf[i, :ranks[s]] @ bt[s, :ranks[s], :])   for every row i of a tile
@@ -284,7 +284,7 @@ def lora_apply(
     ranks: torch.Tensor,
     tiles: SlotTiles,
     buf: torch.Tensor,
-) -> None:
+) -> None:  # pragma: no mutate block (a Triton launch: see [tool.mutmut])
     """LoRA for a batch of many tenants (Triton): lora_shrink into buf, then lora_expand into y.
 
     Semantics:  y[i] += scaling[s] * ((x[i] @ a[s, :ranks[s]].T) @ bt[s, :ranks[s], :])   for every row i of
