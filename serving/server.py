@@ -88,7 +88,7 @@ def register_demo(backend) -> None:
     for t in demo_tenants():
         if registry.resolve("demo", t.name) is not None or not t.adapter_path.exists():
             continue
-        staging = backend.stage()
+        staging = backend.adapters.stage()
         staging.import_path(t.adapter_path)
         delta = staging.validate(t.kind, backend.engine.spec, backend.engine.config.max_lora_rank)
         registry.commit_adapter("demo", t.name, t.kind, staging, delta)

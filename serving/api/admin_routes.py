@@ -34,7 +34,7 @@ async def list_tenants(request: Request, _: Admin):
 
 @router.delete("/v1/tenants/{name}", status_code=204)
 async def delete_tenant(request: Request, name: str, _: Admin):
-    request.app.state.backend.delete_tenant(name)
+    request.app.state.backend.adapters.delete_tenant(name)
     return Response(status_code=204)
 
 
@@ -74,7 +74,7 @@ async def upload_adapter(request: Request, tenant: TenantDep):
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit + (1 << 20):
         raise APIError(413, f"Upload is over the {limit}-byte limit.")
-    staging = backend.stage(tenant)
+    staging = backend.adapters.stage(tenant)
     sink = _UploadSink(staging)
     fmt = "unknown"
     try:
@@ -87,7 +87,7 @@ async def upload_adapter(request: Request, tenant: TenantDep):
         name = validate_name("adapter", sink.fields["name"])
         if name == backend.model_id:
             raise APIError(400, f"`{name}` is the base model's id; choose another adapter name.", param="name")
-        record = await backend.commit_upload(tenant, name, fmt, staging)
+        record = await backend.adapters.commit_upload(tenant, name, fmt, staging)
     except BaseException:
         staging.discard()
         backend.metrics.uploads.labels(fmt, "refused").inc()
@@ -112,7 +112,7 @@ async def get_adapter(request: Request, name: str, tenant: TenantDep):
 
 @router.delete("/v1/adapters/{name}", status_code=204)
 async def delete_adapter(request: Request, name: str, tenant: TenantDep):
-    request.app.state.backend.delete_adapter(tenant, name)
+    request.app.state.backend.adapters.delete_adapter(tenant, name)
     return Response(status_code=204)
 
 

@@ -96,7 +96,7 @@ def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None) -> Sam
 
 def check_chars(backend, n_chars: int, param: str) -> None:
     """400 context_length_exceeded for a text too long to fit the context however it tokenizes (no tokenizing)."""
-    if n_chars > backend.max_prompt_chars:
+    if n_chars > backend.tokens.max_prompt_chars:
         raise APIError(400, f"This model's maximum context length is {backend.max_model_len} tokens; a text of "
                        f"{n_chars} characters cannot fit in it.", param=param, code="context_length_exceeded")  # fmt: skip
 
@@ -167,22 +167,23 @@ def _logprob(v: float) -> float:
     return v if math.isfinite(v) else NOT_FINITE_LOGPROB
 
 
-def completion_logprobs(backend, outs, offset: int) -> dict:
-    """OpenAI's completions logprobs object; `offset` is the text offset of the first token."""
+def completion_logprobs(vocab, outs, offset: int) -> dict:
+    """OpenAI's completions logprobs object; `offset` is the text offset of the first token. vocab: has
+    token_text(id) (serving.tokenizing.Tokenizing)."""
     tokens, lps, tops, offsets = [], [], [], []
     for lp in outs:
-        tok = backend.token_text(lp.token_id)
+        tok = vocab.token_text(lp.token_id)
         tokens.append(tok)
         lps.append(_logprob(lp.logprob))
-        tops.append({backend.token_text(t): _logprob(v) for t, v in lp.top})
+        tops.append({vocab.token_text(t): _logprob(v) for t, v in lp.top})
         offsets.append(offset)
         offset += len(tok)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(backend, outs) -> dict:
+def chat_logprobs(vocab, outs) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        tok = backend.token_text(token_id)
+        tok = vocab.token_text(token_id)
         return {"token": tok, "logprob": _logprob(logprob), "bytes": list(tok.encode("utf-8"))}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
@@ -213,7 +214,7 @@ def absorb(job: Job, out) -> None:
 class Reply:
     """The response being built for one request: its id and what a chat and a completion choice look like."""
 
-    backend: Any
+    tokens: Any  # serving.tokenizing.Tokenizing: token ids to text
     model: str
     chat: bool
     id: str = field(init=False)
@@ -231,11 +232,11 @@ class Reply:
             wanted = job.params.logprobs is not None
             if self.chat:
                 choices.append({"index": job.index, "message": {"role": "assistant", "content": text},
-                                "logprobs": chat_logprobs(self.backend, job.logprobs) if wanted else None,
+                                "logprobs": chat_logprobs(self.tokens, job.logprobs) if wanted else None,
                                 "finish_reason": job.finish_reason})  # fmt: skip
             else:
                 choices.append({"index": job.index, "text": text,
-                                "logprobs": completion_logprobs(self.backend, job.logprobs, 0) if wanted else None,
+                                "logprobs": completion_logprobs(self.tokens, job.logprobs, 0) if wanted else None,
                                 "finish_reason": job.finish_reason})  # fmt: skip
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": usage_of(jobs)}  # fmt: skip
@@ -258,17 +259,17 @@ class Reply:
                 delta = {"role": "assistant", **delta, "content": text}
                 self.started.add(job.index)
             choice = {"index": job.index, "delta": delta,
-                      "logprobs": chat_logprobs(self.backend, lps) if lps else None, "finish_reason": finish}  # fmt: skip
+                      "logprobs": chat_logprobs(self.tokens, lps) if lps else None, "finish_reason": finish}  # fmt: skip
         else:
             first = False
             wanted = job.params.logprobs is not None and lps
-            lp = completion_logprobs(self.backend, lps, text_before) if wanted else None
+            lp = completion_logprobs(self.tokens, lps, text_before) if wanted else None
             choice = {"index": job.index, "text": text, "logprobs": lp, "finish_reason": finish}
         return choice if text or finish or lps or first else None
 
 
 async def respond(request: Request, tenant, resolved, jobs: list[Job], req, chat: bool) -> Response:
-    reply = Reply(request.app.state.backend, req.model, chat)
+    reply = Reply(request.app.state.backend.tokens, req.model, chat)
     stream = run_jobs(request, tenant, resolved, jobs)
     # Prime the stream: errors before the first token (overloaded, busy tenant, bad input) are plain HTTP errors.
     try:
@@ -347,7 +348,7 @@ async def until_done_or_disconnected(request: Request, work) -> bool:
 
 @router.get("/v1/models")
 async def list_models(request: Request, tenant: TenantDep):
-    return {"object": "list", "data": request.app.state.backend.list_models(tenant)}
+    return {"object": "list", "data": request.app.state.backend.adapters.list_models(tenant)}
 
 
 @router.post("/v1/completions")
@@ -357,7 +358,7 @@ async def completions(request: Request, tenant: TenantDep):
     req: CompletionRequest = parse(CompletionRequest, body)
     refuse_when_draining(request.app.state.backend)
     backend = request.app.state.backend
-    resolved = await backend.resolve(tenant, req.model)
+    resolved = await backend.adapters.resolve(tenant, req.model)
     request.state.model_kind = resolved.kind
     p = req.prompt
     texts = [p] if isinstance(p, str) else list(p) if isinstance(p[0], str) else []
@@ -366,7 +367,7 @@ async def completions(request: Request, tenant: TenantDep):
     for text in texts:
         check_chars(backend, len(text), "prompt")
     if texts:
-        prompts = [await backend.encode(text) for text in texts]
+        prompts = [await backend.tokens.encode(text) for text in texts]
     elif isinstance(p[0], int):
         prompts = [list(p)]
     else:
@@ -390,12 +391,12 @@ async def chat_completions(request: Request, tenant: TenantDep):
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
     refuse_when_draining(request.app.state.backend)
     backend = request.app.state.backend
-    resolved = await backend.resolve(tenant, req.model)
+    resolved = await backend.adapters.resolve(tenant, req.model)
     request.state.model_kind = resolved.kind
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     check_chars(backend, sum(len(m["content"]) for m in messages), "messages")
     try:
-        ids = await backend.chat_prompt(messages)
+        ids = await backend.tokens.chat_prompt(messages)
     except Overloaded:
         raise
     except Exception as e:  # the template refused the conversation (e.g. roles out of order)

@@ -80,7 +80,7 @@ def test_new_version_and_delete_during_a_stream(live, second_lora):
 def resident(live, prefix: str) -> bool:
     """True while a delta whose key starts with `prefix` is in a GPU slot or the host tier."""
     slots = live.backend.engine.slots
-    keys = [k for kind in ("lora", "bitdelta") for k in slots.resident(kind) if k] + live.backend.host_tier.keys()
+    keys = [k for kind in ("lora", "bitdelta") for k in slots.resident(kind) if k] + live.backend.adapters.host_tier.keys()
     return any(k.startswith(prefix) for k in keys)
 
 
@@ -310,7 +310,7 @@ def test_preload_puts_an_adapter_on_the_gpu_before_any_request(tmp_path, live):
         for ref in settings.preload:
             backend.preload(ref)
         assert any(k and k.startswith("acme/lora/") for k in backend.engine.slots.resident("lora"))
-        assert backend.host_tier.num_items == 1
+        assert backend.adapters.host_tier.num_items == 1
         with pytest.raises(Exception, match="no ready adapter"):
             backend.preload("acme/missing")
         backend.stop()
