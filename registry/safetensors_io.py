@@ -121,6 +121,28 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     """
     path = Path(path)
     name = path.name
+    raw, size = _read_raw_header(path)
+    header_end = 8 + len(raw)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _refuse(name, f"header is not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(header, dict):
+        raise _refuse(name, "header is not a JSON object")
+
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _refuse(name, "__metadata__ must be an object of string values")
+    tensors = {tname: _tensor_info(name, tname, entry, header_end, size - header_end) for tname, entry in header.items()}
+    _check_tiling(name, tensors, header_end, size - header_end)
+    return tensors, dict(metadata)
+
+
+def _read_raw_header(path: Path) -> tuple[bytes, int]:
+    """The header's JSON bytes and the file's size; refuses pickles and impossible lengths before reading."""
+    name = path.name
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -144,52 +166,43 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
         raise _refuse(name, f"cannot read file: {e.strerror or e}") from e
     if len(raw) != header_len:
         raise _refuse(name, "file changed while reading its header")
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _refuse(name, f"header is not valid JSON ({type(e).__name__}: {e})") from e
-    if not isinstance(header, dict):
-        raise _refuse(name, "header is not a JSON object")
+    return raw, size
 
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _refuse(name, "__metadata__ must be an object of string values")
 
-    data_start = 8 + header_len
-    data_size = size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    for tname, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise _refuse(name, f"tensor {tname!r} must have exactly dtype, shape and data_offsets, got {got}")
-        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-            raise _refuse(name, f"tensor {tname!r} has unknown dtype {dtype_name!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise _refuse(name, f"tensor {tname!r} has invalid shape {shape!r} (need non-negative integers)")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-            raise _refuse(name, f"tensor {tname!r} has invalid data_offsets {offsets!r}")
-        begin, end = offsets
-        if not 0 <= begin <= end:
-            raise _refuse(name, f"tensor {tname!r} has invalid data_offsets {offsets} (need 0 <= begin <= end)")
-        torch_dtype, itemsize = DTYPES[dtype_name]
-        expected = math.prod(shape) * itemsize
-        if end - begin != expected:
-            raise _refuse(
-                name,
-                f"tensor {tname!r} data_offsets {offsets} span {end - begin} bytes but {dtype_name} {shape} "
-                f"needs {expected}",
-            )
-        if end > data_size:
-            raise _refuse(
-                name,
-                f"tensor {tname!r} data_offsets {offsets} run past the end of the {data_size}-byte data section "
-                "(truncated file?)",
-            )
-        tensors[tname] = TensorInfo(torch_dtype, tuple(shape), data_start + begin, data_start + end)
+def _tensor_info(name: str, tname: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    """One header entry, checked on its own: its keys, dtype, shape, and offsets of the right span."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise _refuse(name, f"tensor {tname!r} must have exactly dtype, shape and data_offsets, got {got}")
+    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise _refuse(name, f"tensor {tname!r} has unknown dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _refuse(name, f"tensor {tname!r} has invalid shape {shape!r} (need non-negative integers)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _refuse(name, f"tensor {tname!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise _refuse(name, f"tensor {tname!r} has invalid data_offsets {offsets} (need 0 <= begin <= end)")
+    torch_dtype, itemsize = DTYPES[dtype_name]
+    expected = math.prod(shape) * itemsize
+    if end - begin != expected:
+        raise _refuse(
+            name,
+            f"tensor {tname!r} data_offsets {offsets} span {end - begin} bytes but {dtype_name} {shape} "
+            f"needs {expected}",
+        )
+    if end > data_size:
+        raise _refuse(
+            name,
+            f"tensor {tname!r} data_offsets {offsets} run past the end of the {data_size}-byte data section "
+            "(truncated file?)",
+        )
+    return TensorInfo(torch_dtype, tuple(shape), data_start + begin, data_start + end)
 
+
+def _check_tiling(name: str, tensors: dict[str, TensorInfo], data_start: int, data_size: int) -> None:
+    """The tensors' data tile the data section exactly: no overlap, no gap, nothing before or after."""
     cursor = data_start
     for tname, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if info.start < cursor:
@@ -202,7 +215,6 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
         raise _refuse(
             name, f"data section is {data_size} bytes but the header describes {described} (truncated or padded file)"
         )
-    return tensors, dict(metadata)
 
 
 def load_tensors(path: str | os.PathLike[str], names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
