@@ -252,52 +252,16 @@ def load_lora_dir(path: str | os.PathLike[str], spec: BaseSpec, max_rank: int | 
     lora_A/lora_B of a projection of the base, a module with A or B missing, a rank above max_rank,
     a wrong shape (expected and actual named), a non-float dtype, NaN/Inf, or no weights at all.
     """
-    path = Path(path)
-    config_path, weights_path = _check_files(path)
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise UnsupportedFormat(
-            f"{CONFIG_FILE} is {config_path.stat().st_size} bytes, over the limit of {MAX_CONFIG_BYTES}", param=CONFIG_FILE
-        )
-    config_bytes = config_path.read_bytes()
-    try:
-        config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UnsupportedFormat(f"{CONFIG_FILE} is not valid JSON: {e}", param=CONFIG_FILE) from e
-    if not isinstance(config, dict):
-        raise UnsupportedFormat(f"{CONFIG_FILE} must hold a JSON object", param=CONFIG_FILE)
-    opts = _parse_config(config)
-
+    config_path, weights_path = _check_files(Path(path))
+    config_bytes, opts = _read_config(config_path)
     header, _ = read_header(weights_path)
     if not header:
         raise _mismatch(f"{WEIGHTS_FILE} holds no tensors", WEIGHTS_FILE)
-    keys: dict[str, dict[str, str]] = {}
+    keys: dict[str, dict[str, str]] = {}  # module -> {"A": key, "B": key}
     for key in header:
         module, which = _module_of_key(key, spec)
         keys.setdefault(module, {})[which] = key
-
-    ranks: dict[str, int] = {}
-    for module in sorted(keys):
-        pair = keys[module]
-        for which in ("A", "B"):
-            if which not in pair:
-                missing = KEY_PREFIX + module + (_SUFFIX_A if which == "A" else _SUFFIX_B)
-                raise _mismatch(f"module {module} has no lora_{which} weight ({missing} is missing)", missing)
-        r_m = opts["rank_pattern"].value(module, opts["r"])
-        if max_rank is not None and r_m > max_rank:
-            raise _mismatch(f"module {module} has LoRA rank {r_m}, above this server's max rank {max_rank}", "rank")
-        out_f, in_f = spec.projection_shape(module)
-        for which, expected in (("A", (r_m, in_f)), ("B", (out_f, r_m))):
-            key = pair[which]
-            info = header[key]
-            if not info.dtype.is_floating_point:
-                raise _mismatch(f"tensor {key} has dtype {info.dtype}; LoRA weights must be floating point", key)
-            if info.shape != expected:
-                raise _mismatch(
-                    f"tensor {key} has shape {list(info.shape)}, expected {list(expected)} "
-                    f"(rank {r_m}, projection [out={out_f}, in={in_f}])",
-                    key,
-                )
-        ranks[module] = r_m
+    ranks = {module: _check_module(module, keys[module], header, opts, spec, max_rank) for module in sorted(keys)}
 
     scaling = _scaling(opts["lora_alpha"], opts["r"], opts["use_rslora"]) or 1.0
     raw = load_tensors(weights_path)
@@ -316,6 +280,46 @@ def load_lora_dir(path: str | os.PathLike[str], spec: BaseSpec, max_rank: int | 
         weights[module] = (a, b)
 
     return LoraDelta(sha256=lora_sha256(config_bytes, weights_path), rank=max(ranks.values()), scaling=scaling, weights=weights)
+
+
+def _read_config(config_path: Path) -> tuple[bytes, dict]:
+    """adapter_config.json's bytes (part of the identity) and its parsed options."""
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UnsupportedFormat(
+            f"{CONFIG_FILE} is {config_path.stat().st_size} bytes, over the limit of {MAX_CONFIG_BYTES}", param=CONFIG_FILE
+        )
+    config_bytes = config_path.read_bytes()
+    try:
+        config = json.loads(config_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UnsupportedFormat(f"{CONFIG_FILE} is not valid JSON: {e}", param=CONFIG_FILE) from e
+    if not isinstance(config, dict):
+        raise UnsupportedFormat(f"{CONFIG_FILE} must hold a JSON object", param=CONFIG_FILE)
+    return config_bytes, _parse_config(config)
+
+
+def _check_module(module: str, pair: dict[str, str], header, opts: dict, spec: BaseSpec, max_rank: int | None) -> int:
+    """One module's A and B, from the header alone: both there, float, of its rank's shapes. Returns the rank."""
+    for which in ("A", "B"):
+        if which not in pair:
+            missing = KEY_PREFIX + module + (_SUFFIX_A if which == "A" else _SUFFIX_B)
+            raise _mismatch(f"module {module} has no lora_{which} weight ({missing} is missing)", missing)
+    r_m = opts["rank_pattern"].value(module, opts["r"])
+    if max_rank is not None and r_m > max_rank:
+        raise _mismatch(f"module {module} has LoRA rank {r_m}, above this server's max rank {max_rank}", "rank")
+    out_f, in_f = spec.projection_shape(module)
+    for which, expected in (("A", (r_m, in_f)), ("B", (out_f, r_m))):
+        key = pair[which]
+        info = header[key]
+        if not info.dtype.is_floating_point:
+            raise _mismatch(f"tensor {key} has dtype {info.dtype}; LoRA weights must be floating point", key)
+        if info.shape != expected:
+            raise _mismatch(
+                f"tensor {key} has shape {list(info.shape)}, expected {list(expected)} "
+                f"(rank {r_m}, projection [out={out_f}, in={in_f}])",
+                key,
+            )
+    return r_m
 
 
 def lora_sha256(config_bytes: bytes, weights_path: str | os.PathLike[str]) -> str:
