@@ -27,63 +27,8 @@ async def parse_multipart(content_type: str, body: AsyncIterator[bytes], sink: P
     ctype, options = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data" or b"boundary" not in options:
         raise APIError(415, "Uploads must be multipart/form-data.", param="content-type")
-    state: dict = {"headers": {}, "field": b"", "value": b"", "name": None, "filename": None, "buf": bytearray(), "parts": 0}
-
-    def on_part_begin():
-        state["headers"], state["name"], state["filename"] = {}, None, None
-        state["buf"] = bytearray()
-        state["parts"] += 1
-        if state["parts"] > MAX_PARTS:
-            raise APIError(400, f"At most {MAX_PARTS} parts per upload.")
-
-    def on_header_field(data, start, end):
-        state["field"] += data[start:end]
-
-    def on_header_value(data, start, end):
-        state["value"] += data[start:end]
-
-    def on_header_end():
-        state["headers"][state["field"].lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
-
-    def on_headers_finished():
-        disposition, params = parse_options_header(state["headers"].get(b"content-disposition", b""))
-        if disposition != b"form-data" or b"name" not in params:
-            raise APIError(400, "Each multipart part needs a Content-Disposition: form-data header with a name.")
-        state["name"] = params[b"name"].decode("utf-8", "replace")
-        if b"filename" in params:
-            state["filename"] = params[b"filename"].decode("utf-8", "replace")
-            sink.begin_file(state["name"], state["filename"])
-
-    def on_part_data(data, start, end):
-        if state["filename"] is not None:
-            sink.file_data(bytes(data[start:end]))
-        else:
-            state["buf"] += data[start:end]
-            if len(state["buf"]) > MAX_FIELD_BYTES:
-                raise APIError(400, f"Form field `{state['name']}` is over {MAX_FIELD_BYTES} bytes.", param=state["name"])
-
-    def on_part_end():
-        if state["filename"] is not None:
-            sink.end_file()
-        elif state["name"] is not None:
-            try:
-                sink.field(state["name"], state["buf"].decode("utf-8"))
-            except UnicodeDecodeError:
-                raise APIError(400, f"Form field `{state['name']}` is not UTF-8.", param=state["name"]) from None
-
-    parser = MultipartParser(
-        options[b"boundary"],
-        {
-            "on_part_begin": on_part_begin,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-        },
-    )
+    reader = _PartReader(sink)
+    parser = MultipartParser(options[b"boundary"], reader.callbacks())
     try:
         async for chunk in body:
             parser.write(chunk)
@@ -92,3 +37,63 @@ async def parse_multipart(content_type: str, body: AsyncIterator[bytes], sink: P
         raise
     except Exception as e:  # python-multipart's own parse errors
         raise APIError(400, f"Malformed multipart body: {e}") from None
+
+
+class _PartReader:
+    """python-multipart's callbacks: the part being read (its headers, name, filename, a form field's bytes)."""
+
+    def __init__(self, sink: PartSink):
+        self.sink = sink
+        self.parts = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.field, self.value = b"", b""  # the header being read
+        self.name: str | None = None
+        self.filename: str | None = None
+        self.buf = bytearray()
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self.part_begin, "on_part_data": self.part_data, "on_part_end": self.part_end,
+                "on_header_field": self.header_field, "on_header_value": self.header_value,
+                "on_header_end": self.header_end, "on_headers_finished": self.headers_finished}  # fmt: skip
+
+    def part_begin(self) -> None:
+        self.headers, self.name, self.filename, self.buf = {}, None, None, bytearray()
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise APIError(400, f"At most {MAX_PARTS} parts per upload.")
+
+    def header_field(self, data, start, end) -> None:
+        self.field += data[start:end]
+
+    def header_value(self, data, start, end) -> None:
+        self.value += data[start:end]
+
+    def header_end(self) -> None:
+        self.headers[self.field.lower()] = self.value
+        self.field, self.value = b"", b""
+
+    def headers_finished(self) -> None:
+        disposition, params = parse_options_header(self.headers.get(b"content-disposition", b""))
+        if disposition != b"form-data" or b"name" not in params:
+            raise APIError(400, "Each multipart part needs a Content-Disposition: form-data header with a name.")
+        self.name = params[b"name"].decode("utf-8", "replace")
+        if b"filename" in params:
+            self.filename = params[b"filename"].decode("utf-8", "replace")
+            self.sink.begin_file(self.name, self.filename)
+
+    def part_data(self, data, start, end) -> None:
+        if self.filename is not None:
+            self.sink.file_data(bytes(data[start:end]))
+            return
+        self.buf += data[start:end]
+        if len(self.buf) > MAX_FIELD_BYTES:
+            raise APIError(400, f"Form field `{self.name}` is over {MAX_FIELD_BYTES} bytes.", param=self.name)
+
+    def part_end(self) -> None:
+        if self.filename is not None:
+            self.sink.end_file()
+        elif self.name is not None:
+            try:
+                self.sink.field(self.name, self.buf.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise APIError(400, f"Form field `{self.name}` is not UTF-8.", param=self.name) from None
