@@ -287,48 +287,59 @@ def _read_requests(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from registry.loading import load_delta
     from registry.model_config import UnsupportedModel
     from serving.engine.engine import LLMEngine
-    from serving.engine.sampling_params import SamplingParams, SamplingParamsError
+    from serving.engine.sampling_params import SamplingParamsError
 
-    model, adapter = args.model, args.adapter
-    if model is None:  # the embedded demo, offline
-        from serving.demo import demo_dir, demo_tenants
-
-        model = str(demo_dir() / "base")
-        if args.tenant is not None:
-            tenants = {t.name: t for t in demo_tenants()}
-            if args.tenant not in tenants:
-                raise CliError(f"--tenant {args.tenant}: not a demo tenant ({', '.join(tenants)})")
-            if adapter is not None:
-                raise CliError("give --tenant or --adapter, not both")
-            adapter = str(tenants[args.tenant].adapter_path)
-    elif args.tenant is not None:
-        raise CliError("--tenant names a demo tenant: it works only without --model")
-
+    model, adapter = _generate_source(args)
     if args.requests is not None:
         requests = _read_requests(args.requests, args)
     else:
-        requests = [
-            {
-                "prompt": args.prompt,
-                "adapter": adapter,
-                "max_tokens": args.max_tokens,
-                "temperature": args.temperature,
-                "seed": args.seed,
-                "top_p": args.top_p,
-                "top_k": args.top_k,
-                "stop": [],
-                "where": "--prompt",
-            }
-        ]
+        requests = [{"prompt": args.prompt, "adapter": adapter, "max_tokens": args.max_tokens,
+                     "temperature": args.temperature, "seed": args.seed, "top_p": args.top_p, "top_k": args.top_k,
+                     "stop": [], "where": "--prompt"}]  # fmt: skip
     try:
         engine = LLMEngine.from_model_dir(model, _engine_config(args))
     except (UnsupportedModel, DeltaError, FileNotFoundError, ValueError) as e:
         raise CliError(f"--model {model}: {e}") from None
+    try:
+        completions = engine.generate(_generate_batch(engine, requests))
+    except (SamplingParamsError, DeltaError) as e:
+        raise CliError(str(e)) from None
+    for c in completions:
+        if args.json:
+            print(json.dumps({"text": c.text, "token_ids": c.token_ids}, ensure_ascii=False))
+        else:
+            print(c.text)
+    return 0
 
-    deltas: dict[str, Any] = {}  # each distinct adapter path is loaded once
+
+def _generate_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The base directory and the adapter of `generate`: without --model the embedded demo, whose tenants'
+    fine-tunes --tenant names."""
+    model, adapter = args.model, args.adapter
+    if model is not None:
+        if args.tenant is not None:
+            raise CliError("--tenant names a demo tenant: it works only without --model")
+        return model, adapter
+    from serving.demo import demo_dir, demo_tenants
+
+    if args.tenant is not None:
+        tenants = {t.name: t for t in demo_tenants()}
+        if args.tenant not in tenants:
+            raise CliError(f"--tenant {args.tenant}: not a demo tenant ({', '.join(tenants)})")
+        if adapter is not None:
+            raise CliError("give --tenant or --adapter, not both")
+        adapter = str(tenants[args.tenant].adapter_path)
+    return str(demo_dir() / "base"), adapter
+
+
+def _generate_batch(engine, requests: list[dict[str, Any]]) -> list[tuple]:
+    """(prompt, SamplingParams, delta) per request; each distinct adapter path is loaded once."""
+    from registry.loading import load_delta
+    from serving.engine.sampling_params import SamplingParams, SamplingParamsError
+
+    deltas: dict[str, Any] = {}
     batch = []
     for req in requests:
         adapter = req["adapter"]
@@ -338,27 +349,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             except (DeltaError, FileNotFoundError) as e:
                 raise CliError(f"{req['where']}: adapter {adapter}: {e}") from None
         try:
-            params = SamplingParams(
-                max_tokens=req["max_tokens"],
-                temperature=req["temperature"],
-                top_p=req["top_p"],
-                top_k=req["top_k"],
-                seed=req["seed"],
-                stop=req["stop"],
-            )
+            params = SamplingParams(max_tokens=req["max_tokens"], temperature=req["temperature"], top_p=req["top_p"],
+                                    top_k=req["top_k"], seed=req["seed"], stop=req["stop"])  # fmt: skip
         except (SamplingParamsError, TypeError) as e:
             raise CliError(f"{req['where']}: {e}") from None
         batch.append((req["prompt"], params, deltas.get(adapter) if adapter else None))
-    try:
-        completions = engine.generate(batch)
-    except (SamplingParamsError, DeltaError) as e:
-        raise CliError(str(e)) from None
-    for c in completions:
-        if args.json:
-            print(json.dumps({"text": c.text, "token_ids": c.token_ids}, ensure_ascii=False))
-        else:
-            print(c.text)
-    return 0
+    return batch
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
