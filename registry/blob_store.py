@@ -22,7 +22,8 @@ from pathlib import Path
 
 from registry.errors import InsufficientStorage, is_disk_full
 from registry.fsync import fsync_dir
-from registry.uploads import LORA_CONFIG, LORA_WEIGHTS, Staging
+from registry.upload_formats import LORA_CONFIG, LORA_WEIGHTS
+from registry.uploads import Staging
 
 KINDS = ("lora", "bitdelta")
 _BLOB_RE = re.compile(r"(lora|bitdelta)/([0-9a-f]{2})/([0-9a-f]{64})")

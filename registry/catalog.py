@@ -54,7 +54,8 @@ from registry.errors import InsufficientStorage, NameTaken, NotFound, is_disk_fu
 from registry.fsync import DiskReserve
 from registry.keys import AdminKey, hash_key, is_sha256_hex, new_tenant_key, plausible_key
 from registry.names import validate_name
-from registry.uploads import DEFAULT_MAX_UPLOAD_BYTES, Staging, check_format
+from registry.upload_formats import DEFAULT_MAX_UPLOAD_BYTES, check_format
+from registry.uploads import Staging
 
 if TYPE_CHECKING:
     from registry.deltas import Delta

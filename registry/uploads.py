@@ -6,12 +6,8 @@ of one upload is capped), then calls `validate`, then `Registry.commit_adapter` 
 `Registry.create_pending` and a background compression). Staging directories are on the same filesystem
 as the blob store, so committing is a rename.
 
-What is accepted (file names are plain names, checked before a byte is written):
-- "lora":     exactly `adapter_config.json` and `adapter_model.safetensors` (a PEFT directory).
-- "bitdelta": one `*.safetensors` file (a deltaserve.bitdelta v1 file, CONTRACT §4).
-- "finetune": `config.json`, `*.safetensors` weight files and optionally `model.safetensors.index.json`.
-Pickle files (`*.bin`, `*.pt`, `*.pth`, `*.pkl`, ...) are refused by name and never loaded; so is any
-other file.
+What is accepted, by format, is registry.upload_formats' (file names are plain names, checked before a byte is
+written; pickle files are refused by name and never loaded; so is any file a format does not name).
 
 This module imports no torch at import time (validation imports the loaders when it runs).
 """
@@ -21,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,107 +27,30 @@ from registry.errors import (
     AdapterMismatch,
     InsufficientStorage,
     InvalidName,
-    PickleRefused,
     UnsupportedFormat,
     UploadTooLarge,
     is_disk_full,
-    is_pickle_name,
 )
 from registry.fsync import fsync_dir
+from registry.upload_formats import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    FINETUNE_CONFIG,
+    FINETUNE_INDEX,
+    FINETUNE_SINGLE,
+    FORMATS,
+    LORA_CONFIG,
+    LORA_WEIGHTS,
+    MAX_FILES,
+    SAFETENSORS_SUFFIX,
+    check_file_allowed,
+    check_file_name,
+    check_format,
+    expected_files,
+    refuse_pickle_name,
+)
 
 if TYPE_CHECKING:
     from registry.deltas import BaseSpec, Delta
-
-FORMATS = ("lora", "bitdelta", "finetune")
-"""The upload formats of CONTRACT §2 (the `format` form field)."""
-
-LORA_CONFIG = "adapter_config.json"
-LORA_WEIGHTS = "adapter_model.safetensors"
-FINETUNE_CONFIG = "config.json"
-FINETUNE_INDEX = "model.safetensors.index.json"
-FINETUNE_SINGLE = "model.safetensors"
-SAFETENSORS_SUFFIX = ".safetensors"
-
-DEFAULT_MAX_UPLOAD_BYTES = 64 << 30
-"""Default cap on the total size of one upload (all its files), in bytes."""
-MAX_FILES = 256
-"""The most files one upload may have (a fine-tune's shards)."""
-MAX_FILE_NAME_LENGTH = 200
-_FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def check_format(format: str) -> str:
-    """Returns `format` if it is one of FORMATS, else raises UnsupportedFormat(param="format")."""
-    if format not in FORMATS:
-        raise UnsupportedFormat(f"format must be one of {', '.join(FORMATS)}, got {format!r}", param="format")
-    return format
-
-
-def check_file_name(filename: str) -> str:
-    """A plain file name: 1-200 characters of A-Z a-z 0-9 . _ -, not starting with '.', '_' or '-', no
-    '..' (so no '/', '\\', NUL, hidden file or path). Raises InvalidName(param="files") otherwise."""
-    if not isinstance(filename, str):
-        raise InvalidName(f"file name must be a string, got {type(filename).__name__}", "files")
-    shown = repr(filename if len(filename) <= 80 else filename[:80] + "...")
-    if (
-        not filename
-        or len(filename) > MAX_FILE_NAME_LENGTH
-        or not _FILE_NAME_RE.fullmatch(filename)
-        or ".." in filename
-    ):
-        raise InvalidName(
-            f"file name {shown} is not a plain file name (1 to {MAX_FILE_NAME_LENGTH} characters of "
-            "A-Z a-z 0-9 . _ -, starting with a letter or digit, no '..', no directories)",
-            "files",
-        )
-    return filename
-
-
-def _expected(format: str) -> str:
-    return {
-        "lora": f"{LORA_CONFIG} and {LORA_WEIGHTS}",
-        "bitdelta": f"one {SAFETENSORS_SUFFIX} file",
-        "finetune": f"{FINETUNE_CONFIG}, {SAFETENSORS_SUFFIX} weight files and optionally {FINETUNE_INDEX}",
-    }[format]
-
-
-# JSON files of a Hugging Face directory a fine-tune upload may carry along: never executed, only parsed
-# (tokenizer.json lets compression check the fine-tune uses the base's vocabulary).
-FINETUNE_OPTIONAL = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def refuse_pickle_name(filename: str) -> None:
-    """Raises PickleRefused (param = the file name) for a file named as torch.save / pickle name theirs."""
-    if is_pickle_name(filename):
-        raise PickleRefused(f"{filename}: pickle files are never loaded; upload safetensors files instead", param=filename)
-
-
-def check_file_allowed(format: str, filename: str, present: Iterable[str] = ()) -> None:
-    """Raises UnsupportedFormat (param = the file name) unless `filename` (already a plain name) may be
-    part of a `format` upload that already holds `present`: pickle files never, anything the format does
-    not name never, no name twice, one weights file for "bitdelta", at most MAX_FILES files."""
-    present = set(present)
-    refuse_pickle_name(filename)
-    if filename in present:
-        raise UnsupportedFormat(f"file {filename} is given twice", param=filename)
-    if len(present) >= MAX_FILES:
-        raise UnsupportedFormat(f"an upload may have at most {MAX_FILES} files", param=filename)
-    is_weights = filename.endswith(SAFETENSORS_SUFFIX)
-    if format == "lora":
-        ok = filename in (LORA_CONFIG, LORA_WEIGHTS)
-    elif format == "bitdelta":
-        ok = is_weights
-        if ok and any(p.endswith(SAFETENSORS_SUFFIX) for p in present):
-            raise UnsupportedFormat(
-                f"{filename}: a bitdelta upload is exactly one {SAFETENSORS_SUFFIX} file", param=filename
-            )
-    else:
-        ok = is_weights or filename in (FINETUNE_CONFIG, FINETUNE_INDEX, *FINETUNE_OPTIONAL)
-    if not ok:
-        raise UnsupportedFormat(
-            f"file {filename} is not part of a {format} upload (expected {_expected(format)})", param=filename
-        )
-
 
 class Staging:
     """A private directory under the registry's tmp/ holding one upload (or one compression's output).
@@ -223,7 +141,7 @@ class Staging:
         if len(errors) == len(FORMATS):
             raise UnsupportedFormat(
                 f"file {filename} is not part of any upload format ("
-                + "; ".join(f"{fmt}: {_expected(fmt)}" for fmt in FORMATS)
+                + "; ".join(f"{fmt}: {expected_files(fmt)}" for fmt in FORMATS)
                 + ")",
                 param=filename,
             )
@@ -347,10 +265,10 @@ class Staging:
         required = {"lora": [LORA_CONFIG, LORA_WEIGHTS], "bitdelta": [], "finetune": [FINETUNE_CONFIG]}[format]
         for need in required:
             if need not in names:
-                raise UnsupportedFormat(f"a {format} upload needs {_expected(format)}: {need} is missing", param=need)
+                raise UnsupportedFormat(f"a {format} upload needs {expected_files(format)}: {need} is missing", param=need)
         if not weights:
             raise UnsupportedFormat(
-                f"a {format} upload needs {_expected(format)}: no {SAFETENSORS_SUFFIX} file was uploaded",
+                f"a {format} upload needs {expected_files(format)}: no {SAFETENSORS_SUFFIX} file was uploaded",
                 param="files",
             )
 

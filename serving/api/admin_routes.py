@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from registry.errors import NotFound
 from registry.names import validate_name
-from registry.uploads import FORMATS
+from registry.upload_formats import FORMATS
 from serving.api.auth import Admin, TenantDep, require_admin
 from serving.api.errors import APIError, refuse_when_draining
 from serving.api.multipart import parse_multipart

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from registry.catalog import STATUSES
-from registry.uploads import FORMATS
+from registry.upload_formats import FORMATS
 from serving.api.errors import APIError
 from serving.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
 

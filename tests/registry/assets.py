@@ -12,7 +12,8 @@ import pytest
 from registry.checkpoint import Checkpoint
 from registry.deltas import BaseSpec
 from registry.fingerprint import base_spec
-from registry.uploads import LORA_CONFIG, LORA_WEIGHTS, Staging
+from registry.upload_formats import LORA_CONFIG, LORA_WEIGHTS
+from registry.uploads import Staging
 from tests.helpers import make_bitdelta, make_lora, make_model_dir
 
 
