@@ -4,6 +4,9 @@
 server at `config.url`, at most `config.concurrency` at a time, each with one of the (key, model) targets, and
 returns a `RunResult` with one `RequestResult` per request. No torch: this runs on any machine that reaches
 the server. Only relative paths of that one base URL are ever requested, and redirects are not followed.
+
+Over 400 lines: one concept, one run's requests and their measurements (the streamed and plain request
+paths, their timings and the report are one data flow).
 """
 
 from __future__ import annotations

@@ -72,6 +72,8 @@ def _percentile(xs: list[float], q: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Over 60 lines: the soak is one script run top to bottom (server up, tenants, two loads, memory, report);
+    # its steps share the server and the clock, and reading it in order is how it is checked.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--tenants", type=int, default=100)

@@ -199,34 +199,11 @@ def build_student(
     return model, scales
 
 
-def distill_scales(
-    base_dir: os.PathLike[str] | str,
-    finetune_dir: os.PathLike[str] | str,
-    projections: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    replacements: dict[str, torch.Tensor],
-    calibration_text: str,
-    config: DistillConfig,
-    *,
-    progress: Callable[[float], None] | None = None,
-) -> tuple[dict[str, torch.Tensor], DistillReport]:
-    """Trains the scales of `projections` (signs fixed) against the fine-tune's logits.
-
-    Returns (P -> new scale, float32 CPU, same shape as given; the report). The inputs are not modified.
-    """
+def _train(student, teacher, scales, chunks: torch.Tensor, config: DistillConfig, bs: int, progress) -> None:
+    """config.steps Adam steps on the scales (signs fixed), cycling through the calibration chunks."""
     import sys
 
     from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    device = torch.device(config.device)
-    dtype = config.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-    chunks = calibration_chunks(tokenizer, calibration_text, config.seq_len).to(device)
-    teacher = _load_hf(finetune_dir, dtype, device)
-    student, scales = build_student(base_dir, projections, replacements, dtype, device)
-    initial = {p: s.scale.detach().clone() for p, s in scales.items()}
-    bs = min(config.batch_size, chunks.shape[0])
-    before = logit_error(student, teacher, chunks, config.loss, bs)
 
     torch.manual_seed(config.seed)
     optimizer = torch.optim.Adam([s.scale for s in scales.values()], lr=config.lr)
@@ -249,6 +226,35 @@ def distill_scales(
         if progress is not None:
             progress((step + 1) / config.steps)
     bar.close()
+
+
+def distill_scales(
+    base_dir: os.PathLike[str] | str,
+    finetune_dir: os.PathLike[str] | str,
+    projections: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    replacements: dict[str, torch.Tensor],
+    calibration_text: str,
+    config: DistillConfig,
+    *,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], DistillReport]:
+    """Trains the scales of `projections` (signs fixed) against the fine-tune's logits.
+
+    Returns (P -> new scale, float32 CPU, same shape as given; the report). The inputs are not modified.
+    """
+    from transformers import AutoTokenizer
+
+    device = torch.device(config.device)
+    dtype = config.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+    chunks = calibration_chunks(tokenizer, calibration_text, config.seq_len).to(device)
+    teacher = _load_hf(finetune_dir, dtype, device)
+    student, scales = build_student(base_dir, projections, replacements, dtype, device)
+    initial = {p: s.scale.detach().clone() for p, s in scales.items()}
+    bs = min(config.batch_size, chunks.shape[0])
+    before = logit_error(student, teacher, chunks, config.loss, bs)
+
+    _train(student, teacher, scales, chunks, config, bs, progress)
 
     after = logit_error(student, teacher, chunks, config.loss, bs) if config.steps else before
     kept = "distilled"
