@@ -45,16 +45,18 @@ class ResolvedModel:
 
 class Adapters:
     def __init__(
-        self, engine: LLMEngine, registry: Registry, loop: EngineLoop, metrics: Metrics, *, host_cache_bytes: int,
-        max_upload_bytes: int, compressions_per_tenant: int, host_observer: TierObserver,
+        self, engine: LLMEngine, registry: Registry, loop: EngineLoop, metrics: Metrics, *, model_id: str,
+        host_cache_bytes: int, max_upload_bytes: int, compressions_per_tenant: int, host_observer: TierObserver,
     ):  # fmt: skip
-        """loop: the engine thread, which owns the GPU slots (deltas are let go of through it).
+        """loop: the engine thread, which owns the GPU slots (deltas are let go of through it). model_id: the
+        base's name in the API.
         compressions_per_tenant: fine-tunes of one tenant waiting for compression; beyond: 429."""
         self.engine = engine
         self.registry = registry
         self.loop = loop
         self.metrics = metrics
-        self.model_id = engine.model.config.name
+        self.model_id = model_id
+        self.started = int(time.time())  # the base's `created`: when this server started serving it
         self.max_upload_bytes = max_upload_bytes
         self.host_tier = HostTier(host_cache_bytes, host_observer)
         # Loading a requested delta from disk (the request path) and validating uploads run in pools of their own,
@@ -107,14 +109,26 @@ class Adapters:
         return delta_key(record.tenant, record.kind, record.sha256)
 
     def list_models(self, tenant: Tenant) -> list[dict]:
-        created = int(time.time())
-        models = [{"id": self.model_id, "object": "model", "created": created, "owned_by": "deltaserve", "parent": None}]
-        for rec in self.registry.list_adapters(tenant.name):
-            if rec.status == "ready":
-                models.append(
-                    {"id": rec.name, "object": "model", "created": rec.created, "owned_by": tenant.name, "parent": self.model_id}
-                )
-        return models
+        """The model cards a tenant sees (serving.api.schemas.ModelObject): the base, then its ready adapters."""
+        ready = [rec for rec in self.registry.list_adapters(tenant.name) if rec.status == "ready"]
+        return [self._base_card()] + [self._adapter_card(rec) for rec in ready]
+
+    def model_card(self, tenant: Tenant, model: str) -> dict:
+        """One model card: the base or the tenant's ready adapter; NotFound as for a request's `model`."""
+        if model == self.model_id:
+            return self._base_card()
+        record = self.registry.resolve(tenant.name, model)
+        if record is None:
+            raise NotFound(f"The model `{model}` does not exist.", param="model")
+        return self._adapter_card(record)
+
+    def _base_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "deltaserve",
+                "root": self.model_id, "parent": None, "max_model_len": self.engine.max_model_len}  # fmt: skip
+
+    def _adapter_card(self, rec: AdapterRecord) -> dict:
+        return {"id": rec.name, "object": "model", "created": rec.created, "owned_by": rec.tenant,
+                "root": f"sha256:{rec.sha256}", "parent": self.model_id, "max_model_len": self.engine.max_model_len}  # fmt: skip
 
     # ---- versions in use, and letting go of them ---------------------------------------------------
     @contextlib.contextmanager

@@ -34,6 +34,7 @@ class BackendConfig:
     max_upload_bytes: int = 2 << 30
     drain_timeout: float = 30.0
     compressions_per_tenant: int = 2  # fine-tunes of one tenant waiting for compression; beyond: 429
+    served_model_name: str | None = None  # the base's id in the API (None: its folder's name)
 
 
 class Backend:
@@ -42,12 +43,12 @@ class Backend:
         self.registry = registry
         self.metrics = metrics
         self.config = config or BackendConfig()
-        self.model_id = engine.model.config.name
+        self.model_id = self.config.served_model_name or engine.model.config.name
         self.max_model_len = engine.max_model_len
         engine.observe_slots(lambda event, s: self._tier_event("gpu", event, s))  # the engine thread reports
         self.loop = EngineLoop(engine, self.config.max_pending, on_step=self._observe_step)
         self.adapters = Adapters(
-            engine, registry, self.loop, metrics, host_cache_bytes=self.config.host_cache_bytes,
+            engine, registry, self.loop, metrics, model_id=self.model_id, host_cache_bytes=self.config.host_cache_bytes,
             max_upload_bytes=self.config.max_upload_bytes, compressions_per_tenant=self.config.compressions_per_tenant,
             host_observer=lambda event, s: self._tier_event("host", event, s),
         )  # fmt: skip

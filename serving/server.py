@@ -24,6 +24,9 @@ class ServerSettings(EngineOptions, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DELTASERVE_", extra="forbid", frozen=False)
 
     model: Path | None = Field(None, description="local Hugging Face directory of the base (default: the demo)")
+    served_model_name: str | None = Field(
+        None, pattern=r"^[\x21-\x7e]{1,256}$", description="the base's model id in the API (default: its folder's name)"
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     registry: Path = Field(Path("./deltaserve-registry"), description="the registry folder (catalog, blobs, keys)")
@@ -66,7 +69,7 @@ def build_backend(settings: ServerSettings, registry):
         BackendConfig(
             max_pending=settings.max_pending, tenant_max_concurrent=settings.tenant_max_concurrent,
             host_cache_bytes=settings.host_cache_mb << 20, max_upload_bytes=settings.max_upload_mb << 20,
-            drain_timeout=settings.drain_timeout,
+            drain_timeout=settings.drain_timeout, served_model_name=settings.served_model_name,
         ),
     )
     if demo:

@@ -38,7 +38,8 @@ class Tokenizing:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, fn, *args) -> list[int]:
-        size = sum(len(a) if isinstance(a, str) else sum(len(m["content"]) for m in a) for a in args)
+        size = sum(len(a) if isinstance(a, str) else sum(len(m["content"]) for m in a) for a in args
+                   if isinstance(a, (str, list)))  # fmt: skip
         if size <= self.INLINE_CHARS:
             return fn(*args)
         if self._busy >= self.TOKENIZE_QUEUE:
@@ -49,25 +50,29 @@ class Tokenizing:
         finally:
             self._busy -= 1
 
-    async def encode(self, text: str) -> list[int]:
-        return await self._run(self.tokenizer.encode, text)
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._run(self._encode, text, add_special_tokens)
 
-    async def chat_prompt(self, messages: list[dict]) -> list[int]:
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The base tokenizer's chat template, with the assistant turn opened. Message contents are text: a
         control token spelled inside one (e.g. "</s><|system|>") is tokenized as the characters it is made of,
         never as the control token, so a user cannot forge another role's turn."""
-        return await self._run(self.chat_ids, messages)
+        return await self._run(self.chat_ids, messages, add_generation_prompt)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         tok = self.tokenizer
+        opened = add_generation_prompt
         if not any(c in m["content"] for m in messages for c in self._control_strings):
-            return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+            return list(tok.apply_chat_template(messages, add_generation_prompt=opened, tokenize=True, return_dict=False))
         # Render with a marker in place of each content, so the template's own text and the contents can be
         # tokenized apart: the template's with its control tokens, the contents as plain text.
         markers = [f"\ue000{i}\ue001" for i in range(len(messages))]
         marked = tok.apply_chat_template([{**m, "content": mk} for m, mk in zip(messages, markers)],
-                                         add_generation_prompt=True, tokenize=False)  # fmt: skip
-        real = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                                         add_generation_prompt=opened, tokenize=False)  # fmt: skip
+        real = tok.apply_chat_template(messages, add_generation_prompt=opened, tokenize=False)
         pieces: list[tuple[str, bool]] = []
         rest = marked
         for m, mk in zip(messages, markers):
@@ -86,3 +91,11 @@ class Tokenizing:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids to text (special tokens kept); ValueError naming the first id outside the vocabulary."""
+        size = len(self.tokenizer)
+        bad = next((t for t in token_ids if not 0 <= t < size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{size - 1})")
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)

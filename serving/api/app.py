@@ -7,11 +7,12 @@ import time
 
 from fastapi import FastAPI
 
-from serving.api import admin_routes, openai_routes
+from serving.api import admin_routes, model_routes, openai_routes
 from serving.api.errors import error_body, install_handlers
 
 KNOWN_ROUTES = {
     "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/tenants", "/v1/adapters", "/metrics", "/health", "/ready",
+    "/tokenize", "/detokenize", "/version",
 }
 
 
@@ -22,6 +23,8 @@ def route_label(path: str) -> str:
     for prefix in ("/v1/tenants/", "/v1/adapters/"):
         if path.startswith(prefix):
             return prefix + "{name}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
     return "other"
 
 
@@ -32,6 +35,7 @@ def create_app(backend, *, public_metrics: bool = False) -> FastAPI:
     app.state.public_metrics = public_metrics
     install_handlers(app)
     app.include_router(openai_routes.router)
+    app.include_router(model_routes.router)
     app.include_router(admin_routes.router)
 
     app.add_middleware(RequestMetrics, metrics=backend.metrics)

@@ -346,11 +346,6 @@ async def until_done_or_disconnected(request: Request, work) -> bool:
     return False
 
 
-@router.get("/v1/models")
-async def list_models(request: Request, tenant: TenantDep):
-    return {"object": "list", "data": request.app.state.backend.adapters.list_models(tenant)}
-
-
 @router.post("/v1/completions")
 async def completions(request: Request, tenant: TenantDep):
     body = await read_json(request)

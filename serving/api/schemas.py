@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from registry.catalog import STATUSES
 from registry.upload_formats import FORMATS
@@ -175,3 +175,60 @@ class AdapterObject(BaseModel):
     def of(cls, record: Any) -> dict[str, Any]:
         """The JSON object of a registry.catalog.AdapterRecord."""
         return cls.model_validate({f: getattr(record, f) for f in cls.model_fields}).model_dump()
+
+
+class ModelObject(BaseModel):
+    """A model a tenant may name (vLLM's model card): the base (`parent` null, `root` its name) or one of the
+    tenant's ready adapters (`parent` the base id, `root` "sha256:" + the content of the version served)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered with the base's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1024)
+    add_special_tokens: bool = True  # prompt only: the tokenizer's BOS and the like
+    add_generation_prompt: bool = True  # messages only: open the assistant's turn
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=256)
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
