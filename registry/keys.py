@@ -94,6 +94,10 @@ class AdminKey:
             os.chmod(self.path, 0o600)
             self._hash = stored
             return None
+        return self.reset()
+
+    def reset(self) -> str:
+        """A new generated admin key replaces the stored one (a lost key); returns it (print it once)."""
         key = "ds-admin-" + secrets.token_urlsafe(32)
         write_private(self.path, (hash_key(key) + "\n").encode("ascii"))
         self._hash = hash_key(key)

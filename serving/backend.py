@@ -71,6 +71,15 @@ class Backend:
             metrics.slots_total.labels(tier).set(n)
 
     # ---- life cycle --------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line for the start-up log: what is served, where, with which kernels, slots and tiers."""
+        e, c = self.engine, self.engine.config
+        return (f"serving {self.model_id} from {e.base_dir} on {e.device} in {str(e.dtype).removeprefix('torch.')}; "
+                f"delta kernels: {e.runner.ops.name}; GPU slots: {c.lora_slots} LoRA (rank <= {c.max_lora_rank}), "
+                f"{c.bitdelta_slots} 1-bit; host tier {self.config.host_cache_bytes >> 20} MB; KV cache "
+                f"{e.blocks.num_blocks} blocks of {e.blocks.block_size} tokens; max_model_len {self.max_model_len}; "
+                f"at most {c.max_num_seqs} sequences and {c.max_num_batched_tokens} tokens per step")  # fmt: skip
+
     def preload(self, ref: str) -> None:
         """Loads "tenant/adapter" onto the GPU before serving (Adapters.preload). Call before start()."""
         assert not self.started, "preload runs before the engine thread owns the slot pool"

@@ -68,9 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_flags(a, "DELTASERVE_API_KEY")
     a = asub.add_parser("ls", help="list your adapters")
     _add_client_flags(a, "DELTASERVE_API_KEY")
+    a = asub.add_parser("show", help="one adapter: its current version, status, progress, error")
+    a.add_argument("name")
+    _add_client_flags(a, "DELTASERVE_API_KEY")
     a = asub.add_parser("rm", help="delete an adapter (all versions)")
     a.add_argument("name")
     _add_client_flags(a, "DELTASERVE_API_KEY")
+
+    adm = sub.add_parser("admin", help="local administration of a registry folder (no server)")
+    admsub = adm.add_subparsers(dest="action", required=True)
+    a = admsub.add_parser("reset-key", help="replace a lost admin key with a new one, printed once (stop the server first)")
+    a.add_argument("--registry", type=Path, default=ServerSettings.model_fields["registry"].default)
     return parser
 
 
@@ -391,15 +399,42 @@ def cmd_client(args: argparse.Namespace) -> int:
         if args.action == "push":
             print(_json.dumps(push(client, args.path, args.name, args.format)))
         elif args.action == "ls":
-            rows = client.call("GET", "/v1/adapters").json()["data"]
-            print(f"{'NAME':24} {'FORMAT':9} {'VERSION':>7} {'STATUS':12} {'SIZE':>12}")
-            for r in rows:
-                print(f"{r['name']:24} {r['format']:9} {r['version']:>7} {r['status']:12} {r.get('size_bytes') or 0:>12}")
+            print(adapter_table(client.call("GET", "/v1/adapters").json()["data"]))
+        elif args.action == "show":
+            adapter = client.call("GET", f"/v1/adapters/{args.name}").json()
+            print("\n".join(f"{k + ':':12} {'-' if v is None else v}" for k, v in adapter.items()))
         else:
             client.call("DELETE", f"/v1/adapters/{args.name}")
         return 0
     except ClientError as e:
         raise CliError(str(e)) from None
+
+
+def adapter_table(rows: list[dict[str, Any]]) -> str:
+    """`adapters ls`: one line per adapter (a compression's progress in its status), a failed one's error under it."""
+    lines = [f"{'NAME':24} {'FORMAT':9} {'VERSION':>7} {'STATUS':16} {'SIZE':>12}"]
+    for r in rows:
+        status = f"compressing {r['progress']:.0%}" if r["status"] == "compressing" else r["status"]
+        lines.append(f"{r['name']:24} {r['format']:9} {r['version']:>7} {status:16} {r.get('size_bytes') or 0:>12}")
+        if r["status"] == "failed" and r.get("error"):
+            lines.append(f"  error: {r['error']}")
+    return "\n".join(lines)
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """`admin reset-key`: works on the registry folder itself (local access is the authority), never while a
+    server has it open."""
+    from registry.catalog import Registry, RegistryBusy
+
+    if not args.registry.is_dir():
+        raise CliError(f"--registry {args.registry}: not a directory")
+    try:
+        with Registry(args.registry) as registry:
+            key = registry.admin_key.reset()
+    except RegistryBusy:
+        raise CliError(f"--registry {args.registry} is open by a running server; stop it first") from None
+    print(f"deltaserve: new admin key (shown once; the old one no longer works): {key}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -416,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command in ("tenants", "adapters"):
             return cmd_client(args)
+        if args.command == "admin":
+            return cmd_admin(args)
     except CliError as e:
         print(f"deltaserve: error: {e}", file=sys.stderr)
         return 2

@@ -149,6 +149,7 @@ def run_server(settings: ServerSettings) -> int:
             print(f"deltaserve: admin key generated (shown once, stored hashed in {settings.registry}): {new_key}",
                   file=sys.stderr, flush=True)
         backend = build_backend(settings, registry)
+        log.info("%s", backend.describe())
         for ref in settings.preload:
             backend.preload(ref)
         backend.start()
