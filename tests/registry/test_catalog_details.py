@@ -1,0 +1,114 @@
+"""The catalog's and keys' small promises that mutation testing showed untested: ids, messages and params of
+refusals, clamping, re-checks under the lock, file modes, and what an interrupted private write leaves."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from registry.catalog import Registry
+from registry.errors import NotFound
+from registry.keys import MAX_KEY_LENGTH, MIN_ADMIN_KEY_LENGTH, AdminKey, write_private
+from tests.registry.assets import Assets
+from tests.registry.test_catalog import commit, compressed
+
+AD_ID = re.compile(r"ad-[0-9a-f]{24}")
+
+
+def test_adapter_ids_are_ad_and_24_hex_digits(reg: Registry, assets: Assets) -> None:
+    reg.create_tenant("acme")
+    assert AD_ID.fullmatch(reg.create_pending("acme", "ft", "finetune").id)
+    assert AD_ID.fullmatch(commit(reg, "acme", "bd", "bitdelta", assets.bd1, assets).id)
+
+
+def test_refusals_name_what_and_which_param(reg: Registry) -> None:
+    with pytest.raises(NotFound, match="tenant 'ghost' not found") as e:
+        reg.delete_tenant("ghost")
+    assert e.value.param == "name"
+    reg.create_tenant("acme")
+    with pytest.raises(NotFound, match="adapter 'ghost' not found") as e:
+        reg.delete_adapter("acme", "ghost")
+    assert e.value.param == "name"
+    with pytest.raises(NotFound, match=r"adapter ad-0+ not found \(deleted\?\)") as e:
+        reg.set_progress("ad-" + "0" * 24, 0.5)
+    assert e.value.param == "id"
+    p = reg.create_pending("acme", "ft", "finetune")
+    with pytest.raises(ValueError, match="^progress is NaN$"):
+        reg.set_progress(p.id, float("nan"))
+    with pytest.raises(Exception, match="adapter name"):  # the name is checked as an adapter's, before any row
+        reg.create_pending("acme", "../x", "finetune")
+
+
+@pytest.mark.parametrize("given, kept", [(1.5, 1.0), (-0.5, 0.0), (0.25, 0.25)])
+def test_progress_is_clamped_to_0_1(reg: Registry, given: float, kept: float) -> None:
+    reg.create_tenant("acme")
+    p = reg.create_pending("acme", "ft", "finetune")
+    reg.set_progress(p.id, given)
+    assert reg.get_adapter("acme", "ft").progress == kept  # type: ignore[union-attr]
+
+
+def test_complete_pending_re_checks_under_the_lock(reg: Registry, assets: Assets, monkeypatch) -> None:
+    """A delete that lands while the staged data is being hashed (outside the lock) stores nothing."""
+    reg.create_tenant("acme")
+    p = reg.create_pending("acme", "ft", "finetune")
+    st, delta = compressed(reg, assets.bd1, assets)
+    prepare = reg.store.prepare
+
+    def prepare_then_delete(*args):
+        out = prepare(*args)
+        reg.delete_adapter("acme", "ft")
+        return out
+
+    monkeypatch.setattr(reg.store, "prepare", prepare_then_delete)
+    with pytest.raises(NotFound):
+        reg.complete_pending(p.id, st, delta)  # type: ignore[arg-type]
+    assert list(reg.blobs.rglob("*/*/*")) == [] and reg.get_adapter("acme", "ft") is None
+
+
+def test_an_older_version_still_compressing_is_never_collected(reg: Registry, assets: Assets) -> None:
+    reg.create_tenant("acme")
+    pending = reg.create_pending("acme", "x", "finetune")  # version 1, compressing
+    newer = commit(reg, "acme", "x", "bitdelta", assets.bd1, assets)  # version 2, ready
+    assert reg.collect_versions("acme", "x") == []
+    assert [r.id for r in reg.list_versions("acme", "x")] == [pending.id, newer.id]
+
+
+def test_admin_key_length_bounds(tmp_path: Path) -> None:
+    with Registry(tmp_path / "reg") as reg:
+        shortest = "k" * MIN_ADMIN_KEY_LENGTH
+        assert reg.ensure_admin_key(shortest) is None and reg.is_admin(shortest)
+        with pytest.raises(ValueError, match=f"at least {MIN_ADMIN_KEY_LENGTH} printable ASCII characters"):
+            reg.ensure_admin_key("k" * (MIN_ADMIN_KEY_LENGTH - 1))
+        longest = "L" * MAX_KEY_LENGTH
+        reg.ensure_admin_key(longest)
+        assert reg.is_admin(longest) and not reg.is_admin(longest + "L")
+
+
+def test_a_generated_admin_key_has_256_bits_and_an_existing_file_is_made_private(tmp_path: Path) -> None:
+    admin = AdminKey(tmp_path)
+    key = admin.ensure(None)
+    assert key is not None and re.fullmatch(r"ds-admin-[A-Za-z0-9_-]{43}", key)
+    os.chmod(admin.path, 0o644)
+    assert AdminKey(tmp_path).ensure(None) is None
+    assert stat.S_IMODE(admin.path.stat().st_mode) == 0o600
+    assert admin.path.read_bytes() == (__import__("hashlib").sha256(key.encode()).hexdigest() + "\n").encode("ascii")
+
+
+def test_write_private_is_atomic_and_leaves_nothing_when_it_fails(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "secret"
+    write_private(target, b"one")
+    assert target.read_bytes() == b"one" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret"]
+
+    def failing_replace(src, dst):
+        assert Path(src).parent == tmp_path and Path(src).name.startswith(".secret.") and src.endswith(".tmp")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        write_private(target, b"two")
+    assert target.read_bytes() == b"one" and sorted(p.name for p in tmp_path.iterdir()) == ["secret"]
