@@ -129,8 +129,26 @@ def test_a_consumer_that_stops_early_aborts_its_request(running):
             await asyncio.sleep(0.01)
         return False
 
+    aborted = []
+    real_abort = loop.engine.abort
+    loop.engine.abort = lambda request_id: aborted.append(request_id) or real_abort(request_id)
     assert asyncio.run(scenario())
+    assert aborted == ["gone"], "the engine was told to abort it (not left to run to max_tokens)"
     assert loop.engine.stats().kv_usage == 0.0
+
+
+def test_stream_passes_its_tenant_and_defaults_to_none(running):
+    loop = running()
+    seen = []
+    real_add = loop.engine.add_request
+    loop.engine.add_request = lambda *args: seen.append(args[-1]) or real_add(*args)
+    asyncio.run(collect(loop, "named", [5], tenant="acme"))
+
+    async def unnamed():
+        return [o async for o in loop.stream("unnamed", [5], GREEDY, None)]
+
+    asyncio.run(unnamed())
+    assert seen == ["acme", ""]
 
 
 def test_abort_of_an_unknown_request_is_harmless(running):

@@ -184,3 +184,31 @@ def test_cold_adapters_waiting_for_a_slot_do_not_stall_others(world):
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == ["base"]  # ... while the base request behind it ran to the end
     assert [s.request_id for s in engine.scheduler.waiting] == ["b"]
+
+
+def test_stats_report_what_the_engine_holds(world):
+    base, adapters = world
+    engine = engine_for(base, lora_slots=2, bitdelta_slots=2, max_num_seqs=2)
+    deltas = [load_delta(adapters[0], engine.spec, 8), load_delta(adapters[3], engine.spec, 8)]
+    idle = engine.stats()
+    assert (idle.num_waiting, idle.num_running, idle.kv_usage, idle.distinct_deltas_running) == (0, 0, 0.0, 0)
+    assert idle.slots_in_use == {"lora": 0, "bitdelta": 0} and idle.num_preemptions == 0
+    long = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    for i, delta in enumerate([deltas[0], deltas[1], None]):
+        engine.add_request(f"r{i}", PROMPTS[i], long, delta)
+    engine.step()
+    busy = engine.stats()
+    assert busy.num_running == 2 and busy.num_waiting == 1  # max_num_seqs 2: the third waits
+    assert busy.distinct_deltas_running == 2 and busy.slots_in_use == {"lora": 1, "bitdelta": 1}
+    assert 0.0 < busy.kv_usage < 1.0
+    assert busy.num_preemptions == engine.scheduler.num_preemptions
+
+
+def test_an_aborted_request_ends_as_aborted(world):
+    base, _ = world
+    engine = engine_for(base)
+    engine.add_request("gone", PROMPTS[0], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), None)
+    engine.step()
+    seq = engine._seqs["gone"]
+    assert engine.abort("gone") and seq.finish_reason == "abort"
+    assert not engine.abort("gone")  # once

@@ -40,7 +40,7 @@ def test_trimmer_trims_at_most_once_per_interval():
     assert calls == [130.1] and heap.trims == 1
     clock.t += 30.0
     heap.after_step()
-    assert calls == [130.1, 160.1]
+    assert calls == [130.1, 160.1] and heap.trims == 2
 
 
 def test_trimmer_without_malloc_trim_does_nothing():

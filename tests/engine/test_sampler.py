@@ -219,3 +219,11 @@ def test_unseeded_rows_draw_on_from_one_generator_per_sampler() -> None:
     first, second = a(logits, _rows(64)).token_ids, a(logits, _rows(64)).token_ids
     assert not torch.equal(first, second)
     assert torch.equal(first, b(logits, _rows(64)).token_ids)
+
+
+def test_top_p_one_filters_nothing_even_where_float_mass_reaches_one() -> None:
+    # p(second) = e^-20 ~ 2e-9: in float32 the mass before it rounds to exactly 1.0. top_p = 1 still keeps it
+    # (1 means off), and so does top_k = V.
+    logits = torch.tensor([[0.0, -20.0, -21.0]])
+    masked = mask_top_k_top_p(logits, torch.tensor([3]), torch.tensor([1.0]))
+    assert torch.isfinite(masked).all()

@@ -343,3 +343,12 @@ def test_padded_tiles_give_the_same_result(backend: str) -> None:
     with pytest.raises(ValueError, match="pad_to=3 is below the batch's 6 rows or 4 tiles"):
         build_slot_tiles(mix.seq_slots, mix.seq_lens, pad_to=3)
     assert build_slot_tiles([-1, -1], [1, 1], pad_to=8).empty  # no delta row: nothing to pad
+
+
+def test_the_gpu_kernels_are_unavailable_when_their_compiler_does_not_import(monkeypatch):
+    import sys
+
+    from kernels import triton_available
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    assert triton_available() is False

@@ -214,3 +214,38 @@ def test_padded_tiles_give_the_same_result(backend: str) -> None:
     apply(backend, y_plain, x, a, bt, scaling, ranks, mix.tiles(), buf)
     apply(backend, y_padded, x, a, bt, scaling, ranks, padded, buf2)
     assert torch.equal(y_padded, y_plain) and torch.equal(buf2, buf)
+
+
+@pytest.mark.parametrize("which", ["kernel", "cpu", "ref"])
+def test_refusals_name_the_op(which: str) -> None:
+    names = {"kernel": ("lora_shrink", "lora_expand"), "cpu": ("lora_shrink_cpu", "lora_expand_cpu"),
+             "ref": ("lora_shrink_ref", "lora_expand_ref")}[which]  # fmt: skip
+    shrink, expand = {"kernel": (lora_shrink, lora_expand), "cpu": (lora_shrink_cpu, lora_expand_cpu),
+                      "ref": (lora_shrink_ref, lora_expand_ref)}[which]  # fmt: skip
+    mix = MIXES[0]
+    a, bt, scaling, ranks, x, y, buf = _problem(mix, torch.float32)
+    with pytest.raises(ValueError, match=rf"^{names[0]}: "):
+        shrink(buf, x.double(), a, ranks, mix.tiles())
+    with pytest.raises(ValueError, match=rf"^{names[1]}: "):
+        expand(y, buf, bt, scaling.double(), ranks, mix.tiles())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_one_pool(backend: str) -> None:
+    """r_max = 1 (every slot rank 1): the one rank column is computed, not skipped as if the pool were empty."""
+    mix = MIXES[0]
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(N_SLOTS, 1, IN_F, generator=gen)
+    bt = torch.randn(N_SLOTS, 1, OUT_F, generator=gen)
+    scaling = torch.rand(N_SLOTS, generator=gen) + 0.5
+    ranks = torch.ones(N_SLOTS, dtype=torch.int32)
+    x = torch.randn(mix.n_rows, IN_F, generator=gen)
+    y = torch.randn(mix.n_rows, OUT_F, generator=gen)
+    buf = torch.full((mix.n_rows, 1), 7.0)
+    before = y.clone()
+    apply(backend, y, x, a, bt, scaling, ranks, mix.tiles(), buf)
+    expected = before.double().clone()
+    for i, s in enumerate(mix.row_slots()):
+        if s >= 0:
+            expected[i] += float(scaling[s]) * (x[i].double() @ a[s].double().T) @ bt[s].double()
+    assert_close(y, expected.float(), torch.float32, backend)

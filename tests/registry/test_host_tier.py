@@ -101,7 +101,7 @@ def test_hits_misses_loads_and_evictions_are_reported() -> None:
     tier.get("b", slow_load)
     put(tier, "c")  # over capacity: "a" is evicted
     assert rec.events == ["miss", "load", "hit", "miss", "load", "miss", "load", "evict"]
-    assert rec.seconds[4] >= 0.02  # a load reports how long it took; the other events report 0
+    assert 0.02 <= rec.seconds[4] < 5.0  # a load reports how long it took; the other events report 0
     assert [t for i, t in enumerate(rec.seconds) if rec.events[i] != "load"] == [0.0] * 5
 
 
