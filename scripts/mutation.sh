@@ -1,35 +1,97 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules with mutmut (configured in pyproject.toml, [tool.mutmut]); not in CI.
-# Prints mutmut's summary and writes the survivors to mutants/survivors.txt. Needs `pip install mutmut==3.8.1`.
-#   bash scripts/mutation.sh            # the whole configured set (tens of minutes on 2 cores)
+# Needs `pip install mutmut==3.8.1`. Writes mutants/survivors.txt (each surviving mutant with its diff) and
+# prints the kill rate per module and overall.
+#   bash scripts/mutation.sh                   # every mutant (~4,800; several hours on 2 cores)
+#   bash scripts/mutation.sh --sample 30       # a seeded random sample of 30 mutants per module (all of a smaller
+#                                              # module): the overall rate is then estimated per module, weighted by
+#                                              # each module's mutant count, with a 95 % interval
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip show mutmut >/dev/null 2>&1 || { echo "pip install mutmut==3.8.1 first" >&2; exit 2; }
+sample=0
+seed=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --sample) sample="$2"; shift 2 ;;
+    --seed) seed="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
 rm -rf mutants
-HYPOTHESIS_PROFILE=mutation OMP_NUM_THREADS=1 mutmut run &  # a non-zero exit means surviving mutants: the summary below says which
+export HYPOTHESIS_PROFILE=mutation OMP_NUM_THREADS=1
+
+names=()
+if [ "$sample" -gt 0 ]; then
+  # Generate the mutants and the test map only (a name that matches nothing stops mutmut there), then sample.
+  mutmut run "no.such.mutant" >/dev/null 2>&1 || true
+  mapfile -t names < <(python - "$sample" "$seed" <<'PY'
+import json, pathlib, random, sys
+n, seed = int(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(seed)
+for meta in sorted(pathlib.Path("mutants").rglob("*.meta")):
+    keys = sorted(json.loads(meta.read_text()).get("exit_code_by_key", {}))
+    for key in (keys if len(keys) <= n else rng.sample(keys, n)):
+        print(key)
+PY
+)
+  printf '%s\n' "${names[@]}" > mutants/sampled.txt
+  echo "mutation: ${#names[@]} mutants sampled (seed $seed)" >&2
+fi
+
+mutmut run "${names[@]}" &  # a non-zero exit means surviving mutants: the summary below says which
 run=$!
 # mutmut does not stop a worker stuck in an infinite loop (a mutated `while`) under its fork server: the
-# watchdog kills workers older than 60 s (counted as detected: the tests never pass against them).
+# watchdog kills workers older than 40 s (counted as detected: the tests never pass against them).
 while kill -0 "$run" 2>/dev/null; do
   for server in $(pgrep -P "$run" -f "mutmut run"); do
     for pid in $(pgrep -P "$server"); do
-      if [ "$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')" -gt 60 ] 2>/dev/null; then
-        kill -9 "$pid" && echo "watchdog: killed a worker stuck for 60 s" >&2
+      if [ "$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')" -gt 40 ] 2>/dev/null; then
+        kill -9 "$pid" && echo "watchdog: killed a worker stuck for 40 s" >&2
       fi
     done
   done
   sleep 3
 done
 wait "$run" || true
-mutmut results > mutants/survivors.txt || true
 python - <<'PY'
-import collections, json, pathlib
+import collections, json, math, pathlib, subprocess
 from mutmut.stats import status_by_exit_code
-counts = collections.Counter()
-for meta in pathlib.Path("mutants").rglob("*.meta"):
-    for code in json.loads(meta.read_text()).get("exit_code_by_key", {}).values():
-        counts[status_by_exit_code[code]] += 1
-total = sum(counts.values())
-detected = counts["killed"] + counts["timeout"] + counts["segfault"]
-print(dict(counts), f"detected (killed, timed out, crashed) {detected}/{total} = {detected / max(total, 1):.1%}")
+
+sampled = pathlib.Path("mutants/sampled.txt")
+wanted = set(sampled.read_text().split()) if sampled.exists() else None
+per_module, survivors = {}, []
+for meta in sorted(pathlib.Path("mutants").rglob("*.meta")):
+    codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+    if not codes:
+        continue
+    module = str(meta.relative_to("mutants")).removesuffix(".meta")
+    counts = collections.Counter()
+    for key, code in codes.items():
+        if wanted is not None and key not in wanted:
+            continue
+        status = status_by_exit_code[code]
+        counts[status] += 1
+        if status in ("survived", "no tests"):
+            survivors.append(key)
+    per_module[module] = (len(codes), counts)
+total_all, estimate, variance = 0, 0.0, 0.0
+for module, (size, counts) in per_module.items():
+    n = sum(counts.values())
+    detected = counts["killed"] + counts["timeout"] + counts["segfault"]
+    rate = detected / max(n, 1)
+    total_all += size
+    estimate += size * rate
+    if n < size:  # a sample: finite-population variance of the rate
+        variance += size**2 * rate * (1 - rate) / max(n - 1, 1) * (1 - n / size)
+    print(f"{module:40} {detected:4}/{n:<4} detected = {rate:6.1%}   (module: {size} mutants)  {dict(counts)}")
+rate = estimate / total_all
+half = 1.96 * math.sqrt(variance) / total_all
+print(f"overall: {rate:.1%}" + (f" (estimated from the sample, 95 % interval ±{half:.1%})" if wanted else "")
+      + f" over {total_all} mutants")
+with open("mutants/survivors.txt", "w") as out:
+    for key in survivors:
+        diff = subprocess.run(["mutmut", "show", key], capture_output=True, text=True).stdout
+        out.write(f"=== {key}\n" + "\n".join(l for l in diff.splitlines() if l[:1] in "+-" and l[:3] not in ("+++", "---")) + "\n")
+print(f"{len(survivors)} survivors with their diffs: mutants/survivors.txt")
 PY
