@@ -137,7 +137,7 @@ class DecodeGraphs:
         model = self.runner.model
         return model.compute_logits(model(ids, attn, deltas), deltas)
 
-    def _build(self, seqs: list[Sequence], key: GraphKey) -> _Graph:
+    def _build(self, seqs: list[Sequence], key: GraphKey) -> _Graph:  # pragma: no mutate block (CUDA capture: GPU only)
         # Every array of the padded step, generously: 16 int64 per row, the block tables, the alignment.
         capacity = key.batch * (16 * 8 + 8 * key.ctx_blocks) + 64 * 16 + 4096
         # Separate host and device buffers even on a CPU (capture=False): the layout a graph relies on is what runs.

@@ -55,7 +55,7 @@ async def collect(loop: EngineLoop, request_id: str, prompt, params=GREEDY, delt
 
 def test_stream_yields_each_step_and_ends_with_the_finished_output(world, running):
     steps = []
-    loop = running(on_step=lambda engine, outputs, seconds: steps.append((len(outputs), seconds)))
+    loop = running(on_step=lambda engine, outputs, seconds: steps.append((engine is loop.engine, len(outputs), seconds)))
     delta = load_delta(world[1], loop.engine.spec, 8)
     expected = new_engine(world[0]).generate([([5, 6, 7], GREEDY, delta)])[0].token_ids
 
@@ -67,8 +67,8 @@ def test_stream_yields_each_step_and_ends_with_the_finished_output(world, runnin
         if len(steps) == 4:
             break
         time.sleep(0.01)
-    assert len(steps) == 4 and all(n == 1 and seconds > 0 for n, seconds in steps)
-    assert loop.num_pending == 0
+    assert len(steps) == 4 and all(own and n == 1 and seconds > 0 for own, n, seconds in steps)
+    assert loop.num_pending == 0 and loop._requests == {}
 
 
 def test_concurrent_streams_are_delivered_to_their_own_consumer(running):
@@ -206,3 +206,19 @@ def test_outputs_for_a_closed_event_loop_are_dropped(running):
             break
         asyncio.run(asyncio.sleep(0.01))
     assert loop.num_pending == 0 and loop.alive  # finished without a listener, and the thread lives on
+
+
+def test_an_idle_loop_blocks_instead_of_spinning(running):
+    loop = running()
+    calls = []
+    real_drain = loop._drain
+    loop._drain = lambda block: calls.append(block) or real_drain(block)
+    time.sleep(1.2)
+    assert 1 <= len(calls) <= 4 and all(calls), calls  # one blocking wait per 0.5 s while there is no work
+
+
+def test_stop_ends_the_thread_cleanly(world):
+    loop = EngineLoop(new_engine(world[0]))
+    loop.start()
+    loop.stop(timeout=30)
+    assert not loop._thread.is_alive() and loop.error is None

@@ -115,3 +115,13 @@ def test_engine_loop_of_a_cpu_engine_trims_after_steps(tmp_path):
     finally:
         loop.stop(timeout=30)
     assert len(calls) >= 3  # one after each step that ran
+
+
+def test_the_real_trim_is_glibcs_and_the_default_interval_is_30_s():
+    from serving.engine.host_memory import _glibc_malloc_trim
+
+    trim = _glibc_malloc_trim()
+    if trim is None:
+        pytest.skip("this C library has no malloc_trim")
+    assert trim() in (0, 1)  # malloc_trim's own answer: whether it handed memory back
+    assert HeapTrimmer().interval_s == 30.0

@@ -227,3 +227,11 @@ def test_top_p_one_filters_nothing_even_where_float_mass_reaches_one() -> None:
     logits = torch.tensor([[0.0, -20.0, -21.0]])
     masked = mask_top_k_top_p(logits, torch.tensor([3]), torch.tensor([1.0]))
     assert torch.isfinite(masked).all()
+
+
+def test_top_k_breaks_ties_by_index() -> None:
+    # 50,000 equal logits (an unstable sort reorders ties at this size): top-k keeps the first k, as documented.
+    logits = torch.zeros(2, 50_000)
+    masked = mask_top_k_top_p(logits, torch.tensor([5, 3]), None)
+    assert torch.isfinite(masked[0]).nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [0, 1, 2]

@@ -352,3 +352,35 @@ def test_the_gpu_kernels_are_unavailable_when_their_compiler_does_not_import(mon
 
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     assert triton_available() is False
+
+
+def test_tiles_bucket_is_a_power_of_two_up_to_64():
+    from kernels import tiles_bucket
+
+    assert [tiles_bucket(n) for n in (0, 1, 2, 3, 4, 5, 33, 64, 65, 1000)] == [1, 1, 2, 4, 4, 8, 64, 64, 64, 64]
+
+
+def test_the_cpu_op_checks_name_it_and_every_tensor_device():
+    from kernels.bitdelta import BLOCKED16, bitdelta_apply_cpu
+    from kernels.segments import build_slot_tiles
+
+    tiles = build_slot_tiles([0], [2])  # one sequence of 2 rows in slot 0
+    y, x = torch.zeros(2, 16), torch.zeros(2, 8)
+    signs = BLOCKED16.to_slot(torch.zeros(16, 1, dtype=torch.uint8)).unsqueeze(0)
+    scales = torch.zeros(1, 16)
+    with pytest.raises(ValueError, match=r"^bitdelta_apply_cpu: y must have 2 dimensions"):
+        bitdelta_apply_cpu(y[0], x, signs, scales, tiles)
+    for name in ("y", "x"):
+        args = {"y": y, "x": x}
+        args[name] = args[name].to("meta")
+        with pytest.raises(ValueError, match=rf"all tensors must be on one device, got .*{name} on meta"):
+            bitdelta_apply_cpu(args["y"], args["x"], signs, scales, tiles)
+
+
+def test_a_gpu_kernel_on_cpu_tensors_says_how_to_run_it(monkeypatch):
+    import kernels
+    from kernels import check_triton_device
+
+    monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
+    with pytest.raises(ValueError, match=r"needs CUDA tensors, got cpu .*or TRITON_INTERPRET=1 to run the kernel on CPU"):
+        check_triton_device("op", torch.zeros(1))
