@@ -6,23 +6,32 @@
 #   bash scripts/mutation.sh --sample 30       # a seeded random sample of 30 mutants per module (all of a smaller
 #                                              # module): the overall rate is then estimated per module, weighted by
 #                                              # each module's mutant count, with a 95 % interval
+#   bash scripts/mutation.sh --rerun-survivors # after adding tests: only the last run's survivors again, same report
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip show mutmut >/dev/null 2>&1 || { echo "pip install mutmut==3.8.1 first" >&2; exit 2; }
 sample=0
 seed=0
+rerun=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --sample) sample="$2"; shift 2 ;;
     --seed) seed="$2"; shift 2 ;;
+    --rerun-survivors) rerun=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-rm -rf mutants
 export HYPOTHESIS_PROFILE=mutation OMP_NUM_THREADS=1
 
 names=()
-if [ "$sample" -gt 0 ]; then
+if [ "$rerun" -eq 1 ]; then
+  [ -f mutants/survivors.txt ] || { echo "no mutants/survivors.txt: run a full or sampled run first" >&2; exit 2; }
+  mapfile -t names < <(sed -n 's/^=== //p' mutants/survivors.txt)
+  [ "${#names[@]}" -gt 0 ] || { echo "no survivors to run again" >&2; exit 0; }
+else
+  rm -rf mutants
+fi
+if [ "$sample" -gt 0 ] && [ "$rerun" -eq 0 ]; then
   # Generate the mutants and the test map only (a name that matches nothing stops mutmut there), then sample.
   mutmut run "no.such.mutant" >/dev/null 2>&1 || true
   mapfile -t names < <(python - "$sample" "$seed" <<'PY'

@@ -212,3 +212,13 @@ def test_an_aborted_request_ends_as_aborted(world):
     seq = engine._seqs["gone"]
     assert engine.abort("gone") and seq.finish_reason == "abort"
     assert not engine.abort("gone")  # once
+
+
+def test_outputs_carry_no_logprobs_unless_asked_and_empty_prompts_are_refused(world):
+    base, _ = world
+    engine = engine_for(base)
+    engine.add_request("plain", PROMPTS[1], SamplingParams(max_tokens=2, temperature=0.0), None)
+    outputs = [o for _ in range(3) for o in engine.step()]
+    assert outputs and all(o.new_logprobs == [] for o in outputs)
+    with pytest.raises(SamplingParamsError, match="^the prompt is empty$"):
+        engine.add_request("empty", [], SamplingParams(max_tokens=2), None)

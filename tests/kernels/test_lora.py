@@ -249,3 +249,16 @@ def test_a_rank_one_pool(backend: str) -> None:
         if s >= 0:
             expected[i] += float(scaling[s]) * (x[i].double() @ a[s].double().T) @ bt[s].double()
     assert_close(y, expected.float(), torch.float32, backend)
+
+
+def test_refusals_name_the_argument_and_check_every_device() -> None:
+    mix = MIXES[0]
+    a, bt, scaling, ranks, x, y, buf = _problem(mix, torch.float32)
+    with pytest.raises(ValueError, match=r"^lora_shrink_ref: x must have 2 dimensions"):
+        lora_shrink_ref(buf, x[0], a, ranks, mix.tiles())
+    with pytest.raises(ValueError, match=r"^lora_expand_ref: y must have 2 dimensions"):
+        lora_expand_ref(y[0], buf, bt, scaling, ranks, mix.tiles())
+    with pytest.raises(ValueError, match=r"^lora_expand_ref: tiles cover"):
+        lora_expand_ref(y[:4], buf[:4], bt, scaling, ranks, mix.tiles())
+    with pytest.raises(ValueError, match=r"^lora_shrink_ref: all tensors must be on one device, got .*a on meta"):
+        lora_shrink_ref(buf, x, a.to("meta"), ranks, mix.tiles())

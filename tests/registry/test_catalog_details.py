@@ -112,3 +112,10 @@ def test_write_private_is_atomic_and_leaves_nothing_when_it_fails(tmp_path: Path
     with pytest.raises(OSError):
         write_private(target, b"two")
     assert target.read_bytes() == b"one" and sorted(p.name for p in tmp_path.iterdir()) == ["secret"]
+
+
+@pytest.mark.parametrize("blob", ["../x", "lora/ab/" + "0" * 64 + "/..", "other/00/" + "0" * 64, ""])
+def test_the_blob_store_refuses_names_that_are_not_blobs(reg: Registry, blob: str) -> None:
+    with pytest.raises(ValueError, match=f"^malformed blob path {re.escape(repr(blob))}$"):
+        reg.store.path(blob)
+    assert not reg.store.has(blob)
