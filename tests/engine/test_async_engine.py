@@ -219,6 +219,7 @@ def test_an_idle_loop_blocks_instead_of_spinning(running):
 
 def test_stop_ends_the_thread_cleanly(world):
     loop = EngineLoop(new_engine(world[0]))
+    assert loop.max_pending == 256 and loop._thread.name == "deltaserve-engine"  # the name thread dumps show
     loop.start()
     loop.stop(timeout=30)
     assert not loop._thread.is_alive() and loop.error is None

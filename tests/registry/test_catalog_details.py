@@ -119,3 +119,58 @@ def test_the_blob_store_refuses_names_that_are_not_blobs(reg: Registry, blob: st
     with pytest.raises(ValueError, match=f"^malformed blob path {re.escape(repr(blob))}$"):
         reg.store.path(blob)
     assert not reg.store.has(blob)
+
+
+def test_the_disk_reserve_is_private_and_a_failed_allocation_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    from registry.fsync import DiskReserve
+
+    reserve = DiskReserve(tmp_path / "reserve.bin", 4096)
+    reserve.ensure()
+    assert stat.S_IMODE(reserve.path.stat().st_mode) == 0o600 and reserve.path.stat().st_size == 4096
+    reserve.path.unlink()
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    reserve.ensure()  # best effort: no reserve, no error, no empty file
+    assert not reserve.path.exists()
+
+
+def test_a_full_disk_while_placing_a_blob_is_insufficient_storage(reg: Registry, tmp_path: Path, monkeypatch) -> None:
+    from registry.errors import InsufficientStorage
+
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"x")
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", no_space)
+    with pytest.raises(InsufficientStorage, match="^the registry's disk is full; the upload was not stored$"):
+        reg.store.place(payload, "bitdelta", "ab" * 32)
+
+
+def test_opening_sweeps_what_is_not_a_blob(tmp_path: Path) -> None:
+    root = tmp_path / "reg"
+    Registry(root).close()
+    stray_file = root / "blobs" / "lora" / "stray"  # a file where a shard folder belongs
+    stray_file.write_bytes(b"?")
+    orphan = root / "blobs" / "bitdelta" / "ab" / ("ab" * 32)  # a blob no row references
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"?")
+    Registry(root).close()
+    assert not stray_file.exists() and not orphan.exists() and not orphan.parent.exists()
+
+
+def test_a_catalog_of_a_newer_schema_is_refused_and_the_folder_released(tmp_path: Path) -> None:
+    import sqlite3
+
+    root = tmp_path / "reg"
+    Registry(root).close()
+    db = sqlite3.connect(root / "catalog.sqlite3")
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    for _ in range(2):  # the lock and the file descriptors went with the refusal: a second try gets the same answer
+        with pytest.raises(RuntimeError, match="schema version 99; this deltaserve reads 1"):
+            Registry(root)
