@@ -222,3 +222,18 @@ def test_outputs_carry_no_logprobs_unless_asked_and_empty_prompts_are_refused(wo
     assert outputs and all(o.new_logprobs == [] for o in outputs)
     with pytest.raises(SamplingParamsError, match="^the prompt is empty$"):
         engine.add_request("empty", [], SamplingParams(max_tokens=2), None)
+
+
+def test_text_and_logprobs_of_an_engine_request(world):
+    base, _ = world
+    engine = engine_for(base)
+    engine.add_request("r", PROMPTS[2], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3), None)
+    outputs = [o for _ in range(8) for o in engine.step()]
+    tokens = [t for o in outputs for t in o.new_token_ids]
+    assert "".join(o.new_text for o in outputs) == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    logprobs = [lp for o in outputs for lp in o.new_logprobs]
+    assert [lp.token_id for lp in logprobs] == tokens
+    for lp in logprobs:  # greedy: the chosen token is the best, its logprob the top one's
+        assert isinstance(lp.logprob, float) and lp.logprob <= 0.0 and len(lp.top) == 3
+        assert lp.top[0] == (lp.token_id, pytest.approx(lp.logprob, abs=1e-5))
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
