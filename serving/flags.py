@@ -61,7 +61,7 @@ def _help(info: FieldInfo) -> str | None:
     if info.description is None:
         return None
     default = info.get_default(call_default_factory=True)
-    if default in (None, [], False):
+    if default is None or default is False or default == []:  # (not `in`: 0 == False would hide a default of 0)
         return info.description
     return f"{info.description} (default {default})"
 
