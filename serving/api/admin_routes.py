@@ -9,9 +9,9 @@ from registry.errors import NotFound
 from registry.names import validate_name
 from registry.upload_formats import FORMATS
 from serving.api.auth import Admin, TenantDep, require_admin
+from serving.api.bodies import parse, read_json
 from serving.api.errors import APIError, refuse_when_draining
 from serving.api.multipart import parse_multipart
-from serving.api.openai_routes import parse, read_json
 from serving.api.schemas import AdapterObject, TenantCreate
 
 router = APIRouter()

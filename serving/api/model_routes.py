@@ -12,8 +12,8 @@ from importlib import metadata
 from fastapi import APIRouter, Request
 
 from serving.api.auth import TenantDep
+from serving.api.bodies import chat_prompt_ids, check_chars, parse, read_json
 from serving.api.errors import APIError
-from serving.api.openai_routes import check_chars, parse, read_json
 from serving.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -23,7 +23,6 @@ from serving.api.schemas import (
     TokenizeResponse,
     VersionResponse,
 )
-from serving.engine.errors import Overloaded
 
 router = APIRouter()
 
@@ -47,15 +46,7 @@ async def tokenize(request: Request, tenant: TenantDep):
         check_chars(backend, len(req.prompt), "prompt")
         ids = await backend.tokens.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     else:
-        assert req.messages is not None
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        check_chars(backend, sum(len(m["content"]) for m in messages), "messages")
-        try:
-            ids = await backend.tokens.chat_prompt(messages, add_generation_prompt=req.add_generation_prompt)
-        except Overloaded:
-            raise
-        except Exception as e:  # the template refused the conversation (e.g. roles out of order)
-            raise APIError(400, f"The chat template could not render these messages: {e}", param="messages") from None
+        ids = await chat_prompt_ids(backend, req.messages, req.add_generation_prompt)
     strs = [backend.tokens.token_text(t) for t in ids] if req.return_token_strs else None
     return {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids, "token_strs": strs}
 

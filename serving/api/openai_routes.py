@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
 from serving.api.auth import TenantDep
+from serving.api.bodies import chat_prompt_ids, check_chars, parse, read_json
 from serving.api.errors import APIError, error_body, refuse_when_draining, to_api_error
 from serving.api.schemas import (
     MAX_PROMPTS,
@@ -26,47 +25,9 @@ from serving.api.schemas import (
     CompletionRequest,
     refuse_unsupported,
 )
-from serving.engine.errors import Overloaded
 from serving.engine.sampling_params import SamplingParams
 
 router = APIRouter()
-MAX_JSON_BODY = 4 << 20
-
-
-async def read_json(request: Request) -> Any:
-    """The JSON body, with a size limit (413) and a contract-shaped 400 for malformed JSON."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_JSON_BODY:
-        raise APIError(413, f"Request body is over the {MAX_JSON_BODY}-byte limit.")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BODY:
-            raise APIError(413, f"Request body is over the {MAX_JSON_BODY}-byte limit.")
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "The request body is not valid JSON.") from None
-    except RecursionError:
-        raise APIError(400, "The request body nests too deeply.") from None
-    try:  # "\ud800" is valid JSON but no valid Unicode: it must not reach the tokenizer
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, "The request body contains a lone UTF-16 surrogate: not valid Unicode text.") from None
-    except RecursionError:
-        raise APIError(400, "The request body nests too deeply.") from None
-    return value
-
-
-def parse(model_cls, body: Any):
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    try:
-        return model_cls.model_validate(body)
-    except ValidationError as e:
-        raise RequestValidationError(e.errors()) from None
-
-
 @dataclass
 class Job:
     """One choice to generate: prompt index, choice index, tokens and sampling."""
@@ -92,13 +53,6 @@ def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None) -> Sam
         logprobs=logprobs,
         ignore_eos=req.ignore_eos,
     )
-
-
-def check_chars(backend, n_chars: int, param: str) -> None:
-    """400 context_length_exceeded for a text too long to fit the context however it tokenizes (no tokenizing)."""
-    if n_chars > backend.tokens.max_prompt_chars:
-        raise APIError(400, f"This model's maximum context length is {backend.max_model_len} tokens; a text of "
-                       f"{n_chars} characters cannot fit in it.", param=param, code="context_length_exceeded")  # fmt: skip
 
 
 def check_length(backend, prompt: list[int], max_tokens: int | None) -> int:
@@ -388,14 +342,7 @@ async def chat_completions(request: Request, tenant: TenantDep):
     backend = request.app.state.backend
     resolved = await backend.adapters.resolve(tenant, req.model)
     request.state.model_kind = resolved.kind
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    check_chars(backend, sum(len(m["content"]) for m in messages), "messages")
-    try:
-        ids = await backend.tokens.chat_prompt(messages)
-    except Overloaded:
-        raise
-    except Exception as e:  # the template refused the conversation (e.g. roles out of order)
-        raise APIError(400, f"The chat template could not render these messages: {e}", param="messages") from None
+    ids = await chat_prompt_ids(backend, req.messages)
     max_tokens = check_length(backend, ids, req.max_completion_tokens or req.max_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     jobs = [Job(c, 0, ids, sampling_for(req, max_tokens, c, logprobs)) for c in range(req.n)]
