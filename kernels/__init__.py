@@ -99,15 +99,29 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
     if backend not in BACKENDS:
         raise ValueError(f"unknown delta-kernel backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        import torch
+        backend = _auto_backend(device)
+    _check_backend_runs_here(backend, device)
+    from kernels import bitdelta, lora
 
-        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-        if on_cuda:
-            backend = "triton" if triton_available() else "torch"
-        else:
-            from kernels import cpu_extension
+    bitdelta_apply, sign_layout = bitdelta.IMPLEMENTATIONS[backend]
+    lora_shrink, lora_expand, lora_apply = lora.IMPLEMENTATIONS[backend]
+    return DeltaOps(backend, bitdelta_apply, lora_shrink, lora_expand, lora_apply, sign_layout)
 
-            backend = "cpu" if cpu_extension.load() is not None else "torch"
+
+def _auto_backend(device: Any) -> str:
+    """select_delta_ops' "auto": triton for a CUDA engine when it imports, else the CPU kernels when they build."""
+    import torch
+
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if on_cuda:
+        return "triton" if triton_available() else "torch"
+    from kernels import cpu_extension
+
+    return "cpu" if cpu_extension.load() is not None else "torch"
+
+
+def _check_backend_runs_here(backend: str, device: Any) -> None:
+    """Raises RuntimeError, saying why, when `backend`'s kernels cannot run on `device` on this machine."""
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("delta-kernel backend 'triton' requested but triton is not installed")
@@ -118,43 +132,10 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
                 "delta-kernel backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 set before triton is "
                 "imported, to run the kernels on CPU tensors in Triton's interpreter); use backend 'torch' or 'auto'"
             )
-        from kernels.bitdelta import ROWS, bitdelta_apply
-        from kernels.lora import lora_apply, lora_expand, lora_shrink
-
-        return DeltaOps(
-            name="triton",
-            bitdelta_apply=bitdelta_apply,
-            lora_shrink=lora_shrink,
-            lora_expand=lora_expand,
-            lora_apply=lora_apply,
-            sign_layout=ROWS,
-        )
-    if backend == "cpu":
+    elif backend == "cpu":
         if device is not None and str(device).split(":")[0] != "cpu":
             raise RuntimeError(f"delta-kernel backend 'cpu' runs on CPU tensors, not on {device}")
         cpu_kernels()  # raises with the reason when they cannot be built here
-        from kernels.bitdelta import BLOCKED16, bitdelta_apply_cpu
-        from kernels.lora import lora_apply_cpu, lora_expand_cpu, lora_shrink_cpu
-
-        return DeltaOps(
-            name="cpu",
-            bitdelta_apply=bitdelta_apply_cpu,
-            lora_shrink=lora_shrink_cpu,
-            lora_expand=lora_expand_cpu,
-            lora_apply=lora_apply_cpu,
-            sign_layout=BLOCKED16,
-        )
-    from kernels.bitdelta import ROWS, bitdelta_apply_ref
-    from kernels.lora import lora_apply_ref, lora_expand_ref, lora_shrink_ref
-
-    return DeltaOps(
-        name="torch",
-        bitdelta_apply=bitdelta_apply_ref,
-        lora_shrink=lora_shrink_ref,
-        lora_expand=lora_expand_ref,
-        lora_apply=lora_apply_ref,
-        sign_layout=ROWS,
-    )
 
 
 # ---- launcher checks shared by the kernel files (plain Python: clear ValueErrors before any launch) ----
@@ -205,18 +186,16 @@ def check_tensor(op: str, name: str, t: Any, dtype: torch.dtype, shape: tuple[in
 
 def check_same_device(op: str, tiles: SlotTiles, **tensors: torch.Tensor) -> None:
     """Raises ValueError unless all tensors and the tile arrays are on one device."""
+    named = {
+        **tensors,
+        "tiles.order": tiles.order,
+        "tiles.tile_slot": tiles.tile_slot,
+        "tiles.tile_start": tiles.tile_start,
+        "tiles.tile_rows": tiles.tile_rows,
+    }
     device = tiles.order.device
-    if all(t.device == device for t in tensors.values()) and tiles.tile_slot.device == device:
+    if all(t.device == device for t in named.values()):
         return
-    named = dict(tensors)
-    named.update(
-        {
-            "tiles.order": tiles.order,
-            "tiles.tile_slot": tiles.tile_slot,
-            "tiles.tile_start": tiles.tile_start,
-            "tiles.tile_rows": tiles.tile_rows,
-        }
-    )
     listing = ", ".join(f"{name} on {t.device}" for name, t in named.items())
     raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
 

@@ -168,8 +168,15 @@ if triton is not None:
 
 
 def _check_bitdelta_args(
-    op: str, y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, tiles: SlotTiles
+    op: str,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    tiles: SlotTiles,
+    layout: SignLayout,
 ) -> None:
+    """The checks every bitdelta_apply implementation makes; `layout` is the sign pool's (its kernel's)."""
     check_float(op, "y", y, 2)
     check_float(op, "x", x, 2)
     if x.dtype != y.dtype:
@@ -177,7 +184,7 @@ def _check_bitdelta_args(
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{op}: x has {x.shape[0]} rows but y has {y.shape[0]}")
     in_f, out_f = x.shape[1], y.shape[1]
-    check_tensor(op, "signs", signs, torch.uint8, (None, out_f, packed_width(in_f)))
+    check_tensor(op, "signs", signs, torch.uint8, (None, *layout.pool_shape(1, out_f, in_f)[1:]))
     n_slots = signs.shape[0]
     check_tensor(op, "scales", scales, torch.float32, (n_slots, out_f))
     check_same_device(op, tiles, y=y, x=x, signs=signs, scales=scales)
@@ -198,7 +205,7 @@ def bitdelta_apply(
            scales: [S, out] float32 (a per-matrix scale is broadcast to all rows by the caller).
            tiles: SlotTiles of the batch (kernels/segments.py), on y's device.
     """
-    _check_bitdelta_args("bitdelta_apply", y, x, signs, scales, tiles)
+    _check_bitdelta_args("bitdelta_apply", y, x, signs, scales, tiles, ROWS)
     check_triton_device("bitdelta_apply", y)
     if triton is None:
         raise RuntimeError("bitdelta_apply needs triton; use bitdelta_apply_ref (select_delta_ops('torch'))")
@@ -219,11 +226,6 @@ def bitdelta_apply(
            lambda meta: (tiles.num_tiles, triton.cdiv(out_f, meta["BLOCK_N"])), args, consts)  # fmt: skip
 
 
-def _check_blocked_signs(op: str, y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor) -> None:
-    out_f, in_f = y.shape[1], x.shape[1]
-    check_tensor(op, "signs", signs, torch.uint8, (None, -(-out_f // SIGN_BLOCK), packed_width(in_f), SIGN_BLOCK))
-
-
 def bitdelta_apply_cpu(
     y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, tiles: SlotTiles
 ) -> None:
@@ -235,15 +237,7 @@ def bitdelta_apply_cpu(
            signs: [S, ceil(out/16), ceil(in/8), 16] uint8, the contract's signs in the blocked16 layout
            (interleave_signs: byte [s, b, k, i] is byte k of output row 16b + i).
     """
-    op = "bitdelta_apply_cpu"
-    check_float(op, "y", y, 2)
-    check_float(op, "x", x, 2)
-    if x.dtype != y.dtype or x.shape[0] != y.shape[0]:
-        raise ValueError(f"{op}: x {x.dtype} {list(x.shape)} and y {y.dtype} {list(y.shape)} must match in dtype and rows")
-    _check_blocked_signs(op, y, x, signs)
-    check_tensor(op, "scales", scales, torch.float32, (signs.shape[0], y.shape[1]))
-    check_same_device(op, tiles, y=y, x=x, signs=signs, scales=scales)
-    check_tiles(op, tiles, y.shape[0], signs.shape[0])
+    _check_bitdelta_args("bitdelta_apply_cpu", y, x, signs, scales, tiles, BLOCKED16)
     if tiles.empty or y.shape[1] == 0:
         return
     call_cpu_kernel("bitdelta_apply", y, x.contiguous(), signs.contiguous(), scales.contiguous(), tiles.order, tiles.ranges)
@@ -258,8 +252,16 @@ def bitdelta_apply_ref(
     Semantics:  y[i] += scales[s] * (x[i] @ unpack(signs[s]).T)   for every row i of a tile of slot s.
     Args:  as bitdelta_apply.
     """
-    _check_bitdelta_args("bitdelta_apply_ref", y, x, signs, scales, tiles)
+    _check_bitdelta_args("bitdelta_apply_ref", y, x, signs, scales, tiles, ROWS)
     for s, start, end in tiles.slot_ranges:
         rows = tiles.order[start:end].long()
         delta = (x.index_select(0, rows).float() @ unpack_signs(signs[s], x.shape[1]).T) * scales[s]
         y[rows] = (y.index_select(0, rows).float() + delta).to(y.dtype)
+
+
+# bitdelta_apply and its slot pool's sign layout per backend (kernels.select_delta_ops picks one).
+IMPLEMENTATIONS = {
+    "triton": (bitdelta_apply, ROWS),
+    "cpu": (bitdelta_apply_cpu, BLOCKED16),
+    "torch": (bitdelta_apply_ref, ROWS),
+}

@@ -363,6 +363,10 @@ def lora_shrink_ref(buf: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ranks: 
     Args:  as lora_shrink.
     """
     _check_shrink_args("lora_shrink_ref", buf, x, a, ranks, tiles)
+    _shrink_ref(buf, x, a, ranks, tiles)
+
+
+def _shrink_ref(buf: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, tiles: SlotTiles) -> None:
     for s, start, end in tiles.slot_ranges:
         rows = tiles.order[start:end].long()
         buf[rows] = x.index_select(0, rows).float() @ _within_rank(a[s], ranks[s]).T
@@ -384,6 +388,12 @@ def lora_expand_ref(
     Args:  as lora_expand.
     """
     _check_expand_args("lora_expand_ref", y, buf, bt, scaling, ranks, tiles)
+    _expand_ref(y, buf, bt, scaling, ranks, tiles)
+
+
+def _expand_ref(
+    y: torch.Tensor, buf: torch.Tensor, bt: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor, tiles: SlotTiles
+) -> None:
     for s, start, end in tiles.slot_ranges:
         rows = tiles.order[start:end].long()
         w = _within_rank(buf.index_select(0, rows).T.to(bt.dtype), ranks[s]).T  # [rows, r_max], past the rank 0
@@ -401,6 +411,17 @@ def lora_apply_ref(
     tiles: SlotTiles,
     buf: torch.Tensor,
 ) -> None:
-    """Pure-torch lora_apply, same semantics and arguments: lora_shrink_ref then lora_expand_ref."""
-    lora_shrink_ref(buf, x, a, ranks, tiles)
-    lora_expand_ref(y, buf, bt, scaling, ranks, tiles)
+    """Pure-torch lora_apply, same semantics and arguments: lora_shrink_ref then lora_expand_ref, every argument
+    checked before buf is written (as lora_apply_cpu)."""
+    _check_shrink_args("lora_apply_ref", buf, x, a, ranks, tiles)
+    _check_expand_args("lora_apply_ref", y, buf, bt, scaling, ranks, tiles)
+    _shrink_ref(buf, x, a, ranks, tiles)
+    _expand_ref(y, buf, bt, scaling, ranks, tiles)
+
+
+# (lora_shrink, lora_expand, lora_apply) per backend (kernels.select_delta_ops picks one).
+IMPLEMENTATIONS = {
+    "triton": (lora_shrink, lora_expand, lora_apply),
+    "cpu": (lora_shrink_cpu, lora_expand_cpu, lora_apply_cpu),
+    "torch": (lora_shrink_ref, lora_expand_ref, lora_apply_ref),
+}

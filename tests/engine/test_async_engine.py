@@ -4,6 +4,7 @@ server drives it: streaming, the bound on pending requests, refusals, early disc
 from __future__ import annotations
 
 import asyncio
+import queue
 import time
 
 import pytest
@@ -50,7 +51,12 @@ def running(world):
 
 
 async def collect(loop: EngineLoop, request_id: str, prompt, params=GREEDY, delta=None, tenant="t") -> list:
-    return [o async for o in loop.stream(request_id, prompt, params, delta, tenant)]
+    """The request's outputs; a request whose outputs never come fails the test in 20 s instead of hanging it."""
+
+    async def outputs() -> list:
+        return [o async for o in loop.stream(request_id, prompt, params, delta, tenant)]
+
+    return await asyncio.wait_for(outputs(), timeout=20)
 
 
 def test_stream_yields_each_step_and_ends_with_the_finished_output(world, running):
@@ -220,6 +226,49 @@ def test_an_idle_loop_blocks_instead_of_spinning(running):
 def test_stop_ends_the_thread_cleanly(world):
     loop = EngineLoop(new_engine(world[0]))
     assert loop.max_pending == 256 and loop._thread.name == "deltaserve-engine"  # the name thread dumps show
+    assert loop._thread.daemon  # a server that exits without stop() is not kept alive by its engine thread
     loop.start()
     loop.stop(timeout=30)
     assert not loop._thread.is_alive() and loop.error is None
+
+
+class _RecordingQueue(queue.Queue):
+    """The command queue, noting every wait for a command and whether the engine had work meanwhile."""
+
+    def __init__(self, engine: LLMEngine):
+        super().__init__()
+        self.engine = engine
+        self.waits_with_work = 0
+
+    def get(self, block=True, timeout=None):
+        if block and self.engine.has_unfinished():
+            self.waits_with_work += 1
+        return super().get(block, timeout)
+
+
+def test_a_busy_loop_never_waits_for_commands(world):
+    engine = new_engine(world[0])
+    loop = EngineLoop(engine)
+    loop._commands = _RecordingQueue(engine)
+    loop.start()
+    try:
+        long = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        assert len(asyncio.run(collect(loop, "r", [5, 6], long))) == 12
+    finally:
+        loop.stop(timeout=30)
+    assert loop._commands.waits_with_work == 0  # every step between commands: no 0.5 s wait per token
+
+
+def test_one_drain_takes_every_queued_command(world):
+    from serving.engine.async_engine import _Pending
+
+    loop = EngineLoop(new_engine(world[0]))  # not started: the test plays the engine thread
+    event_loop = asyncio.new_event_loop()
+    try:
+        for rid in ("a", "b", "c"):
+            loop._commands.put(("add", _Pending(rid, [5, 6], GREEDY, None, "t", event_loop, asyncio.Queue())))
+        loop._drain(block=False)
+    finally:
+        event_loop.close()
+    assert loop._commands.empty() and loop.engine.scheduler.has_unfinished()
+    assert {rid: p.request_id for rid, p in loop._requests.items()} == {"a": "a", "b": "b", "c": "c"}

@@ -288,8 +288,51 @@ def test_select_delta_ops(monkeypatch: pytest.MonkeyPatch) -> None:
         select_delta_ops("cuda")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        with pytest.raises(RuntimeError, match=r"needs a CUDA device \(or TRITON_INTERPRET=1 set before triton"):
             select_delta_ops("triton")
+
+
+def test_every_backend_gives_all_of_its_own_ops() -> None:
+    from kernels import lora
+
+    for backend, suffix in (("triton", ""), ("cpu", "_cpu"), ("torch", "_ref")):
+        ops = select_delta_ops(backend)
+        assert ops.name == backend
+        for name in ("lora_shrink", "lora_expand", "lora_apply"):
+            assert getattr(ops, name) is getattr(lora, name + suffix), (backend, name)
+        assert ops.bitdelta_apply.__name__ == "bitdelta_apply" + suffix
+
+
+def test_auto_picks_by_the_engine_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kernels
+    from kernels import cpu_extension, triton_available
+
+    # A CUDA engine gets the Triton kernels (allowed on this machine by the interpreter), or the references when
+    # triton does not import; a CPU engine the compiled kernels, or the references when they cannot be built.
+    assert select_delta_ops("auto", "cuda").name == ("triton" if triton_available() else "torch")
+    assert select_delta_ops("auto", torch.device("cuda", 0)).name == select_delta_ops("auto", "cuda").name
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    assert select_delta_ops("auto", "cuda").name == "torch"
+    assert select_delta_ops("auto", "cpu").name == "cpu"
+    monkeypatch.setattr(cpu_extension, "load", lambda: None)
+    assert select_delta_ops("auto", "cpu").name == "torch"
+
+
+def test_the_interpreter_is_on_only_when_triton_interpret_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels import triton_interpreting
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert triton_interpreting() is False
+    for value, on in (("", False), ("0", False), ("1", True)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_interpreting() is on, value
+
+
+def test_tl_dot_precision_is_exact_for_float32_and_tf32_otherwise() -> None:
+    from kernels import dot_precision
+
+    # The values Triton's tl.dot accepts as input_precision; "ieee" keeps float32 products exact.
+    assert [dot_precision(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["ieee", "tf32", "tf32"]
 
 
 def test_triton_launchers_refuse_cpu_tensors_outside_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,6 +41,9 @@ def test_refusals_name_what_and_which_param(reg: Registry) -> None:
         reg.set_progress(p.id, float("nan"))
     with pytest.raises(Exception, match="adapter name"):  # the name is checked as an adapter's, before any row
         reg.create_pending("acme", "../x", "finetune")
+    with pytest.raises(NotFound, match="^tenant 'ghost' not found$") as e:
+        reg.create_pending("ghost", "ft", "finetune")
+    assert e.value.param == "tenant"
 
 
 @pytest.mark.parametrize("given, kept", [(1.5, 1.0), (-0.5, 0.0), (0.25, 0.25)])
@@ -135,6 +138,21 @@ def test_the_disk_reserve_is_private_and_a_failed_allocation_leaves_nothing(tmp_
     monkeypatch.setattr(os, "posix_fallocate", full)
     reserve.ensure()  # best effort: no reserve, no error, no empty file
     assert not reserve.path.exists()
+
+
+def test_the_disk_reserve_never_follows_a_link_planted_at_its_path(tmp_path: Path) -> None:
+    from registry.fsync import DiskReserve
+
+    target = tmp_path / "elsewhere"
+    (tmp_path / "reserve.bin").symlink_to(target)  # dangling: exists() is False
+    DiskReserve(tmp_path / "reserve.bin", 4096).ensure()
+    assert not target.exists()
+
+
+def test_an_admin_key_file_of_other_bytes_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "admin_key.sha256").write_bytes(b"\xff\xfe" + b"a" * 62 + b"\n")
+    with pytest.raises(ValueError, match="does not hold a sha256 hex digest; delete it to generate a new admin key"):
+        AdminKey(tmp_path).ensure(None)
 
 
 def test_a_full_disk_while_placing_a_blob_is_insufficient_storage(reg: Registry, tmp_path: Path, monkeypatch) -> None:
