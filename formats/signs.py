@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    """0..7 as uint8, made on `device` (no host-to-device copy inside a step)."""
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def packed_width(in_features: int) -> int:
@@ -30,7 +33,7 @@ def pack_signs(positive: torch.Tensor) -> torch.Tensor:
     width = packed_width(in_f)
     bits = torch.zeros(out_f, width * 8, dtype=torch.uint8, device=positive.device)
     bits[:, :in_f] = positive.to(torch.uint8)
-    bits = bits.view(out_f, width, 8) << _BIT_SHIFTS.to(positive.device)
+    bits = bits.view(out_f, width, 8) << _bit_shifts(positive.device)
     return bits.sum(dim=-1, dtype=torch.uint8)
 
 
@@ -44,7 +47,7 @@ def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = to
         raise ValueError(
             f"packed signs must be uint8 [out, {packed_width(in_features)}], got {packed.dtype} {tuple(packed.shape)}"
         )
-    bits = (packed.unsqueeze(-1) >> _BIT_SHIFTS.to(packed.device)) & 1
+    bits = (packed.unsqueeze(-1) >> _bit_shifts(packed.device)) & 1
     bits = bits.reshape(packed.shape[0], -1)[:, :in_features]
     return bits.to(dtype) * 2 - 1
 

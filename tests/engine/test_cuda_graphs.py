@@ -5,11 +5,13 @@ and bucket boundaries. Capture and replay themselves need a GPU (tests/gpu/test_
 from __future__ import annotations
 
 import pytest
+import torch
 
 from registry.loading import load_delta
 from serving.engine.config import EngineConfig
 from serving.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraphs
 from serving.engine.engine import LLMEngine
+from serving.engine.model_runner import ModelRunner
 from serving.engine.sampling_params import SamplingParams
 from tests.helpers import make_bitdelta, make_lora, make_model_dir
 
@@ -31,9 +33,40 @@ def _engine(base, graphs: bool) -> LLMEngine:
     cfg = EngineConfig(device="cpu", dtype="float32", kernel_backend="torch", bitdelta_slots=3, lora_slots=2,
                        max_lora_rank=8, max_model_len=96, max_num_batched_tokens=256, block_size=4)  # fmt: skip
     engine = LLMEngine.from_model_dir(base, cfg)
-    if graphs:
-        engine.runner.graphs = DecodeGraphs(engine.runner, max_batch=64, max_ctx_blocks=24, capture=False)
+    if graphs:  # the runner as a CUDA engine builds it, but running the padded inputs eagerly
+        r = engine.runner
+        engine.runner = ModelRunner(r.model, r.slots, r.ops, num_kv_blocks=r.kv_cache.shape[2] - 1, block_size=4,
+                                    max_num_batched_tokens=cfg.max_num_batched_tokens, device=r.device, dtype=r.dtype,
+                                    decode_graphs=(64, cfg.max_model_len, False))  # fmt: skip
     return engine
+
+
+def test_the_runner_sizes_its_graphs_by_batch_budget_and_context(world) -> None:
+    graphs = _engine(world[0], True).runner.graphs
+    assert (graphs.max_batch, graphs.max_ctx_blocks, graphs.capture) == (64, 24, False)  # 96 tokens: 24 blocks of 4
+    r = graphs.runner
+    few_tokens = ModelRunner(r.model, r.slots, r.ops, num_kv_blocks=40, block_size=8, max_num_batched_tokens=16,
+                             device=r.device, dtype=r.dtype, decode_graphs=(64, 90, False))  # fmt: skip
+    assert (few_tokens.graphs.max_batch, few_tokens.graphs.max_ctx_blocks) == (16, 12)  # a batch within the budget
+
+
+def _check_inputs_live_in_the_graph_buffer(graphs: DecodeGraphs) -> None:
+    """Every device array a graph reads must sit in its staging buffer: a replay reads those addresses only."""
+    real_stage = graphs._stage
+
+    def checked(staging, seqs, key):
+        ids, attn, deltas = real_stage(staging, seqs, key)
+        arrays = [ids, attn.positions, attn.slot_mapping, deltas.bitdelta_row_slot]
+        arrays += [t for g in attn.groups for t in vars(g).values() if isinstance(t, torch.Tensor)]
+        for tiles in (deltas.bitdelta, deltas.lora):
+            arrays += [tiles.order, tiles.tile_slot, tiles.tile_start, tiles.tile_rows]
+        lo = staging.dev.data_ptr()
+        hi = lo + staging.dev.numel()
+        outside = [tuple(t.shape) for t in arrays if t is not None and t.numel() and not lo <= t.data_ptr() < hi]
+        assert not outside, f"graph inputs outside the staging buffer: {outside}"
+        return ids, attn, deltas
+
+    graphs._stage = checked
 
 
 @pytest.mark.parametrize("tenants", [("base",), ("base", "lora", "bd"), ("lora", "bd", "repl", "base")])
@@ -41,8 +74,14 @@ def test_padded_decode_gives_the_same_tokens(world, tenants) -> None:
     base, files = world
     greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)  # 30 tokens: contexts cross buckets
 
+    builds: list = []
+
     def run(graphs: bool):
         engine = _engine(base, graphs)
+        if graphs:
+            _check_inputs_live_in_the_graph_buffer(engine.runner.graphs)
+            real_build = engine.runner.graphs._build
+            engine.runner.graphs._build = lambda seqs, key: builds.append(key) or real_build(seqs, key)
         deltas = {n: load_delta(p, engine.spec, 8) for n, p in files.items()}
         reqs = [(p, greedy, deltas.get(tenants[i % len(tenants)])) for i, p in enumerate(PROMPTS[:5])]
         return [c.token_ids for c in engine.generate(reqs)], engine.runner.graphs
@@ -50,6 +89,7 @@ def test_padded_decode_gives_the_same_tokens(world, tenants) -> None:
     plain, _ = run(False)
     padded, graphs = run(True)
     assert padded == plain
+    assert sorted(builds, key=repr) == sorted(graphs.graphs, key=repr)  # each key's graph built once, then reused
     if "repl" in tenants:  # a delta that replaces base tensors: its steps run eagerly
         assert all(not k.bitdelta for k in graphs.graphs) or graphs.replays < 29
     else:

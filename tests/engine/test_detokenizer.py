@@ -175,7 +175,24 @@ def test_held_back_prefix_released_when_no_match(tok) -> None:
     assert held_at_some_point
     assert emitted == "The quick brown fox jumps "  # "over" could start "over the top"
     assert det.flush() == "over"  # the end of the request releases it
-    assert det.text == text and not det.stopped
+    assert det.text == text and not det.stopped and det.stop_string is None
+    assert det.add(ids[0]) == "" and det.flush() == "" and det.text == text  # nothing after the end
+    assert det.token_ids == [*ids, ids[0]]
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "expected", "which"),
+    [
+        ("Hello world", ["l"], "He", "l"),  # twice in one token ("ll"): its first occurrence
+        ("Hello world", ["l", "zzz"], "He", "l"),  # a stop string that never appears changes nothing
+        ("banana", ["a", "n"], "b", "a"),  # two in one token ("an"): the one that starts first
+        ("banana", ["n", "a"], "b", "a"),
+    ],
+)
+def test_the_first_occurrence_in_a_token_ends_the_text(tok, text, stop, expected, which) -> None:
+    det = IncrementalDetokenizer(tok, [], stop=stop)
+    _run(det, tok.encode(text, add_special_tokens=False), flush=False)
+    assert det.stopped and (det.text, det.stop_string) == (expected, which)
 
 
 def test_stop_honoured_in_flushed_text(tok) -> None:

@@ -237,3 +237,25 @@ def test_text_and_logprobs_of_an_engine_request(world):
         assert isinstance(lp.logprob, float) and lp.logprob <= 0.0 and len(lp.top) == 3
         assert lp.top[0] == (lp.token_id, pytest.approx(lp.logprob, abs=1e-5))
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+def test_the_engine_seed_drives_unseeded_sampling(world):
+    base, _ = world
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+
+    def tokens(seed: int) -> list[int]:
+        return run_all(engine_for(base, seed=seed), [([5, 6, 7], sampled, None)])[0]
+
+    assert tokens(1) == tokens(1)  # a restart with the same --seed samples the same
+    assert tokens(1) != tokens(2) and tokens(0) != tokens(2)
+
+
+def test_kv_block_bytes_is_what_one_block_of_the_cache_takes(world):
+    import torch
+
+    engine = engine_for(world[0], block_size=8)
+    cache = engine.runner.kv_cache  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+    one_block = cache[:, :, 0].numel() * cache.element_size()
+    assert engine.runner.kv_block_bytes(engine.runner.model, 8, torch.float32) == one_block
+    half = engine.runner.kv_block_bytes(engine.runner.model, 8, torch.bfloat16)
+    assert half == one_block // 2 and isinstance(half, int)

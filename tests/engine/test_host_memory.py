@@ -125,3 +125,12 @@ def test_the_real_trim_is_glibcs_and_the_default_interval_is_30_s():
         pytest.skip("this C library has no malloc_trim")
     assert trim() in (0, 1)  # malloc_trim's own answer: whether it handed memory back
     assert HeapTrimmer().interval_s == 30.0
+
+
+def test_no_trimmer_when_the_c_library_cannot_be_found(monkeypatch):
+    import ctypes.util
+
+    from serving.engine.host_memory import _glibc_malloc_trim
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)  # no libc to name (a static build)
+    assert _glibc_malloc_trim() is None and not HeapTrimmer().available

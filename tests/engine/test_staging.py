@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from registry.loading import load_delta
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.staging import StepStaging
-from tests.helpers import make_model_dir
+from tests.helpers import make_bitdelta, make_lora, make_model_dir
 
 
 def test_views_land_at_their_offsets_after_one_upload() -> None:
@@ -53,7 +54,15 @@ def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("staging") / "m", arch="mistral", sliding_window=5)
 
 
-def test_an_engine_through_separate_buffers_gives_the_same_tokens(model_dir, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def delta_files(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("staging-deltas")
+    lora = make_lora(model_dir, root / "lora", r=2, seed=4)[0]
+    bd = make_bitdelta(model_dir, root / "bd.safetensors", seed=5, per_row=True, replace=False)[0]
+    return lora, bd
+
+
+def test_an_engine_through_separate_buffers_gives_the_same_tokens(model_dir, delta_files, monkeypatch) -> None:
     def run(separate: bool, capacity: int) -> tuple[list[list[int]], list[int], list[tuple]]:
         cfg = EngineConfig(device="cpu", dtype="float32", kernel_backend="torch", max_model_len=64,
                            max_num_batched_tokens=64)  # fmt: skip
@@ -80,7 +89,9 @@ def test_an_engine_through_separate_buffers_gives_the_same_tokens(model_dir, mon
         engine.runner.run = run_step
         greedy = SamplingParams(max_tokens=9, temperature=0.0)
         prompts = ["The quick brown fox", "To be", "A journey of a thousand miles begins"]
-        out = [c.token_ids for c in engine.generate([(p, greedy, None) for p in prompts])]
+        # base rows and both kinds of delta in one batch: the delta tiles are staged as well
+        deltas = [None] + [load_delta(f, engine.spec, engine.slots.max_lora_rank) for f in delta_files]
+        out = [c.token_ids for c in engine.generate(list(zip(prompts, [greedy] * 3, deltas)))]
         return out, copies, moves
 
     plain, _, moves = run(False, 1 << 16)
