@@ -121,8 +121,6 @@ class SlotPool:
         seconds): "hit", "miss", "load" (with the host time of the copies) and "evict", as the host tier's."""
         if bitdelta_slots < 0 or lora_slots < 0 or max_lora_rank < 1:
             raise ValueError("slot counts must be >= 0 and max_lora_rank >= 1")
-        self.dtype = dtype
-        self.device = torch.device(device)
         self.num_bitdelta_slots = bitdelta_slots
         self.num_lora_slots = lora_slots
         self.max_lora_rank = max_lora_rank

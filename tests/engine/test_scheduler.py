@@ -411,3 +411,40 @@ def test_one_sequence_without_blocks_does_not_hold_its_tenants_others() -> None:
     assert step(s) == [("x", 2), ("y", 2)]  # both blocks now held: x's next chunk needs a third
     assert step(s) == [("y", 2)]  # y's last prompt chunk fits its block: it runs, nobody is preempted
     assert s.num_preemptions == 0 and x.num_computed == 4
+
+
+def test_running_sequences_alone_are_unfinished_work() -> None:
+    s = make()
+    assert not s.has_unfinished()
+    s.add(seq("a", 3))
+    step(s)  # admitted: the queue is empty, the sequence runs
+    assert s.num_waiting == 0 and s.running and s.has_unfinished()
+    s.finish(s.running[0], "stop")
+    assert not s.has_unfinished()
+
+
+def test_the_load_turn_is_the_oldest_request_whose_delta_is_not_resident() -> None:
+    # One slot, pinned by x's X. "late"'s queue exists first (an earlier request of its own), but "early" asked for
+    # its delta first: when X's slot frees, E loads, not L.
+    s = make(max_num_seqs=8, budget=64, slots=1)
+    s.add(seq("x0", 2, tenant="x", delta=FakeDelta("X")))
+    s.add(seq("late0", 2, tenant="late"))
+    step(s)
+    s.add(seq("e0", 2, tenant="early", delta=FakeDelta("E")))
+    s.add(seq("l0", 2, tenant="late", delta=FakeDelta("L")))
+    step(s)
+    s.finish(next(x for x in s.running if x.request_id == "x0"), "stop")
+    step(s)
+    assert "e0" in [x.request_id for x in s.running] and "l0" not in [x.request_id for x in s.running]
+
+
+def test_a_resident_delta_never_takes_the_load_turn() -> None:
+    # X is resident (x0 runs with it), a slot is free. w1 (X) arrived before f1 (F): the turn to load is F's, so
+    # both join in the same step.
+    s = make(max_num_seqs=3, budget=64, slots=2)
+    s.add(seq("x0", 2, tenant="a", delta=FakeDelta("X")))
+    step(s)
+    s.add(seq("w1", 2, tenant="a", delta=FakeDelta("X")))
+    s.add(seq("f1", 2, tenant="b", delta=FakeDelta("F")))
+    step(s)
+    assert sorted(x.request_id for x in s.running) == ["f1", "w1", "x0"]

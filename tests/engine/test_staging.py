@@ -36,6 +36,14 @@ def test_a_step_larger_than_the_buffer_still_arrives_and_the_buffer_grows() -> N
     assert st.copies == 2
     st.begin()
     assert st.capacity >= 100 * 8
+    sizes = (st.capacity // 8 + 1, st.capacity // 4)  # two more that do not fit, one copy each
+    bigger = [st(list(range(n)), torch.int64) for n in sizes]
+    small = st([3, 4], torch.int64)
+    st.upload()  # the buffer's copy and the two of their own
+    assert [t.tolist() for t in bigger] == [list(range(n)) for n in sizes] and small.tolist() == [3, 4]
+    assert st.copies == 3
+    st.begin()
+    assert st.capacity >= sizes[1] * 8
     again = st(list(range(100)), torch.int64)
     st.upload()
     assert again.tolist() == list(range(100)) and st.copies == 1
