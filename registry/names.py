@@ -15,6 +15,9 @@ from registry.errors import InvalidName
 
 MAX_NAME_LENGTH = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The whole rule (but the length) as one regular expression without look-arounds, for JSON schemas: every "." is
+# followed by a character that is not one, or ends the name.
+NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
 
 
 def validate_name(kind: str, name: str) -> str:

@@ -92,9 +92,14 @@ class Tokenizing:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids this tokenizer knows: 0 .. vocab_size - 1."""
+        return len(self.tokenizer)
+
     def decode(self, token_ids: list[int]) -> str:
         """Token ids to text (special tokens kept); ValueError naming the first id outside the vocabulary."""
-        size = len(self.tokenizer)
+        size = self.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{size - 1})")

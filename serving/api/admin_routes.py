@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from registry.errors import NotFound
 from registry.names import validate_name
@@ -12,13 +12,23 @@ from serving.api.auth import Admin, TenantDep, require_admin
 from serving.api.bodies import parse, read_json
 from serving.api.errors import APIError, refuse_when_draining
 from serving.api.multipart import parse_multipart
-from serving.api.schemas import AdapterObject, TenantCreate
+from serving.api.openapi import documented
+from serving.api.schemas import AdapterList, AdapterObject, Status, TenantCreate, TenantCreated, TenantList
 
 router = APIRouter()
 
+# A full fine-tune is compressed after the upload: 202 with the adapter `compressing` (its progress in
+# GET /v1/adapters/{name}); the other formats are checked and stored at once (201, `ready`).
+ACCEPTED = {202: {"model": AdapterObject, "description": "A full fine-tune: stored, compressing in the background."}}
+
 
 # ---- tenants (admin) ------------------------------------------------------------------------------
-@router.post("/v1/tenants", status_code=201)
+@router.post(
+    "/v1/tenants",
+    status_code=201,
+    response_model=TenantCreated,
+    **documented(key="admin", body=TenantCreate, errors=(400, 409, 413, 507)),
+)
 async def create_tenant(request: Request, _: Admin):
     req: TenantCreate = parse(TenantCreate, await read_json(request))
     name = validate_name("tenant", req.name)
@@ -26,13 +36,13 @@ async def create_tenant(request: Request, _: Admin):
     return JSONResponse({"name": tenant.name, "api_key": key, "created": tenant.created}, status_code=201)
 
 
-@router.get("/v1/tenants")
+@router.get("/v1/tenants", response_model=TenantList, **documented(key="admin"))
 async def list_tenants(request: Request, _: Admin):
     tenants = request.app.state.backend.registry.list_tenants()
     return {"object": "list", "data": [{"name": t.name, "created": t.created} for t in tenants]}
 
 
-@router.delete("/v1/tenants/{name}", status_code=204)
+@router.delete("/v1/tenants/{name}", status_code=204, **documented(key="admin", errors=(404,)))
 async def delete_tenant(request: Request, name: str, _: Admin):
     request.app.state.backend.adapters.delete_tenant(name)
     return Response(status_code=204)
@@ -66,7 +76,12 @@ class _UploadSink:
         self._writer = None
 
 
-@router.post("/v1/adapters", status_code=201)
+@router.post(
+    "/v1/adapters",
+    status_code=201,
+    response_model=AdapterObject,
+    **documented(key="tenant", multipart=True, errors=(400, 409, 413, 415, 503, 507), answers=ACCEPTED),
+)
 async def upload_adapter(request: Request, tenant: TenantDep):
     backend = request.app.state.backend
     refuse_when_draining(backend)
@@ -96,13 +111,13 @@ async def upload_adapter(request: Request, tenant: TenantDep):
     return JSONResponse(AdapterObject.of(record), status_code=202 if fmt == "finetune" else 201)
 
 
-@router.get("/v1/adapters")
+@router.get("/v1/adapters", response_model=AdapterList, **documented(key="tenant"))
 async def list_adapters(request: Request, tenant: TenantDep):
     records = request.app.state.backend.registry.list_adapters(tenant.name)
     return {"object": "list", "data": [AdapterObject.of(r) for r in records]}
 
 
-@router.get("/v1/adapters/{name}")
+@router.get("/v1/adapters/{name}", response_model=AdapterObject, **documented(key="tenant", errors=(404,)))
 async def get_adapter(request: Request, name: str, tenant: TenantDep):
     record = request.app.state.backend.registry.get_adapter(tenant.name, name)
     if record is None:
@@ -110,21 +125,25 @@ async def get_adapter(request: Request, name: str, tenant: TenantDep):
     return AdapterObject.of(record)
 
 
-@router.delete("/v1/adapters/{name}", status_code=204)
+@router.delete("/v1/adapters/{name}", status_code=204, **documented(key="tenant", errors=(404,)))
 async def delete_adapter(request: Request, name: str, tenant: TenantDep):
     request.app.state.backend.adapters.delete_adapter(tenant, name)
     return Response(status_code=204)
 
 
 # ---- operations -----------------------------------------------------------------------------------
-@router.get("/health")
+@router.get("/health", response_model=Status, responses={503: {"model": Status, "description": "The engine is dead."}})
 async def health(request: Request):
     if not request.app.state.backend.healthy:
         return JSONResponse({"status": "dead"}, status_code=503)
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=Status,
+    responses={503: {"model": Status, "description": "Starting, draining or dead: send no traffic here."}},
+)
 async def ready(request: Request):
     backend = request.app.state.backend
     if not backend.ready:
@@ -133,7 +152,11 @@ async def ready(request: Request):
     return {"status": "ok"}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    **documented(key="admin unless public", answers={200: {"description": "Prometheus text exposition format."}}),
+)
 async def metrics(request: Request):
     if not request.app.state.public_metrics:
         require_admin(request)

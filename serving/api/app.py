@@ -7,13 +7,18 @@ import time
 
 from fastapi import FastAPI
 
-from serving.api import admin_routes, model_routes, openai_routes
+from serving.api import admin_routes, model_routes, openai_routes, openapi
 from serving.api.errors import error_body, install_handlers
+from serving.api.model_routes import package_version
 
 KNOWN_ROUTES = {
     "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/tenants", "/v1/adapters", "/metrics", "/health", "/ready",
-    "/tokenize", "/detokenize", "/version",
+    "/tokenize", "/detokenize", "/version", "/docs", "/openapi.json",
 }
+DESCRIPTION = (
+    "Many tenants' fine-tunes of one base model, served as OpenAI's API (completions, chat completions, models) "
+    "plus the tenant and adapter routes. Every error is OpenAI's error object. See docs/reference.md."
+)
 
 
 def route_label(path: str) -> str:
@@ -30,13 +35,15 @@ def route_label(path: str) -> str:
 
 def create_app(backend, *, public_metrics: bool = False) -> FastAPI:
     """backend: a serving.backend.Backend (or anything with its interface, for tests)."""
-    app = FastAPI(title="deltaserve", version="0.1.0", docs_url=None, redoc_url=None)
+    app = FastAPI(title="deltaserve", version=package_version(), description=DESCRIPTION, docs_url="/docs", redoc_url=None,
+                  swagger_ui_oauth2_redirect_url=None)  # fmt: skip
     app.state.backend = backend
     app.state.public_metrics = public_metrics
     install_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(model_routes.router)
     app.include_router(admin_routes.router)
+    openapi.install(app)
 
     app.add_middleware(RequestMetrics, metrics=backend.metrics)
     app.add_middleware(RefuseAmbiguousFraming)

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from registry.errors import DeltaError, InsufficientStorage, InvalidName, NameTaken, NotFound, UploadTooLarge
 from serving.engine.errors import EngineDead, Overloaded, PromptTooLong, TenantBusy
@@ -79,6 +80,25 @@ def to_api_error(e: BaseException) -> APIError:
     return APIError(500, "Internal server error.")
 
 
+def leaf_routes(routes) -> list:
+    """The routes that answer requests, through included routers (FastAPI wraps those; no prefixes here)."""
+    leaves = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        leaves += leaf_routes(inner.routes) if inner is not None else [route]
+    return leaves
+
+
+def _methods_of(request: Request) -> set[str]:
+    """Every method some route serves at this request's path."""
+    methods: set[str] = set()
+    for route in leaf_routes(request.app.routes):
+        match, _ = route.matches({**request.scope, "method": "GET"})  # any method: the path alone decides
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -101,9 +121,12 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         message = e.detail if isinstance(e.detail, str) else "error"
+        headers = dict(e.headers or {})
         if e.status_code == 404:
             message = f"No route {request.method} {request.url.path}."
-        return error_response(APIError(e.status_code, message, headers=dict(e.headers or {})))
+        if e.status_code == 405:  # Starlette's Allow names the first route of the path only (GET and DELETE are two)
+            headers["Allow"] = ", ".join(sorted(_methods_of(request)))
+        return error_response(APIError(e.status_code, message, headers=headers))
 
     @app.exception_handler(Exception)
     async def _any(request: Request, e: Exception):

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from serving.api.auth import TenantDep
 from serving.api.bodies import chat_prompt_ids, check_chars, parse, read_json
 from serving.api.errors import APIError
+from serving.api.openapi import documented
 from serving.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -27,17 +28,19 @@ from serving.api.schemas import (
 router = APIRouter()
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, **documented(key="tenant"))
 async def list_models(request: Request, tenant: TenantDep):
     return {"object": "list", "data": request.app.state.backend.adapters.list_models(tenant)}
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelObject)
+@router.get("/v1/models/{model_id:path}", response_model=ModelObject, **documented(key="tenant", errors=(404,)))
 async def retrieve_model(request: Request, tenant: TenantDep, model_id: str):
     return request.app.state.backend.adapters.model_card(tenant, model_id)
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post(
+    "/tokenize", response_model=TokenizeResponse, **documented(key="tenant", body=TokenizeRequest, errors=(400, 404, 413))
+)
 async def tokenize(request: Request, tenant: TenantDep):
     req: TokenizeRequest = parse(TokenizeRequest, await read_json(request))
     backend = request.app.state.backend
@@ -51,7 +54,11 @@ async def tokenize(request: Request, tenant: TenantDep):
     return {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids, "token_strs": strs}
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse)
+@router.post(
+    "/detokenize",
+    response_model=DetokenizeResponse,
+    **documented(key="tenant", body=DetokenizeRequest, errors=(400, 404, 413)),
+)
 async def detokenize(request: Request, tenant: TenantDep):
     req: DetokenizeRequest = parse(DetokenizeRequest, await read_json(request))
     backend = request.app.state.backend
@@ -62,9 +69,13 @@ async def detokenize(request: Request, tenant: TenantDep):
         raise APIError(400, str(e), param="tokens") from None
 
 
-@router.get("/version", response_model=VersionResponse)
-async def version():
+def package_version() -> str:
     try:
-        return {"version": metadata.version("deltaserve")}
+        return metadata.version("deltaserve")
     except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return {"version": "unknown"}
+        return "unknown"
+
+
+@router.get("/version", response_model=VersionResponse, **documented())
+async def version():
+    return {"version": package_version()}

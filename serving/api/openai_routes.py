@@ -17,12 +17,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from serving.api.auth import TenantDep
 from serving.api.bodies import chat_prompt_ids, check_chars, parse, read_json
 from serving.api.errors import APIError, error_body, refuse_when_draining, to_api_error
+from serving.api.openapi import documented
 from serving.api.schemas import (
     MAX_PROMPTS,
     UNSUPPORTED_CHAT_FIELDS,
     UNSUPPORTED_COMPLETION_FIELDS,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     refuse_unsupported,
 )
 from serving.engine.sampling_params import SamplingParams
@@ -300,7 +303,11 @@ async def until_done_or_disconnected(request: Request, work) -> bool:
     return False
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    **documented(key="tenant", body=CompletionRequest, errors=(400, 404, 413, 429, 503), streams=True),
+)
 async def completions(request: Request, tenant: TenantDep):
     body = await read_json(request)
     refuse_unsupported(body, UNSUPPORTED_COMPLETION_FIELDS)
@@ -331,7 +338,11 @@ async def completions(request: Request, tenant: TenantDep):
     return await respond(request, tenant, resolved, jobs, req, chat=False)
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    **documented(key="tenant", body=ChatCompletionRequest, errors=(400, 404, 413, 429, 503), streams=True),
+)
 async def chat_completions(request: Request, tenant: TenantDep):
     body = await read_json(request)
     refuse_unsupported(body, UNSUPPORTED_CHAT_FIELDS)

@@ -1,16 +1,19 @@
 """Request bodies of the OpenAI-style routes, checked at the boundary.
 
 Unknown fields are refused (400 naming them). Known OpenAI fields that deltaserve does not implement are
-refused by name when set to anything but their no-op default — never silently ignored.
+refused by name when set to anything but their no-op default — never silently ignored. Types are strict: a JSON
+`true` is no number and `1.5` no integer, as the documented schemas (/openapi.json) say. The answers' models are
+here too: they are what /openapi.json documents the routes to return.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from registry.catalog import STATUSES
+from registry.names import MAX_NAME_LENGTH, NAME_PATTERN
 from registry.upload_formats import FORMATS
 from serving.api.errors import APIError
 from serving.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
@@ -18,8 +21,8 @@ from serving.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
 MAX_N = 16
 MAX_PROMPTS = 32  # prompts in one completions request
 
-# field -> its no-op values (anything else is refused)
-UNSUPPORTED_COMPLETION_FIELDS: dict[str, tuple[Any, ...]] = {
+# field -> its no-op values (anything else is refused). The sampling fields are refused the same way by both routes.
+UNSUPPORTED_SAMPLING_FIELDS: dict[str, tuple[Any, ...]] = {
     "echo": (False, None),
     "best_of": (1, None),
     "suffix": (None, ""),
@@ -27,10 +30,9 @@ UNSUPPORTED_COMPLETION_FIELDS: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0, 0.0, None),
     "frequency_penalty": (0, 0.0, None),
 }
+UNSUPPORTED_COMPLETION_FIELDS = UNSUPPORTED_SAMPLING_FIELDS
 UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}),
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
+    **UNSUPPORTED_SAMPLING_FIELDS,
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -48,6 +50,27 @@ UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _no_op_only(field: str) -> WithJsonSchema:
+    """The documented schema of an unsupported field: exactly its no-op values (refuse_unsupported's rule)."""
+    allowed = UNSUPPORTED_CHAT_FIELDS[field]
+    values: list[Any] = []
+    for v in allowed:
+        if v is None:
+            values.append({"type": "null"})
+        elif isinstance(v, bool):
+            values.append({"type": "boolean", "const": v})
+        elif isinstance(v, int | float):
+            if {"type": "number", "const": v} not in values:  # 0 and 0.0: one JSON number
+                values.append({"type": "number", "const": v})
+        elif v == {}:
+            values.append({"type": "object", "maxProperties": 0})
+        elif v == []:
+            values.append({"type": "array", "maxItems": 0})
+        else:
+            values.append({"const": v})
+    return WithJsonSchema({"anyOf": values, "description": "Not supported: accepted only at its no-op value."})
+
+
 def refuse_unsupported(body: Any, table: dict[str, tuple[Any, ...]]) -> None:
     if not isinstance(body, dict):
         return
@@ -56,13 +79,34 @@ def refuse_unsupported(body: Any, table: dict[str, tuple[Any, ...]]) -> None:
             raise APIError(400, f"`{field}` is not supported by this server.", param=field, code="unsupported_parameter")
 
 
+# The documented forms of fields whose rules the validators below (and the routes) apply with their own messages.
+# A token id's maximum is the served vocabulary's: serving/api/openapi.py fills it in where "x-vocabulary" is.
+_TOKEN_ID = {"type": "integer", "minimum": 0, "x-vocabulary": True}
+_TEXT = {"type": "string", "minLength": 1}
+STOP_SCHEMA = WithJsonSchema({"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "maxItems": MAX_STOP_STRINGS},
+                                        {"type": "null"}]})  # fmt: skip
+PROMPT_SCHEMA = WithJsonSchema({"anyOf": [
+    _TEXT,
+    {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_PROMPTS},
+    {"type": "array", "items": _TOKEN_ID, "minItems": 1},
+    {"type": "array", "items": {"type": "array", "items": _TOKEN_ID, "minItems": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
+]})  # fmt: skip
+TOKEN_IDS_SCHEMA = WithJsonSchema({"type": "array", "items": _TOKEN_ID, "maxItems": 1 << 20})
+# A tenant's or adapter's name: checked by registry.names.validate_name (its messages), documented as a pattern.
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_NAME_LENGTH),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH, "pattern": NAME_PATTERN}),
+]
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -71,7 +115,7 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, STOP_SCHEMA] = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = False  # extension (as in vLLM): keep generating past the end-of-sequence token
@@ -87,16 +131,16 @@ class _Sampling(BaseModel):
         return stops
 
     # fields of the unsupported tables, accepted here only at their no-op values (checked before parsing)
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    echo: Annotated[bool | None, _no_op_only("echo")] = None
+    best_of: Annotated[int | None, _no_op_only("best_of")] = None
+    suffix: Annotated[str | None, _no_op_only("suffix")] = None
+    logit_bias: Annotated[dict[str, float] | None, _no_op_only("logit_bias")] = None
+    presence_penalty: Annotated[float | None, _no_op_only("presence_penalty")] = None
+    frequency_penalty: Annotated[float | None, _no_op_only("frequency_penalty")] = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], PROMPT_SCHEMA]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
@@ -112,13 +156,13 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = Field(default=None, max_length=64)
@@ -128,31 +172,40 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    # top_logprobs needs logprobs: true (the route's check), as a schema
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+            "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+        },
+    )
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # accepted at their no-op values only (see UNSUPPORTED_CHAT_FIELDS)
-    tools: list | None = None
-    tool_choice: Any = None
-    functions: list | None = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: dict | None = None
-    store: bool | None = None
-    metadata: dict | None = None
-    modalities: list | None = None
-    audio: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    service_tier: str | None = None
-    web_search_options: Any = None
+    tools: Annotated[list | None, _no_op_only("tools")] = None
+    tool_choice: Annotated[Any, _no_op_only("tool_choice")] = None
+    functions: Annotated[list | None, _no_op_only("functions")] = None
+    function_call: Annotated[Any, _no_op_only("function_call")] = None
+    parallel_tool_calls: Annotated[Any, _no_op_only("parallel_tool_calls")] = None
+    response_format: Annotated[dict | None, _no_op_only("response_format")] = None
+    store: Annotated[bool | None, _no_op_only("store")] = None
+    metadata: Annotated[dict | None, _no_op_only("metadata")] = None
+    modalities: Annotated[list | None, _no_op_only("modalities")] = None
+    audio: Annotated[Any, _no_op_only("audio")] = None
+    prediction: Annotated[Any, _no_op_only("prediction")] = None
+    reasoning_effort: Annotated[Any, _no_op_only("reasoning_effort")] = None
+    service_tier: Annotated[str | None, _no_op_only("service_tier")] = None
+    web_search_options: Annotated[Any, _no_op_only("web_search_options")] = None
 
 
 class TenantCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=64)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Name
 
 
 class AdapterObject(BaseModel):
@@ -198,7 +251,17 @@ class ModelList(BaseModel):
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a `prompt`, or chat `messages` rendered with the base's chat template."""
 
-    model_config = ConfigDict(extra="forbid")
+    # "exactly one of prompt and messages" (the validator below), as a schema: each branch needs its field non-null
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )
     model: str = Field(min_length=1, max_length=256)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1024)
@@ -221,9 +284,9 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(min_length=1, max_length=256)
-    tokens: list[int] = Field(max_length=1 << 20)
+    tokens: Annotated[list[int], Field(max_length=1 << 20), TOKEN_IDS_SCHEMA]
 
 
 class DetokenizeResponse(BaseModel):
@@ -232,3 +295,94 @@ class DetokenizeResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+# ---- answers (what the routes return; /openapi.json documents them) -----------------------------------------
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TokenLogprob):
+    top_logprobs: list[TokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TenantObject(BaseModel):
+    name: str
+    created: int
+
+
+class TenantCreated(TenantObject):
+    api_key: str  # shown once: the registry keeps only its hash
+
+
+class TenantList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TenantObject]
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterObject]
+
+
+class Status(BaseModel):
+    status: Literal["ok", "starting", "draining", "dead"]
