@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from registry.names import NAME_PATTERN, validate_name
+from serving.api.schemas import UNSUPPORTED_CHAT_FIELDS, UNSUPPORTED_COMPLETION_FIELDS
 from tests.api.conftest import ADMIN_KEY
 
 # Every check runs on every operation (no --checks on the command line: `--checks all` would override the
@@ -124,3 +125,26 @@ def test_schemathesis_finds_nothing(live, tmp_path: Path):
     (report,) = tmp_path.glob("*.ndjson")
     ran = set(re.findall(r'"name": ?"([a-z_]+)"', report.read_text()))
     assert ran >= ALL_CHECKS, f"checks that did not run: {ALL_CHECKS - ran}"
+
+
+@pytest.fixture(scope="module")
+def tenant_key(live):
+    return live.new_tenant("unsupported")
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [("/v1/completions", f) for f in UNSUPPORTED_COMPLETION_FIELDS]
+    # every field of the completions table is a chat request's field too (both take the same sampling fields)
+    + [("/v1/chat/completions", f) for f in {**UNSUPPORTED_COMPLETION_FIELDS, **UNSUPPORTED_CHAT_FIELDS}],
+)
+def test_an_unsupported_field_is_refused_by_name_unless_at_its_no_op_value(live, tenant_key, path, field):
+    body = {"model": live.backend.model_id, "max_tokens": 1}
+    body |= {"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    with live.client(tenant_key) as c:
+        r = c.post(path, json={**body, field: "a value that does something"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] | {"message": None} == {"message": None, "type": "invalid_request_error", "param": field,
+                                                            "code": "unsupported_parameter"}  # fmt: skip
+        for no_op in {**UNSUPPORTED_COMPLETION_FIELDS, **UNSUPPORTED_CHAT_FIELDS}[field]:
+            assert c.post(path, json={**body, field: no_op}).status_code == 200, (field, no_op)
