@@ -328,6 +328,11 @@ class Registry:
                 raise NameTaken(f"tenant {name!r} already exists", "name") from None
         return tenant, key
 
+    def get_tenant(self, name: str) -> Tenant | None:
+        """The tenant of this name, or None."""
+        rows = self._query("SELECT name, created FROM tenants WHERE name=?", (name,))
+        return Tenant(*rows[0]) if rows else None
+
     def list_tenants(self) -> list[Tenant]:
         """All tenants, by name."""
         return [Tenant(*r) for r in self._query("SELECT name, created FROM tenants ORDER BY name")]

@@ -40,6 +40,10 @@ class ServerSettings(EngineOptions, BaseSettings):
     drain_timeout: float = Field(30.0, ge=0, description="seconds running requests get on SIGTERM")
     header_timeout: float = Field(10.0, gt=0, description="seconds a request's headers may take")
     max_connections: int = Field(1000, ge=1, description="open connections at once; beyond, new ones are closed")
+    allowed_local_adapter_dir: Path | None = Field(
+        None,
+        description="a folder whose LoRA adapters the admin may load by path (POST /v1/load_lora_adapter; default: none)",
+    )
     preload: list[str] = Field(
         default_factory=list,
         description="an adapter to load onto the GPU at start-up (repeatable)",
@@ -153,7 +157,8 @@ def run_server(settings: ServerSettings) -> int:
         for ref in settings.preload:
             backend.preload(ref)
         backend.start()
-        server = make_server(create_app(backend, public_metrics=settings.public_metrics), settings, backend)
+        server = make_server(create_app(backend, public_metrics=settings.public_metrics,
+                                   local_adapter_dir=settings.allowed_local_adapter_dir), settings, backend)
         try:
             server.run()
         finally:

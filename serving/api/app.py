@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from fastapi import FastAPI
 
-from serving.api import admin_routes, model_routes, openai_routes, openapi
+from serving.api import admin_routes, lora_routes, model_routes, openai_routes, openapi
 from serving.api.errors import error_body, install_handlers
 from serving.api.model_routes import package_version
 
 KNOWN_ROUTES = {
     "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/tenants", "/v1/adapters", "/metrics", "/health", "/ready",
-    "/tokenize", "/detokenize", "/version", "/docs", "/openapi.json",
+    "/tokenize", "/detokenize", "/version", "/docs", "/openapi.json", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
 }
 DESCRIPTION = (
     "Many tenants' fine-tunes of one base model, served as OpenAI's API (completions, chat completions, models) "
@@ -33,16 +34,19 @@ def route_label(path: str) -> str:
     return "other"
 
 
-def create_app(backend, *, public_metrics: bool = False) -> FastAPI:
-    """backend: a serving.backend.Backend (or anything with its interface, for tests)."""
+def create_app(backend, *, public_metrics: bool = False, local_adapter_dir: Path | None = None) -> FastAPI:
+    """backend: a serving.backend.Backend (or anything with its interface, for tests). local_adapter_dir: the
+    folder POST /v1/load_lora_adapter may read (None: loading by path is off)."""
     app = FastAPI(title="deltaserve", version=package_version(), description=DESCRIPTION, docs_url="/docs", redoc_url=None,
                   swagger_ui_oauth2_redirect_url=None)  # fmt: skip
     app.state.backend = backend
     app.state.public_metrics = public_metrics
+    app.state.local_adapter_dir = local_adapter_dir
     install_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(model_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(lora_routes.router)
     openapi.install(app)
 
     app.add_middleware(RequestMetrics, metrics=backend.metrics)

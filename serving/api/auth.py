@@ -39,5 +39,16 @@ def require_tenant(request: Request):
     raise APIError(401, "Incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def tenant_or_admin(request: Request):
+    """The caller's tenant, or None for the admin key (routes that serve both)."""
+    key = _bearer(request)
+    registry = request.app.state.backend.registry
+    tenant = registry.authenticate(key)
+    if tenant is not None or registry.is_admin(key):
+        return tenant
+    raise APIError(401, "Incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
 Admin = Annotated[None, Depends(require_admin)]
 TenantDep = Annotated[object, Depends(require_tenant)]
+TenantOrAdmin = Annotated[object, Depends(tenant_or_admin)]

@@ -57,6 +57,7 @@ def _errors(codes: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
 KEYS = {
     "tenant": "a tenant's key",
     "admin": "the admin key",
+    "tenant or admin": "a tenant's key (its own adapters) or the admin key (any tenant's, named in the body)",
     "admin unless public": "the admin key, unless the server runs with --public-metrics",
 }
 

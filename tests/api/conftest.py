@@ -56,7 +56,8 @@ def start_server(root: Path, base_dir: Path, **overrides) -> LiveServer:
     registry.ensure_admin_key(settings.admin_key)
     backend = build_backend(settings, registry)
     backend.start()
-    server = make_server(create_app(backend, public_metrics=settings.public_metrics), settings, backend)
+    server = make_server(create_app(backend, public_metrics=settings.public_metrics,
+                                   local_adapter_dir=settings.allowed_local_adapter_dir), settings, backend)
     server.install_signal_handlers = lambda: None  # runs in a thread: the test process keeps its signals
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

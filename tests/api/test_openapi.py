@@ -27,7 +27,7 @@ hooks = "tests.api.schemathesis_hooks"
 headers = { Authorization = "Bearer ${DELTASERVE_TEST_TENANT_KEY}" }
 
 [[operations]]
-include-path-regex = "^/(v1/tenants|metrics)"
+include-path-regex = "^/(v1/tenants|metrics|v1/load_lora_adapter)"
 headers = { Authorization = "Bearer ${DELTASERVE_TEST_ADMIN_KEY}" }
 
 [[operations]]
