@@ -55,6 +55,8 @@ def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None) -> Sam
         stop=list(req.stop or []),
         logprobs=logprobs,
         ignore_eos=req.ignore_eos,
+        stop_token_ids=list(req.stop_token_ids or []),
+        skip_special_tokens=req.skip_special_tokens,
     )
 
 

@@ -16,7 +16,7 @@ from registry.catalog import STATUSES
 from registry.names import MAX_NAME_LENGTH, NAME_PATTERN
 from registry.upload_formats import FORMATS
 from serving.api.errors import APIError
-from serving.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
+from serving.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
 MAX_N = 16
 MAX_PROMPTS = 32  # prompts in one completions request
@@ -92,6 +92,8 @@ PROMPT_SCHEMA = WithJsonSchema({"anyOf": [
     {"type": "array", "items": {"type": "array", "items": _TOKEN_ID, "minItems": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
 ]})  # fmt: skip
 TOKEN_IDS_SCHEMA = WithJsonSchema({"type": "array", "items": _TOKEN_ID, "maxItems": 1 << 20})
+STOP_TOKEN_IDS_SCHEMA = WithJsonSchema({"anyOf": [{"type": "array", "items": _TOKEN_ID, "maxItems": MAX_STOP_TOKEN_IDS},
+                                                  {"type": "null"}]})  # fmt: skip
 # A tenant's or adapter's name: checked by registry.names.validate_name (its messages), documented as a pattern.
 Name = Annotated[
     str,
@@ -119,6 +121,9 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = False  # extension (as in vLLM): keep generating past the end-of-sequence token
+    # extensions as in vLLM: token ids that end the choice (finish_reason "stop"), special tokens in the text
+    stop_token_ids: Annotated[list[int] | None, STOP_TOKEN_IDS_SCHEMA] = None
+    skip_special_tokens: bool = True
 
     @field_validator("stop")
     @classmethod

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_TOKEN_IDS = 64  # each generated token is looked up in them: a bound keeps one request from slowing the step
 MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 2.0
 SEED_LIMIT = 2**63  # seeds live in [0, 2**63)
@@ -110,6 +111,10 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingParamsError(f"stop strings must be non-empty strings, got {s!r}", "stop")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamsError(
+                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}", "stop_token_ids"
+            )
         for tid in self.stop_token_ids:
             if not _is_int(tid) or tid < 0 or (vocab_size is not None and tid >= vocab_size):
                 bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
