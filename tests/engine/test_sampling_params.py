@@ -32,6 +32,7 @@ def test_valid_edges() -> None:
     SamplingParams(max_tokens=1, temperature=2.0, top_p=1.0, top_k=-1, seed=0, logprobs=0)
     SamplingParams(temperature=0.0, top_p=1e-6, seed=2**63 - 1, logprobs=20, stop=["a", "b", "c", "d"])
     SamplingParams(stop_token_ids=[0, 319]).validate(vocab_size=320)
+    SamplingParams(stop_token_ids=list(range(64))).validate()  # the most stop ids
 
 
 @pytest.mark.parametrize(
@@ -53,6 +54,7 @@ def test_valid_edges() -> None:
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
         ({"seed": -1}, "seed"),
         ({"seed": 2**63}, "seed"),
         ({"seed": 1.0}, "seed"),
