@@ -51,12 +51,14 @@ fi
 mutmut run "${names[@]}" &  # a non-zero exit means surviving mutants: the summary below says which
 run=$!
 # mutmut does not stop a worker stuck in an infinite loop (a mutated `while`) under its fork server: the
-# watchdog kills workers older than 40 s (reported apart, not as detected: see the report below).
+# watchdog kills workers older than 120 s (reported apart, not as detected: see the report below); a hanging
+# test fails before that, at the 30 s per test of [tool.mutmut], so what the watchdog still kills is stuck below
+# Python or very slow.
 while kill -0 "$run" 2>/dev/null; do
   for server in $(pgrep -P "$run" -f "mutmut run"); do
     for pid in $(pgrep -P "$server"); do
-      if [ "$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')" -gt 40 ] 2>/dev/null; then
-        kill -9 "$pid" && echo "watchdog: killed a worker stuck for 40 s" >&2
+      if [ "$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ')" -gt 120 ] 2>/dev/null; then
+        kill -9 "$pid" && echo "watchdog: killed a worker stuck for 120 s" >&2
       fi
     done
   done
