@@ -262,3 +262,13 @@ def test_refusals_name_the_argument_and_check_every_device() -> None:
         lora_expand_ref(y[:4], buf[:4], bt, scaling, ranks, mix.tiles())
     with pytest.raises(ValueError, match=r"^lora_shrink_ref: all tensors must be on one device, got .*a on meta"):
         lora_shrink_ref(buf, x, a.to("meta"), ranks, mix.tiles())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_single_input_or_output_feature(backend: str) -> None:
+    mix = MIXES[0]
+    for in_f, out_f in ((1, OUT_F), (IN_F, 1)):  # a degenerate projection is still applied, not skipped
+        a, bt, scaling, ranks, x, y, buf = _problem(mix, torch.float32, in_f=in_f, out_f=out_f)
+        before = y.clone()
+        apply(backend, y, x, a, bt, scaling, ranks, mix.tiles(), buf)
+        assert_close(y, _dense_apply(before, x, a, bt, scaling, mix.row_slots()), torch.float32, f"{in_f}x{out_f}")
