@@ -117,10 +117,11 @@ def test_schemathesis_finds_nothing(live, tmp_path: Path):
     config = tmp_path / "schemathesis.toml"
     config.write_text(SCHEMATHESIS_CONFIG)
     env = {**os.environ, "DELTASERVE_TEST_TENANT_KEY": live.new_tenant("fuzz"), "DELTASERVE_TEST_ADMIN_KEY": ADMIN_KEY,
-           "DELTASERVE_SCHEMATHESIS_MODEL": live.backend.model_id, "PYTHONPATH": str(Path.cwd())}  # fmt: skip
+           "DELTASERVE_SCHEMATHESIS_MODEL": live.backend.model_id, "PYTHONPATH": str(Path(__file__).parents[2])}  # fmt: skip
     cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{live.url}/openapi.json",
            "--max-examples", "25", "--seed", "1", "--no-shrink", "--report", "ndjson", "--report-dir", str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    # run in tmp_path: Schemathesis keeps a cache (.schemathesis/) in its working directory
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-12000:] + done.stderr[-3000:]
     (report,) = tmp_path.glob("*.ndjson")
     ran = set(re.findall(r'"name": ?"([a-z_]+)"', report.read_text()))
