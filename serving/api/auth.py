@@ -18,6 +18,10 @@ def _bearer(request: Request) -> str:
     return key.strip()
 
 
+def _incorrect_key() -> APIError:
+    return APIError(401, "Incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
 def require_admin(request: Request) -> None:
     key = _bearer(request)
     registry = request.app.state.backend.registry
@@ -25,7 +29,7 @@ def require_admin(request: Request) -> None:
         return
     if registry.authenticate(key) is not None:
         raise APIError(403, "This route needs the admin key.", code="admin_required")
-    raise APIError(401, "Incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    raise _incorrect_key()
 
 
 def require_tenant(request: Request):
@@ -36,7 +40,7 @@ def require_tenant(request: Request):
         return tenant
     if registry.is_admin(key):
         raise APIError(403, "This route needs a tenant key; the admin key owns no models.", code="tenant_required")
-    raise APIError(401, "Incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    raise _incorrect_key()
 
 
 def tenant_or_admin(request: Request):
@@ -46,7 +50,7 @@ def tenant_or_admin(request: Request):
     tenant = registry.authenticate(key)
     if tenant is not None or registry.is_admin(key):
         return tenant
-    raise APIError(401, "Incorrect API key.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    raise _incorrect_key()
 
 
 Admin = Annotated[None, Depends(require_admin)]

@@ -91,7 +91,8 @@ PROMPT_SCHEMA = WithJsonSchema({"anyOf": [
     {"type": "array", "items": _TOKEN_ID, "minItems": 1},
     {"type": "array", "items": {"type": "array", "items": _TOKEN_ID, "minItems": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
 ]})  # fmt: skip
-TOKEN_IDS_SCHEMA = WithJsonSchema({"type": "array", "items": _TOKEN_ID, "maxItems": 1 << 20})
+MAX_DETOKENIZE_IDS = 1 << 20
+TOKEN_IDS_SCHEMA = WithJsonSchema({"type": "array", "items": _TOKEN_ID, "maxItems": MAX_DETOKENIZE_IDS})
 STOP_TOKEN_IDS_SCHEMA = WithJsonSchema({"anyOf": [{"type": "array", "items": _TOKEN_ID, "maxItems": MAX_STOP_TOKEN_IDS},
                                                   {"type": "null"}]})  # fmt: skip
 # A tenant's or adapter's name: checked by registry.names.validate_name (its messages), documented as a pattern.
@@ -291,7 +292,7 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(min_length=1, max_length=256)
-    tokens: Annotated[list[int], Field(max_length=1 << 20), TOKEN_IDS_SCHEMA]
+    tokens: Annotated[list[int], Field(max_length=MAX_DETOKENIZE_IDS), TOKEN_IDS_SCHEMA]
 
 
 class DetokenizeResponse(BaseModel):
