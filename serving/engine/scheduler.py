@@ -359,7 +359,6 @@ class Scheduler:
         self._release_slot(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.queues.setdefault(seq.tenant, deque()).appendleft(seq)
 

@@ -41,7 +41,6 @@ class Sequence:
     slot: int = -1  # GPU slot of `delta` while pinned (its kind's slot space), else -1
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    num_preemptions: int = 0
     num_parks: int = 0  # times taken out of the batch for another tenant's fair share (its KV kept)
     arrival: int = 0  # order of arrival at the scheduler: whose delta is loaded next when slots are short
 

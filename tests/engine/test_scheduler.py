@@ -348,7 +348,7 @@ def test_out_of_blocks_the_newest_sequence_is_preempted() -> None:
     got = step(s)  # each decode needs a new block: the newest gives its blocks back first
     assert seqs[2].status is SeqStatus.WAITING and seqs[2].num_computed == 0
     assert ("s0", 1) in got and ("s1", 1) in got
-    assert [x.num_preemptions for x in seqs] == [0, 0, 1] and s.num_preemptions == 1
+    assert s.num_preemptions == 1 and seqs[0].num_computed == 9 and seqs[1].num_computed == 9
 
 
 def test_out_of_blocks_with_only_prefills_the_newest_of_three_gives_its_blocks() -> None:
@@ -359,7 +359,7 @@ def test_out_of_blocks_with_only_prefills_the_newest_of_three_gives_its_blocks()
     assert step(s) == [("s0", 4), ("s1", 4), ("s2", 4)]
     assert step(s) == [("s0", 4), ("s1", 4), ("s2", 4)]  # all 6 blocks held, every next chunk needs one more
     got = step(s)
-    assert [x.num_preemptions for x in seqs] == [0, 0, 1] and s.num_preemptions == 1
+    assert s.num_preemptions == 1 and [x.num_computed for x in seqs] == [12, 12, 0]
     assert got == [("s0", 4), ("s1", 4)]  # s2's two blocks: the last chunks of the older two (nobody admitted)
     assert seqs[2].status is SeqStatus.WAITING and s.waiting == [seqs[2]]
 
@@ -386,7 +386,7 @@ def test_a_parked_sequence_gives_its_blocks_before_a_running_one_is_preempted() 
     s.num_preemptions = 3  # as after earlier preemptions: the reclaim adds one to the count
     while len(b.block_table) < 3:  # b decodes until it needs a third block: a's are taken back for it
         step(s)
-    assert b.num_preemptions == 0 and b.status is SeqStatus.RUNNING
+    assert b.status is SeqStatus.RUNNING and b.block_table
     assert not a.block_table and a.num_computed == 0 and a.status is SeqStatus.WAITING and a.slot == -1
     assert s.num_preemptions == 4 and s.slots.pins == {} and s.waiting[0] is a
 
@@ -448,3 +448,34 @@ def test_a_resident_delta_never_takes_the_load_turn() -> None:
     s.add(seq("f1", 2, tenant="b", delta=FakeDelta("F")))
     step(s)
     assert sorted(x.request_id for x in s.running) == ["f1", "w1", "x0"]
+
+
+def test_the_lowest_counter_tenant_over_its_share_lets_a_waiting_one_in() -> None:
+    # b was served before (its counter stays high); a, now first in counter order, holds its share (1 of 2) while
+    # b waits: b takes the free place, not a's second request.
+    s = make(max_num_seqs=2, budget=64)
+    b0 = seq("b0", 10, tenant="b")
+    s.add(b0)
+    step(s)
+    s.finish(b0, "stop")
+    s.add(seq("a0", 2, tenant="a"))
+    step(s)
+    s.add(seq("a1", 2, tenant="a"))
+    s.add(seq("b1", 2, tenant="b"))
+    assert s.counters["a"] < s.counters["b"]
+    step(s)
+    assert sorted(x.request_id for x in s.running) == ["a0", "b1"]
+
+
+def test_a_request_whose_delta_is_resident_counts_as_waiting_for_a_place() -> None:
+    # b1 needs B, already in a slot (b0 runs with it): it can run at once, so b's share is 1.5 of 3, not 1, and one
+    # of a's two is parked for it.
+    s = make(max_num_seqs=3, budget=64, slots=2)
+    s.add(seq("b0", 2, tenant="b", delta=FakeDelta("B")))
+    s.add(seq("a0", 2, tenant="a"))
+    s.add(seq("a1", 2, tenant="a"))
+    step(s)
+    s.add(seq("a2", 2, tenant="a"))
+    s.add(seq("b1", 2, tenant="b", delta=FakeDelta("B")))
+    step(s)
+    assert s.num_parked == 1 and sorted(x.request_id for x in s.running) == ["a0", "b0", "b1"]
