@@ -173,6 +173,37 @@ def greedy_tokens(model, tokenizer, prompt: str, max_tokens: int) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
+def hf_processors(params, num_prompt: int, end_ids):
+    """The logits processors transformers' generate() builds for these SamplingParams, in its order; frequency
+    and presence penalties, which transformers lacks, as OpenAI documents them (over the generated tokens)."""
+    from transformers import (
+        LogitsProcessor,
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+    )
+
+    class OpenAIPenalties(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            counts = torch.zeros_like(scores)
+            for b in range(input_ids.shape[0]):
+                for t in input_ids[b, num_prompt:].tolist():
+                    counts[b, t] += 1
+            return scores - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+
+    procs = LogitsProcessorList()
+    if params.logit_bias:
+        procs.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias.items()]))
+    if params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.min_tokens:
+        procs.append(MinNewTokensLengthLogitsProcessor(num_prompt, params.min_tokens, sorted(end_ids)))
+    if params.frequency_penalty or params.presence_penalty:
+        procs.append(OpenAIPenalties())
+    return procs
+
+
 def save_finetune(base: Path, out: Path, seed: int, *, touch=lambda name: True, std: float = 0.03,
                   max_shard_size: str | None = None) -> Path:  # fmt: skip
     """A fine-tune of `base`: every tensor for which touch(name) holds gets noise whose size varies per

@@ -57,6 +57,13 @@ def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None) -> Sam
         ignore_eos=req.ignore_eos,
         stop_token_ids=list(req.stop_token_ids or []),
         skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        min_p=req.min_p or 0.0,
+        min_tokens=req.min_tokens,
     )
 
 

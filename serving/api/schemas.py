@@ -16,7 +16,14 @@ from registry.catalog import STATUSES
 from registry.names import MAX_NAME_LENGTH, NAME_PATTERN
 from registry.upload_formats import FORMATS
 from serving.api.errors import APIError
-from serving.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from serving.engine.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
 
 MAX_N = 16
 MAX_PROMPTS = 32  # prompts in one completions request
@@ -26,9 +33,6 @@ UNSUPPORTED_SAMPLING_FIELDS: dict[str, tuple[Any, ...]] = {
     "echo": (False, None),
     "best_of": (1, None),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
 }
 UNSUPPORTED_COMPLETION_FIELDS = UNSUPPORTED_SAMPLING_FIELDS
 UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
@@ -93,6 +97,12 @@ PROMPT_SCHEMA = WithJsonSchema({"anyOf": [
 ]})  # fmt: skip
 MAX_DETOKENIZE_IDS = 1 << 20
 TOKEN_IDS_SCHEMA = WithJsonSchema({"type": "array", "items": _TOKEN_ID, "maxItems": MAX_DETOKENIZE_IDS})
+LOGIT_BIAS_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "object", "maxProperties": MAX_LOGIT_BIAS_ENTRIES, "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+     "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS},
+     "description": "token id (a decimal string, below the vocabulary size) -> bias added to its logit"},
+    {"type": "null"},
+]})  # fmt: skip
 STOP_TOKEN_IDS_SCHEMA = WithJsonSchema({"anyOf": [{"type": "array", "items": _TOKEN_ID, "maxItems": MAX_STOP_TOKEN_IDS},
                                                   {"type": "null"}]})  # fmt: skip
 # A tenant's or adapter's name: checked by registry.names.validate_name (its messages), documented as a pattern.
@@ -125,6 +135,14 @@ class _Sampling(BaseModel):
     # extensions as in vLLM: token ids that end the choice (finish_reason "stop"), special tokens in the text
     stop_token_ids: Annotated[list[int] | None, STOP_TOKEN_IDS_SCHEMA] = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # extension (vLLM): a matched stop string ends the text
+    presence_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: Annotated[dict[str, float] | None, LOGIT_BIAS_SCHEMA] = None
+    # extensions as in vLLM (semantics: serving/engine/sampling_params.py)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -136,13 +154,24 @@ class _Sampling(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries")
+        for key, bias in v.items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"logit_bias keys must be token ids written in decimal, got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must lie in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        return v
+
     # fields of the unsupported tables, accepted here only at their no-op values (checked before parsing)
     echo: Annotated[bool | None, _no_op_only("echo")] = None
     best_of: Annotated[int | None, _no_op_only("best_of")] = None
     suffix: Annotated[str | None, _no_op_only("suffix")] = None
-    logit_bias: Annotated[dict[str, float] | None, _no_op_only("logit_bias")] = None
-    presence_penalty: Annotated[float | None, _no_op_only("presence_penalty")] = None
-    frequency_penalty: Annotated[float | None, _no_op_only("frequency_penalty")] = None
 
 
 class CompletionRequest(_Sampling):

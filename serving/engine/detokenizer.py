@@ -29,6 +29,9 @@ class IncrementalDetokenizer:
         prompt_token_ids: the prompt; its last few tokens give the decoding context of the first generated token.
         stop: stop strings; the output ends just before the first occurrence of any of them (never emitted).
         skip_special_tokens: leave special tokens out of the text.
+        include_stop_str: the output ends just after the stop string instead (it is emitted).
+        min_tokens: stop strings are looked for only in the text of the ``min_tokens``-th generated token on
+            (the text before is emitted as it comes).
 
     Invariant: ``text`` == the concatenation of everything :meth:`add` and :meth:`flush` returned.
     """
@@ -39,8 +42,12 @@ class IncrementalDetokenizer:
         prompt_token_ids: Sequence[int],
         stop: Sequence[str] = (),
         skip_special_tokens: bool = True,
+        include_stop_str: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self._tokenizer = tokenizer
+        self._include_stop = include_stop_str
+        self._min_tokens = min_tokens
         self._skip_special = skip_special_tokens
         self._special_ids = frozenset(tokenizer.all_special_ids) if skip_special_tokens else frozenset()
         self._stop = tuple(s for s in stop if s)
@@ -72,7 +79,8 @@ class IncrementalDetokenizer:
 
     @property
     def stopped(self) -> bool:
-        """True once a stop string has appeared; ``text`` then ends just before it."""
+        """True once a stop string has appeared; ``text`` then ends just before it (just after it with
+        include_stop_str)."""
         return self._stopped
 
     @property
@@ -100,13 +108,18 @@ class IncrementalDetokenizer:
     def _release(self, delta: str, final: bool) -> str:
         """Appends ``delta`` to the held-back text, cuts at a stop string, returns what is now final."""
         pending = self._pending + delta
+        if len(self._token_ids) < self._min_tokens:  # too early for a stop: everything is final as it comes
+            self._pending = ""
+            self._text += pending
+            return pending
         cut, which = -1, None
         for s in self._stop:
             at = pending.find(s)
             if at >= 0 and (cut < 0 or at < cut):
                 cut, which = at, s
         if cut >= 0:
-            out = pending[:cut]
+            assert which is not None
+            out = pending[: cut + len(which)] if self._include_stop else pending[:cut]
             self._pending = ""
             self._stopped = True
             self._stop_string = which

@@ -181,9 +181,12 @@ class LLMEngine:
             self.slots.check_servable(delta)
         detok = None
         if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
+                                           params.include_stop_str_in_output, params.min_tokens)  # fmt: skip
+        ends = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
         # Without fair scheduling every request counts as one tenant's: first come, first served.
-        seq = Sequence(request_id, ids, params, delta, detok, tenant=tenant if self.config.fair_scheduling else "")
+        seq = Sequence(request_id, ids, params, delta, detok, tenant=tenant if self.config.fair_scheduling else "",
+                       end_token_ids=ends)  # fmt: skip
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -271,7 +274,7 @@ class LLMEngine:
         p = seq.params
         if seq.detokenizer is not None and seq.detokenizer.stopped:
             return "stop"
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if token in seq.end_token_ids:
             return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return "length"

@@ -140,7 +140,7 @@ class ModelRunner:
         for s in seqs:
             if s.generator is None and s.params.seed is not None:
                 s.generator = make_generator(s.params.seed, self.device)
-            rows.append(RowSampling(s.params, s.generator))
+            rows.append(RowSampling(s.params, s.generator, s.token_ids, s.num_prompt_tokens, s.end_token_ids))
         out = self.sampler(logits, rows)
         token_ids = out.token_ids.tolist()  # the step's one device->host sync
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)

@@ -1,8 +1,13 @@
 """Next-token selection for a batch whose rows each carry their own sampling parameters.
 
 Semantics, per row i of ``logits`` [B, V]:
-    greedy (temperature < GREEDY_EPS):  token = argmax(logits[i])
-    sampled:  x = logits[i] / temperature;  keep the top_k largest x;  keep the smallest nucleus of mass >= top_p;
+    first, when the row asks (transformers' logits processors' semantics; see adjust_logits):
+              l = logits[i] + logit_bias;  the tokens that would end it set to -inf while it has fewer than
+              min_tokens;  repetition_penalty on the tokens of prompt and output;  minus frequency_penalty x count
+              and presence_penalty x (count > 0) of each token in the output
+    greedy (temperature < GREEDY_EPS):  token = argmax(l)
+    sampled:  x = l / temperature;  keep the top_k largest x;  keep the smallest nucleus of mass >= top_p;
+              drop what is less likely than min_p x the most likely;
               p = softmax(x);  token = argmax(p / q),  q ~ Exponential(1) per vocabulary entry
               (the "exponential race": P(token = j) = p[j]).
     A seeded row draws q from its own generator, so its tokens depend only on its logits and its seed, never on
@@ -14,7 +19,7 @@ Nothing here reads a tensor back to the host: the engine syncs once per step aft
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +44,17 @@ class RowSampling:
     Attributes:
         params: the request's (validated) parameters.
         generator: the request's own generator (``make_generator(seed, logits.device)``), or None when unseeded.
+        token_ids: the prompt and the tokens generated so far (the penalties and min_tokens read them).
+        num_prompt_tokens: how many of ``token_ids`` are the prompt.
+        end_token_ids: the tokens that would end the request (its stop_token_ids, and end-of-sequence unless it
+            ignores it): masked while fewer than ``params.min_tokens`` are generated.
     """
 
     params: SamplingParams
     generator: torch.Generator | None = None
+    token_ids: Sequence[int] = ()
+    num_prompt_tokens: int = 0
+    end_token_ids: Collection[int] = ()
 
 
 @dataclass
@@ -100,6 +112,86 @@ def mask_top_k_top_p(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None)
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_vals)
 
 
+def _token_table(rows: list[RowSampling], tokens_of, V: int, device: torch.device) -> Tensor:
+    """[len(rows), V] float32: how many times each token occurs in ``tokens_of(row)``."""
+    r_idx = [j for j, r in enumerate(rows) for _ in tokens_of(r)]
+    t_idx = [t for r in rows for t in tokens_of(r)]
+    counts = torch.zeros(len(rows), V, dtype=torch.float32, device=device)
+    if t_idx:
+        counts.index_put_(
+            (_host_to_device(r_idx, torch.int64, device), _host_to_device(t_idx, torch.int64, device)),
+            torch.ones(len(t_idx), dtype=torch.float32, device=device),
+            accumulate=True,
+        )
+    return counts
+
+
+def adjust_logits(logits: Tensor, rows: Sequence[RowSampling]) -> Tensor:
+    """The logits each row chooses from: its logit_bias, min_tokens, repetition, frequency and presence penalties
+    applied (rows that ask for none are left as they are); a new tensor, or ``logits`` itself when no row asks.
+
+    Semantics, per row (token counts over the output only, except repetition: prompt and output):
+        l = logits + logit_bias
+        l[end_token_ids] = -inf                while len(output) < min_tokens
+        l[t] = l[t] / rp if l[t] > 0 else l[t] * rp    for t in prompt + output   (rp = repetition_penalty)
+        l -= frequency_penalty * count(t in output) + presence_penalty * (count > 0)
+    Args:
+        logits: [B, V] float32.
+        rows: B entries.
+    Returns:
+        [B, V] float32.
+    """
+    B, V = logits.shape
+    which = [i for i, r in enumerate(rows) if r.params.changes_logits]
+    if not which:
+        return logits
+    device = logits.device
+    out = logits.clone()
+    # logit_bias and min_tokens: a few (row, token) entries each
+    at_r, at_t, add = [], [], []
+    for i in which:
+        r = rows[i]
+        for tid, bias in r.params.logit_bias.items():
+            at_r.append(i), at_t.append(tid), add.append(bias)
+        if len(r.token_ids) - r.num_prompt_tokens < r.params.min_tokens:
+            for tid in r.end_token_ids:
+                at_r.append(i), at_t.append(tid), add.append(float("-inf"))
+    if at_r:
+        out.index_put_(
+            (_host_to_device(at_r, torch.int64, device), _host_to_device(at_t, torch.int64, device)),
+            _host_to_device(add, torch.float32, device),
+            accumulate=True,
+        )
+    rep = [i for i in which if rows[i].params.repetition_penalty != 1.0]
+    if rep:
+        seen = _token_table([rows[i] for i in rep], lambda r: r.token_ids, V, device) > 0  # [m, V]
+        rp = _host_to_device([rows[i].params.repetition_penalty for i in rep], torch.float32, device)[:, None]
+        index = _host_to_device(rep, torch.int64, device)
+        x = out[index]
+        out[index] = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
+    pen = [i for i in which if rows[i].params.frequency_penalty or rows[i].params.presence_penalty]
+    if pen:
+        counts = _token_table([rows[i] for i in pen], lambda r: r.token_ids[r.num_prompt_tokens :], V, device)
+        freq = _host_to_device([rows[i].params.frequency_penalty for i in pen], torch.float32, device)[:, None]
+        pres = _host_to_device([rows[i].params.presence_penalty for i in pen], torch.float32, device)[:, None]
+        index = _host_to_device(pen, torch.int64, device)
+        out[index] = out[index] - freq * counts - pres * (counts > 0).float()
+    return out
+
+
+def mask_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Masks (to -inf) the entries of row i whose probability is below ``min_p[i]`` x the row's largest (as
+    transformers' MinPLogitsWarper; the top entry is always kept); returns a new tensor.
+
+    Args:
+        logits: [B, V] float32 (after temperature, top-k and top-p).
+        min_p: [B] float32 in [0, 1] (0 = off).
+    """
+    probs = logits.softmax(dim=-1)  # [B, V]
+    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
 class Sampler:
     """Turns the last-position logits of a batch into next tokens, each row with its own parameters.
 
@@ -136,11 +228,12 @@ class Sampler:
         assert len(rows) == B, f"{len(rows)} rows for a batch of {B}"
         device = logits.device
         logits = logits.float()
-        token_ids = logits.argmax(dim=-1)  # [B] int64; the answer for greedy rows
+        adjusted = adjust_logits(logits, rows)
+        token_ids = adjusted.argmax(dim=-1)  # [B] int64; the answer for greedy rows
 
         sampled = [i for i, r in enumerate(rows) if r.params.temperature >= GREEDY_EPS]
         if sampled:
-            picked = self._sample(logits, [rows[i] for i in sampled], sampled)
+            picked = self._sample(adjusted, [rows[i] for i in sampled], sampled)
             if len(sampled) == B:
                 token_ids = picked
             else:
@@ -170,6 +263,9 @@ class Sampler:
         top_p = _host_to_device(ps, torch.float32, device) if any(p < 1.0 for p in ps) else None
         if top_k is not None or top_p is not None:
             x = mask_top_k_top_p(x, top_k, top_p)
+        min_ps = [r.params.min_p for r in rows]
+        if any(min_ps):
+            x = mask_min_p(x, _host_to_device(min_ps, torch.float32, device))
         probs = x.softmax(dim=-1)  # [n, V]
 
         q = torch.empty_like(probs)  # [n, V] Exponential(1) noise

@@ -15,6 +15,9 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_TOKEN_IDS = 64  # each generated token is looked up in them: a bound keeps one request from slowing the step
 MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 2.0
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100], as OpenAI's
+MAX_LOGIT_BIAS_ENTRIES = 300  # written into the logits every step: a bound keeps one request from slowing it
 SEED_LIMIT = 2**63  # seeds live in [0, 2**63)
 
 
@@ -56,9 +59,21 @@ class SamplingParams:
         logprobs: None = no log-probabilities; k in [0, 20] = the chosen token's logprob plus the top k
             alternatives (under the model's raw distribution).
         skip_special_tokens: leave special tokens out of the detokenized text.
+        include_stop_str_in_output: a matched stop string ends the text instead of being cut off.
+        presence_penalty: in [-2, 2]; subtracted from the logit of every token generated at least once.
+        frequency_penalty: in [-2, 2]; subtracted from a token's logit once per time it was generated.
+        repetition_penalty: > 0, 1 = off; the logits of tokens in the prompt or the output are divided by it when
+            positive, multiplied when negative (as transformers' RepetitionPenaltyLogitsProcessor).
+        logit_bias: token id -> a number in [-100, 100] added to its logit (at most 300 entries).
+        min_p: in [0, 1]; tokens less likely than ``min_p`` times the most likely one are dropped (after top-k and
+            top-p, as transformers' MinPLogitsWarper); 0 = off.
+        min_tokens: generate at least this many tokens (<= max_tokens): until then the end-of-sequence token
+            (unless ``ignore_eos``) and ``stop_token_ids`` cannot be drawn, and stop strings are not looked for.
 
-    Construction normalises containers (``stop`` may be given as one string) and validates everything that does
-    not need the vocabulary; call :meth:`validate` with ``vocab_size`` to check ``stop_token_ids`` too.
+    Penalties, bias and the min_tokens mask change the logits that greedy and sampled rows choose from; reported
+    log-probabilities stay those of the raw logits. Construction normalises containers (``stop`` may be given as
+    one string) and validates everything that does not need the vocabulary; call :meth:`validate` with
+    ``vocab_size`` to check token ids too.
     """
 
     max_tokens: int = 16
@@ -71,6 +86,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -80,9 +102,11 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self.logit_bias = {} if self.logit_bias is None else dict(self.logit_bias)
         self.validate()
-        self.temperature = float(self.temperature)
-        self.top_p = float(self.top_p)
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            setattr(self, name, float(getattr(self, name)))
+        self.logit_bias = {tid: float(b) for tid, b in self.logit_bias.items()}
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raises :class:`SamplingParamsError` for the first out-of-range field.
@@ -125,12 +149,54 @@ class SamplingParams:
             raise SamplingParamsError(
                 f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", "logprobs"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise SamplingParamsError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}", name)
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not math.isfinite(rp) or rp <= 0:
+            raise SamplingParamsError(f"repetition_penalty must be a finite number > 0, got {rp!r}", "repetition_penalty")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise SamplingParamsError(
+                f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries, got {len(self.logit_bias)}", "logit_bias"
+            )
+        for tid, bias in self.logit_bias.items():
+            if not _is_int(tid) or tid < 0 or (vocab_size is not None and tid >= vocab_size):
+                bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                raise SamplingParamsError(f"logit_bias keys must be token ids {bound}, got {tid!r}", "logit_bias")
+            if not _is_real(bias) or not math.isfinite(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise SamplingParamsError(
+                    f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}",
+                    "logit_bias",
+                )
+        mp = self.min_p
+        if not _is_real(mp) or not math.isfinite(mp) or not 0 <= mp <= 1:
+            raise SamplingParamsError(f"min_p must be a number in [0, 1], got {mp!r}", "min_p")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingParamsError(
+                f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}",
+                "min_tokens",
+            )
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")
         if not isinstance(self.skip_special_tokens, bool):
             raise SamplingParamsError(
                 f"skip_special_tokens must be a boolean, got {self.skip_special_tokens!r}", "skip_special_tokens"
             )
+
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise SamplingParamsError(
+                f"include_stop_str_in_output must be a boolean, got {self.include_stop_str_in_output!r}",
+                "include_stop_str_in_output",
+            )
+
+    @property
+    def changes_logits(self) -> bool:
+        """True when a penalty, a bias or min_tokens may change this row's logits before it chooses."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+            or self.min_tokens
+        )  # fmt: skip
 
     @property
     def greedy(self) -> bool:

@@ -33,6 +33,7 @@ class Sequence:
     delta: Delta | None = None
     detokenizer: IncrementalDetokenizer | None = None
     tenant: str = ""  # whose request: the scheduler's fair shares are per tenant
+    end_token_ids: frozenset[int] = frozenset()  # tokens that end it: stop_token_ids, and EOS unless ignored
     generator: torch.Generator | None = None
     status: SeqStatus = SeqStatus.WAITING
     token_ids: list[int] = field(default_factory=list)  # prompt + generated

@@ -81,7 +81,10 @@ def test_every_route_documents_its_body_answers_errors_and_key(live):
         "name", "format", "files"]  # fmt: skip
     # the fields refused unless at their no-op value are documented as exactly those values
     chat = components["ChatCompletionRequest"]["properties"]
-    assert chat["presence_penalty"]["anyOf"] == [{"type": "number", "const": 0}, {"type": "null"}]
+    assert chat["best_of"]["anyOf"] == [{"type": "number", "const": 1}, {"type": "null"}]
+    penalty = next(s for s in chat["presence_penalty"]["anyOf"] if s["type"] == "number")
+    assert (penalty["minimum"], penalty["maximum"]) == (-2, 2)
+    assert chat["logit_bias"]["anyOf"][0]["maxProperties"] == 300
     assert chat["echo"]["anyOf"] == [{"type": "boolean", "const": False}, {"type": "null"}]
     vocab = live.backend.tokens.vocab_size
     assert components["DetokenizeRequest"]["properties"]["tokens"]["items"] == {

@@ -1,4 +1,5 @@
-"""vLLM's sampling extensions through the API: stop_token_ids and skip_special_tokens, per request."""
+"""OpenAI's and vLLM's sampling fields through the API, per request: stop_token_ids, skip_special_tokens,
+include_stop_str_in_output, min_tokens, logit_bias, the penalties and min_p (their numerics: tests/engine)."""
 
 from __future__ import annotations
 
@@ -43,9 +44,72 @@ def test_stop_token_ids_are_checked(live, client):
 
 
 def test_the_request_fields_reach_the_sampling_params():
-    req = CompletionRequest.model_validate({"model": "m", "prompt": "x", "stop_token_ids": [3, 4],
-                                            "skip_special_tokens": False})  # fmt: skip
+    req = CompletionRequest.model_validate({
+        "model": "m", "prompt": "x", "stop_token_ids": [3, 4], "skip_special_tokens": False,
+        "include_stop_str_in_output": True, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+        "logit_bias": {"7": 3, "12": -100.0}, "min_p": 0.1, "min_tokens": 2,
+    })  # fmt: skip
     params = sampling_for(req, 4, 0, None)
     assert params.stop_token_ids == [3, 4] and params.skip_special_tokens is False
+    assert params.include_stop_str_in_output is True and params.logit_bias == {7: 3.0, 12: -100.0}
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert (params.min_p, params.min_tokens) == (0.1, 2)
     default = sampling_for(CompletionRequest.model_validate({"model": "m", "prompt": "x"}), 4, 0, None)
     assert default.stop_token_ids == [] and default.skip_special_tokens is True
+    assert not default.include_stop_str_in_output and not default.changes_logits and default.min_p == 0
+
+
+def _text(client, model, chat=False, **fields):
+    """Greedy text of a fixed prompt; the fields go in the body (extensions through extra_body)."""
+    openai_fields = {k: fields.pop(k) for k in ("presence_penalty", "frequency_penalty", "logit_bias") if k in fields}
+    if chat:
+        out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "To be or not"}],
+                                             max_tokens=12, temperature=0, extra_body={"ignore_eos": True, **fields},
+                                             **openai_fields)  # fmt: skip
+        return out.choices[0].message.content
+    out = client.completions.create(model=model, prompt="To be or not", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True, **fields}, **openai_fields)  # fmt: skip
+    return out.choices[0].text
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(live, client):
+    model = live.backend.model_id
+    plain = _text(client, model)
+    stop = plain[3:5]
+    assert stop and stop not in plain[:3]
+    assert _text(client, model, stop=[stop]) == plain[:3]
+    assert _text(client, model, stop=[stop], include_stop_str_in_output=True) == plain[:5]
+
+
+def test_min_tokens_holds_stop_strings_back(live, client):
+    model = live.backend.model_id
+    plain = _greedy(client, model).text  # 8 tokens
+    at, stop = next((i, c) for i, c in enumerate(plain) if c.isascii() and c.isprintable())
+    assert _greedy(client, model, stop=[stop]).text == plain[:at]
+    # looked for only from the 8th token on: the first occurrence is in text out before, so it does not end it
+    late = _greedy(client, model, stop=[stop], min_tokens=8).text
+    assert plain.startswith(late) and len(late) > at
+
+
+def test_logit_bias_changes_the_greedy_choice(live, client):
+    model = live.backend.model_id
+    plain = _text(client, model)
+    tok = live.backend.tokens
+    forced = next(t for t in range(3, tok.vocab_size) if tok.token_text(t).strip() and tok.token_text(t) not in plain)
+    for chat in (False, True):
+        biased = _text(client, model, chat=chat, logit_bias={str(forced): 100})
+        assert biased == tok.token_text(forced) * 12  # +100 on one token: it wins every step
+    # the penalties' numerics, per row in mixed batches: tests/engine/test_mixed_batch.py and test_logits_adjustment.py
+    assert _text(client, model, min_p=0.5) == plain  # min_p never changes the most likely token
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"logit_bias": {"x1": 1}}, "logit_bias"), ({"logit_bias": {"1": 101}}, "logit_bias"),
+    ({"logit_bias": {str(10**9): 1}}, "logit_bias"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"), ({"min_tokens": 13}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
+])  # fmt: skip
+def test_out_of_range_sampling_fields_are_refused_by_name(live, client, fields, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        _text(client, live.backend.model_id, **fields)
+    assert e.value.body["param"] == param or param in e.value.body["message"]

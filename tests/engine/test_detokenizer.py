@@ -215,3 +215,33 @@ def test_sentencepiece_spacing(sp_tok) -> None:
         # without a prompt the leading space is stripped, as a plain decode does
         det = IncrementalDetokenizer(sp_tok, [])
         assert "".join(_run(det, ids)) == sp_tok.decode(ids)
+
+
+@pytest.mark.parametrize(("stop", "expected"), [("brown fox", "The quick brown fox"), ("k b", "The quick b"),
+                                                ("dog.", "The quick brown fox jumps over the lazy dog.")])  # fmt: skip
+def test_include_stop_str_ends_the_text_just_after_it(tok, stop, expected) -> None:
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. And more.", add_special_tokens=False)
+    det = IncrementalDetokenizer(tok, [], stop=[stop], include_stop_str=True)
+    chunks = []
+    for i in ids:
+        chunks.append(det.add(i))
+        if det.stopped:
+            break
+    assert det.stopped and det.stop_string == stop and "".join(chunks) == det.text == expected
+
+
+def test_stop_strings_are_looked_for_only_from_the_min_tokens_th_token_on(tok) -> None:
+    text = "ab ab ab ab ab ab"
+    ids = tok.encode(text, add_special_tokens=False)
+    texts = [tok.decode(ids[: n + 1]) for n in range(len(ids))]
+    first = next(n for n, t in enumerate(texts) if "ab" in t)  # the token completing the first "ab"
+    det = IncrementalDetokenizer(tok, [], stop=["ab"], min_tokens=first + 2)
+    _run(det, ids, flush=False)
+    assert det.stopped
+    # everything the first first+1 tokens produced is out, as it came; the first "ab" completed later ends it
+    kept = det.text
+    assert kept.startswith(texts[first]) and len(kept) > len(texts[first]) and text.startswith(kept)
+    assert kept + "ab" in text and "ab" not in kept[len(texts[first]):]
+    plain = IncrementalDetokenizer(tok, [], stop=["ab"])
+    _run(plain, ids, flush=False)
+    assert plain.text == text[: text.index("ab")]

@@ -9,6 +9,7 @@ Prompts of different lengths; requests arrive at different steps.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from registry.loading import load_delta
 from serving.engine.config import EngineConfig
@@ -75,3 +76,43 @@ def test_chunked_prefill_and_a_small_step_budget_give_the_same_tokens(world):
     got = run_in_waves(engine, requests, deltas, SamplingParams(max_tokens=8, temperature=0.0))
     for rid, name, prompt in requests:
         assert got[rid] == greedy_tokens(tenants[name][1], engine.tokenizer, prompt, 8), f"{rid}: {prompt!r}"
+
+
+# Each tenant's rows with their own penalties, bias and min_tokens (one row plain), in one mixed batch.
+ROW_SETTINGS = {
+    "base": {"repetition_penalty": 1.6},
+    "lora-r2": {"frequency_penalty": 1.5, "presence_penalty": 0.5},
+    "lora-r8": {"logit_bias": {2: 30.0}, "min_tokens": 3},  # EOS certain once 3 tokens are out, not before
+    "lora-r4-rs": {"repetition_penalty": 0.7, "presence_penalty": -1.0},
+    "bd-row": {"logit_bias": {50: 4.0, 60: -100.0, 61: -100.0}},
+    "bd-mat": {"repetition_penalty": 1.3, "frequency_penalty": 0.4, "min_tokens": 3},
+    "bd-repl": {},
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_per_row_penalties_bias_and_min_tokens_match_transformers_processors(world, backend):
+    from tests.helpers import hf_processors
+
+    base_dir, tenants = world
+    config = EngineConfig(device="cpu", dtype="float32", kernel_backend=backend, bitdelta_slots=3, lora_slots=3,
+                          max_lora_rank=8, max_model_len=128, max_num_batched_tokens=256)  # fmt: skip
+    engine = LLMEngine.from_model_dir(base_dir, config)
+    deltas = {name: load_delta(path, engine.spec, 8) if path else None for name, (path, _) in tenants.items()}
+    max_tokens = 10 if backend == "cpu" else 4
+    requests = []
+    for j, name in enumerate(tenants):
+        prompt = PROMPTS[j % len(PROMPTS)]
+        requests.append((prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, **ROW_SETTINGS[name]), name))
+    got = engine.generate([(prompt, params, deltas[name]) for prompt, params, name in requests])
+    changed = 0
+    for (prompt, params, name), out in zip(requests, got):
+        ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = tenants[name][1].generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                                             eos_token_id=2, logits_processor=hf_processors(params, ids.shape[1], {2}))
+        assert out.token_ids == want[0, ids.shape[1]:].tolist(), f"{name}: {ROW_SETTINGS[name]}"
+        changed += out.token_ids != greedy_tokens(tenants[name][1], engine.tokenizer, prompt, max_tokens)
+    assert changed >= (4 if backend == "cpu" else 2)  # the settings change the tokens (the test could fail)
+    r8 = got[list(tenants).index("lora-r8")].token_ids
+    assert len(r8) == 4 and r8[-1] == 2  # EOS the first time min_tokens allows it: after 3 tokens
