@@ -39,13 +39,21 @@ class Job:
     prompt_index: int
     prompt: list[int]
     params: SamplingParams
+    echo: str | None = None  # completions' echo: the prompt's text, sent before the generated text
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+    streamed_offset: int = 0  # a streamed completion's next text_offset: its tokens' texts so far
+
+    @property
+    def first_prompt_token(self) -> int | None:
+        """With echo and logprobs, the prompt's first token: reported first, with no logprob (nothing before it)."""
+        return self.prompt[0] if self.echo is not None and self.params.logprobs is not None else None
 
 
-def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None) -> SamplingParams:
+def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None, echo: bool = False) -> SamplingParams:
+    """The engine's parameters for one choice; echo with logprobs also scores the prompt's tokens."""
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -64,6 +72,7 @@ def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None) -> Sam
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
         min_p=req.min_p or 0.0,
         min_tokens=req.min_tokens,
+        prompt_logprobs=logprobs if echo else None,
     )
 
 
@@ -133,10 +142,15 @@ def _logprob(v: float) -> float:
     return v if math.isfinite(v) else NOT_FINITE_LOGPROB
 
 
-def completion_logprobs(vocab, outs, offset: int) -> dict:
+def completion_logprobs(vocab, outs, offset: int, first_token: int | None = None) -> dict:
     """OpenAI's completions logprobs object; `offset` is the text offset of the first token. vocab: has
-    token_text(id) (serving.tokenizing.Tokenizing)."""
+    token_text(id) (serving.tokenizing.Tokenizing). first_token: an echoed prompt's first token, which comes
+    first with null logprobs (as OpenAI's)."""
     tokens, lps, tops, offsets = [], [], [], []
+    if first_token is not None:
+        tok = vocab.token_text(first_token)
+        tokens.append(tok), lps.append(None), tops.append(None), offsets.append(offset)
+        offset += len(tok)
     for lp in outs:
         tok = vocab.token_text(lp.token_id)
         tokens.append(tok)
@@ -167,13 +181,19 @@ def sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def absorb(job: Job, out) -> None:
-    """Adds one step's output of a job to what the job has produced."""
-    job.text.append(out.new_text)
+def absorb(job: Job, out) -> tuple[str, list]:
+    """Adds one step's output of a job to what the job has produced; returns the text and logprobs it added (on
+    an echoing job's first output: the prompt's first)."""
+    text, lps = out.new_text, list(out.new_logprobs)
+    if job.echo is not None and not job.text:
+        text = job.echo + text
+        lps = list(out.prompt_logprobs or ()) + lps
+    job.text.append(text)
     job.token_ids.extend(out.new_token_ids)
-    job.logprobs.extend(out.new_logprobs)
+    job.logprobs.extend(lps)
     if out.finished:
         job.finish_reason = "length" if out.finish_reason == "length" else "stop"
+    return text, lps
 
 
 @dataclass
@@ -185,7 +205,7 @@ class Reply:
     chat: bool
     id: str = field(init=False)
     created: int = field(default_factory=lambda: int(time.time()))
-    started: set[int] = field(default_factory=set)  # chat choices whose first chunk (with the role) is sent
+    started: set[int] = field(default_factory=set)  # choices whose first chunk (chat: with the role) is sent
 
     def __post_init__(self) -> None:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
@@ -201,9 +221,8 @@ class Reply:
                                 "logprobs": chat_logprobs(self.tokens, job.logprobs) if wanted else None,
                                 "finish_reason": job.finish_reason})  # fmt: skip
             else:
-                choices.append({"index": job.index, "text": text,
-                                "logprobs": completion_logprobs(self.tokens, job.logprobs, 0) if wanted else None,
-                                "finish_reason": job.finish_reason})  # fmt: skip
+                lps = completion_logprobs(self.tokens, job.logprobs, 0, job.first_prompt_token) if wanted else None
+                choices.append({"index": job.index, "text": text, "logprobs": lps, "finish_reason": job.finish_reason})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": usage_of(jobs)}  # fmt: skip
 
@@ -214,9 +233,10 @@ class Reply:
             payload["usage"] = usage
         return payload
 
-    def chunk_choice(self, job: Job, out, text_before: int) -> dict | None:
-        """The streamed choice for one step's output of `job` (None when the step has nothing to send)."""
-        text, lps = out.new_text, out.new_logprobs
+    def chunk_choice(self, job: Job, out, added: tuple[str, list]) -> dict | None:
+        """The streamed choice for one step's output of `job`, which added `added` (absorb's text and logprobs)
+        to it; None when the step has nothing to send."""
+        text, lps = added
         finish = job.finish_reason if out.finished else None
         if self.chat:
             delta: dict = {"content": text} if text else {}
@@ -227,9 +247,13 @@ class Reply:
             choice = {"index": job.index, "delta": delta,
                       "logprobs": chat_logprobs(self.tokens, lps) if lps else None, "finish_reason": finish}  # fmt: skip
         else:
-            first = False
-            wanted = job.params.logprobs is not None and lps
-            lp = completion_logprobs(self.tokens, lps, text_before) if wanted else None
+            head = job.first_prompt_token if job.index not in self.started else None  # an echoed prompt's
+            self.started.add(job.index)
+            first = head is not None
+            wanted = job.params.logprobs is not None and (lps or first)
+            lp = completion_logprobs(self.tokens, lps, job.streamed_offset, head) if wanted else None
+            if lp is not None and lp["tokens"]:  # offsets count tokens' texts, as the whole response's do
+                job.streamed_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
             choice = {"index": job.index, "text": text, "logprobs": lp, "finish_reason": finish}
         return choice if text or finish or lps or first else None
 
@@ -274,9 +298,8 @@ async def stream_events(reply: Reply, jobs: list[Job], first: list, stream, with
 
     try:
         async for job, out in outputs():
-            text_before = sum(len(t) for t in job.text)
-            absorb(job, out)
-            choice = reply.chunk_choice(job, out, text_before)
+            added = absorb(job, out)
+            choice = reply.chunk_choice(job, out, added)
             if choice is not None:
                 yield sse(reply.chunk([choice], None, with_usage))
         if with_usage:
@@ -312,6 +335,13 @@ async def until_done_or_disconnected(request: Request, work) -> bool:
     return False
 
 
+def _prompt_text(backend, ids: list[int]) -> str:
+    try:
+        return backend.tokens.decode(ids)
+    except ValueError as e:  # an id outside the vocabulary
+        raise APIError(400, f"The prompt has {e}.", param="prompt") from None
+
+
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
@@ -342,8 +372,11 @@ async def completions(request: Request, tenant: TenantDep):
         if not ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
         max_tokens = check_length(backend, ids, req.max_tokens)
+        # echo: the prompt as given (token prompts: as the base's tokenizer writes them)
+        echo = (texts[pi] if texts else _prompt_text(backend, ids)) if req.echo else None
         for c in range(req.n):
-            jobs.append(Job(pi * req.n + c, pi, ids, sampling_for(req, max_tokens, c, req.logprobs)))
+            params = sampling_for(req, max_tokens, c, req.logprobs, echo=bool(req.echo))
+            jobs.append(Job(pi * req.n + c, pi, ids, params, echo))
     return await respond(request, tenant, resolved, jobs, req, chat=False)
 
 

@@ -30,13 +30,13 @@ MAX_PROMPTS = 32  # prompts in one completions request
 
 # field -> its no-op values (anything else is refused). The sampling fields are refused the same way by both routes.
 UNSUPPORTED_SAMPLING_FIELDS: dict[str, tuple[Any, ...]] = {
-    "echo": (False, None),
     "best_of": (1, None),
     "suffix": (None, ""),
 }
 UNSUPPORTED_COMPLETION_FIELDS = UNSUPPORTED_SAMPLING_FIELDS
 UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
     **UNSUPPORTED_SAMPLING_FIELDS,
+    "echo": (False, None),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -169,7 +169,6 @@ class _Sampling(BaseModel):
         return v
 
     # fields of the unsupported tables, accepted here only at their no-op values (checked before parsing)
-    echo: Annotated[bool | None, _no_op_only("echo")] = None
     best_of: Annotated[int | None, _no_op_only("best_of")] = None
     suffix: Annotated[str | None, _no_op_only("suffix")] = None
 
@@ -178,6 +177,8 @@ class CompletionRequest(_Sampling):
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], PROMPT_SCHEMA]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # the prompt's text before each choice's; with logprobs, its tokens' too (the first has null ones)
+    echo: bool | None = False
 
     @field_validator("prompt")
     @classmethod
@@ -222,6 +223,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # accepted at their no-op values only (see UNSUPPORTED_CHAT_FIELDS)
+    echo: Annotated[bool | None, _no_op_only("echo")] = None
     tools: Annotated[list | None, _no_op_only("tools")] = None
     tool_choice: Annotated[Any, _no_op_only("tool_choice")] = None
     functions: Annotated[list | None, _no_op_only("functions")] = None
@@ -344,8 +346,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # null for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -49,6 +49,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # with prompt_logprobs, on a request's first output: prompt tokens 1.. (the first has nothing before it)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Completion:
     finish_reason: str
     num_prompt_tokens: int
     logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob] | None = None  # with params.prompt_logprobs: prompt tokens 1..
 
 
 @dataclass(frozen=True)
@@ -241,9 +244,12 @@ class LLMEngine:
 
     def _postprocess(self, scheduled, result) -> list[RequestOutput]:
         outputs = []
-        for item, token, logprob in zip(scheduled, result.token_ids, result.logprobs):
+        for i, (item, token, logprob) in enumerate(zip(scheduled, result.token_ids, result.logprobs)):
             seq = item.seq
             seq.num_computed += item.num_tokens
+            if result.prompt_logprobs is not None and result.prompt_logprobs[i] is not None:
+                first, scored = result.prompt_logprobs[i]
+                seq.prompt_logprobs[first - 1 : first - 1 + len(scored)] = scored  # a recomputed chunk: the same
             if token is None:  # a prefill chunk short of the prompt's end: no token yet
                 continue
             seq.token_ids.append(token)
@@ -266,6 +272,9 @@ class LLMEngine:
                     num_prompt_tokens=seq.num_prompt_tokens,
                     num_output_tokens=len(seq.output_token_ids),
                     new_logprobs=[logprob] if logprob is not None else [],
+                    prompt_logprobs=list(seq.prompt_logprobs)
+                    if seq.prompt_logprobs is not None and len(seq.output_token_ids) == 1
+                    else None,
                 )
             )
         return outputs
@@ -308,6 +317,7 @@ class LLMEngine:
                 finish_reason=seqs[rid].finish_reason or "stop",
                 num_prompt_tokens=seqs[rid].num_prompt_tokens,
                 logprobs=seqs[rid].logprobs,
+                prompt_logprobs=seqs[rid].prompt_logprobs,
             )
             for rid in ids
         ]

@@ -29,6 +29,20 @@ from serving.models.tenant_layers import DeltaBatch
 class StepResult:
     token_ids: list[int | None]  # one per scheduled sequence; None for a prefill chunk short of its prompt's end
     logprobs: list[TokenLogprob | None]
+    # per scheduled sequence asking for prompt logprobs: (index of the first prompt token scored, one entry per
+    # prompt token this step's chunk scores), else None
+    prompt_logprobs: list[tuple[int, list[TokenLogprob]] | None] | None = None
+
+
+@dataclass(frozen=True)
+class _PromptScoring:
+    """Which hidden rows of a step score which prompt tokens (for the sequences asking for prompt logprobs)."""
+
+    items: list[tuple[int, int, int, int]]  # (scheduled index, first prompt token scored, how many, top k)
+    rows: torch.Tensor  # [M] int64, the hidden rows (each the position before its token)
+    targets: torch.Tensor  # [M] int64, the prompt tokens they score
+    deltas: DeltaBatch
+    k: int  # top alternatives to report: the largest prompt_logprobs asked
 
 
 class ModelRunner:
@@ -79,24 +93,26 @@ class ModelRunner:
     def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
         seqs = [s.seq for s in scheduled]
         logits = None
-        if self.graphs is not None and all(s.num_tokens == 1 for s in scheduled):
+        scored: list[tuple[int, list[TokenLogprob]] | None] | None = None
+        if self.graphs is not None and all(s.num_tokens == 1 for s in scheduled) and not any(map(_scores_prompt, scheduled)):
             bd_slots = {s.bitdelta_slot for s in seqs if s.bitdelta_slot >= 0}
             key = self.graphs.key_for(seqs, self.slots.has_replacements and self.slots.replaces_any(bd_slots))
             if key is not None:
                 logits = self.graphs.run(seqs, key)
         if logits is None:
-            logits = self._forward(scheduled)
+            logits, scored = self._forward(scheduled)
         completing = [i for i, s in enumerate(scheduled) if s.completes]
-        result = StepResult([None] * len(seqs), [None] * len(seqs))
+        result = StepResult([None] * len(seqs), [None] * len(seqs), scored)
         if completing:
             sampled = self._sample([seqs[i] for i in completing], logits)
             for j, i in enumerate(completing):
                 result.token_ids[i], result.logprobs[i] = sampled.token_ids[j], sampled.logprobs[j]
         return result
 
-    def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
+    def _forward(self, scheduled: list[ScheduledSeq]):
         """The last-position logits [C, V] float32 of the C sequences this step completes (eagerly; None if none
-        does: every row a prefill chunk short of its prompt's end)."""
+        does: every row a prefill chunk short of its prompt's end), and the prompt logprobs this step scores
+        (StepResult.prompt_logprobs; None when no sequence asks)."""
         seqs = [s.seq for s in scheduled]
         query_lens = [s.num_tokens for s in scheduled]
         context_lens = [s.seq.num_computed + s.num_tokens for s in scheduled]
@@ -125,15 +141,52 @@ class ModelRunner:
             last = stage([ends[i] - 1 for i in completing], torch.int64)
             seq_deltas = self._delta_batch([bd_slots[i] for i in completing], [lora_slots[i] for i in completing],
                                            [1] * len(completing), stage)  # fmt: skip
+        scoring = self._prompt_scoring(scheduled, bd_slots, lora_slots, stage)
         stage.upload()
         hidden = self.model(ids, attn, token_deltas)  # [N, D]
+        scored = self._score_prompts(hidden, scoring, len(scheduled)) if scoring is not None else None
         if not completing:
-            return None
+            return None, scored
         if decode_only:
             last_hidden, seq_deltas = hidden, token_deltas
         else:
             last_hidden = hidden[last]  # [C, D]
-        return self.model.compute_logits(last_hidden, seq_deltas)  # [C, V] float32
+        return self.model.compute_logits(last_hidden, seq_deltas), scored  # [C, V] float32
+
+    def _prompt_scoring(self, scheduled, bd_slots, lora_slots, stage: StepStaging) -> _PromptScoring | None:
+        """Stages the rows and targets of the prompt tokens this step scores (a chunk's position p scores prompt
+        token p + 1); None when no scheduled sequence asks for prompt logprobs."""
+        items, rows, targets = [], [], []
+        start = 0
+        for i, s in enumerate(scheduled):
+            seq, first = s.seq, s.seq.num_computed
+            if _scores_prompt(s):
+                count = min(first + s.num_tokens, seq.num_prompt_tokens - 1) - first
+                items.append((i, first + 1, count, seq.params.prompt_logprobs))
+                rows.extend(range(start, start + count))
+                targets.extend(seq.token_ids[first + 1 : first + 1 + count])
+            start += s.num_tokens
+        if not items:
+            return None
+        deltas = self._delta_batch([bd_slots[i] for i, *_ in items], [lora_slots[i] for i, *_ in items],
+                                   [n for _, _, n, _ in items], stage)  # fmt: skip
+        k = max(k for *_, k in items)
+        return _PromptScoring(items, stage(rows, torch.int64), stage(targets, torch.int64), deltas, k)
+
+    def _score_prompts(self, hidden: torch.Tensor, scoring: _PromptScoring, n: int) -> list:
+        """Each scored prompt token's log-probability under the raw distribution at the position before it, and
+        the top alternatives there (one more device->host copy, in the steps that score prompts only)."""
+        logprobs = self.model.compute_logits(hidden[scoring.rows], scoring.deltas).log_softmax(dim=-1)  # [M, V]
+        chosen = logprobs.gather(1, scoring.targets[:, None]).squeeze(1).tolist()
+        top_lp, top_ids = logprobs.topk(min(scoring.k, logprobs.shape[1]), dim=-1)  # [M, K] each
+        top_lp, top_ids, targets = top_lp.tolist(), top_ids.tolist(), scoring.targets.tolist()
+        out: list = [None] * n
+        at = 0
+        for i, first, count, k in scoring.items:
+            out[i] = (first, [TokenLogprob(targets[j], chosen[j], list(zip(top_ids[j][:k], top_lp[j][:k])))
+                              for j in range(at, at + count)])  # fmt: skip
+            at += count
+        return out
 
     def _sample(self, seqs: list, logits: torch.Tensor) -> StepResult:
         rows = []
@@ -152,3 +205,9 @@ class ModelRunner:
                 if k is not None:
                     logprobs[i] = TokenLogprob(token_ids[i], chosen[i], list(zip(top_ids[i][:k], top_lp[i][:k])))
         return StepResult(token_ids, logprobs)
+
+
+def _scores_prompt(s: ScheduledSeq) -> bool:
+    """True when this step's chunk of the sequence scores prompt tokens (it asks for prompt logprobs and the
+    chunk starts before the prompt's last token)."""
+    return s.seq.prompt_logprobs is not None and s.seq.num_computed < s.seq.num_prompt_tokens - 1

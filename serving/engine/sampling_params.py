@@ -60,6 +60,8 @@ class SamplingParams:
             alternatives (under the model's raw distribution).
         skip_special_tokens: leave special tokens out of the detokenized text.
         include_stop_str_in_output: a matched stop string ends the text instead of being cut off.
+        prompt_logprobs: None, or k in [0, 20]: the log-probability of every prompt token after the first under
+            the model's (raw) distribution at the position before it, with the top k alternatives there.
         presence_penalty: in [-2, 2]; subtracted from the logit of every token generated at least once.
         frequency_penalty: in [-2, 2]; subtracted from a token's logit once per time it was generated.
         repetition_penalty: > 0, 1 = off; the logits of tokens in the prompt or the output are divided by it when
@@ -93,6 +95,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_p: float = 0.0
     min_tokens: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -176,6 +179,13 @@ class SamplingParams:
             raise SamplingParamsError(
                 f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}",
                 "min_tokens",
+            )
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise SamplingParamsError(
+                f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
+                "prompt_logprobs",
             )
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")

@@ -42,12 +42,16 @@ class Sequence:
     slot: int = -1  # GPU slot of `delta` while pinned (its kind's slot space), else -1
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # with params.prompt_logprobs: entry j is prompt token j + 1's (filled as the prompt is computed), else None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_parks: int = 0  # times taken out of the batch for another tenant's fair share (its KV kept)
     arrival: int = 0  # order of arrival at the scheduler: whose delta is loaded next when slots are short
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * (len(self.prompt_token_ids) - 1)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -131,7 +131,8 @@ def test_sampled_rows_never_draw_what_min_p_drops() -> None:
     ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"logit_bias": {3: 100.5}}, "logit_bias"),
     ({"logit_bias": {-1: 1.0}}, "logit_bias"), ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias"),
     ({"min_p": 1.5}, "min_p"), ({"min_tokens": 17}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
-    ({"include_stop_str_in_output": 1}, "include_stop_str_in_output"),
+    ({"include_stop_str_in_output": 1}, "include_stop_str_in_output"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
 ])  # fmt: skip
 def test_out_of_range_settings_are_refused_by_name(kwargs, param) -> None:
     with pytest.raises(SamplingParamsError) as e:

@@ -116,3 +116,31 @@ def test_per_row_penalties_bias_and_min_tokens_match_transformers_processors(wor
     assert changed >= (4 if backend == "cpu" else 2)  # the settings change the tokens (the test could fail)
     r8 = got[list(tenants).index("lora-r8")].token_ids
     assert len(r8) == 4 and r8[-1] == 2  # EOS the first time min_tokens allows it: after 3 tokens
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_prompt_logprobs_are_each_merged_finetunes_in_a_mixed_batch(world, backend):
+    # Prompts computed 3 tokens at a time among other tenants' rows (some not asking): every prompt token's
+    # logprob and top 3 are those of the tenant's merged model in transformers.
+    base_dir, tenants = world
+    config = EngineConfig(device="cpu", dtype="float32", kernel_backend=backend, bitdelta_slots=3, lora_slots=3,
+                          max_lora_rank=8, max_model_len=128, max_num_batched_tokens=16, prefill_chunk=3)  # fmt: skip
+    engine = LLMEngine.from_model_dir(base_dir, config)
+    deltas = {name: load_delta(path, engine.spec, 8) if path else None for name, (path, _) in tenants.items()}
+    names = list(tenants) if backend == "cpu" else ["base", "lora-r8", "bd-repl"]
+    requests = [(PROMPTS[j % len(PROMPTS)], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3 - j % 2), name)
+                for j, name in enumerate(names)]  # fmt: skip
+    requests.append((PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0), "lora-r2"))  # asks for none
+    got = engine.generate([(prompt, params, deltas[name]) for prompt, params, name in requests])
+    assert got[-1].prompt_logprobs is None
+    for (prompt, params, name), out in zip(requests[:-1], got):
+        ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = torch.log_softmax(tenants[name][1](ids).logits[0].float(), dim=-1)  # [P, V]
+        assert len(out.prompt_logprobs) == ids.shape[1] - 1
+        for j, lp in enumerate(out.prompt_logprobs):
+            assert lp.token_id == ids[0, j + 1].item()
+            assert abs(lp.logprob - want[j, lp.token_id].item()) < 1e-4, f"{name}: token {j + 1}"
+            top = want[j].topk(params.prompt_logprobs)
+            assert [t for t, _ in lp.top] == top.indices.tolist(), f"{name}: token {j + 1}"
+            torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), top.values, atol=1e-4, rtol=0)
