@@ -112,7 +112,7 @@ def build_slot_tiles(
             raise ValueError(f"pad_to={pad_to} is below the batch's {len(order)} rows or {len(tile_slot)} tiles")
         extra = pad_to - len(tile_slot)
         tile_start.extend([len(order)] * extra)
-        tile_slot.extend([0] * extra)
+        tile_slot.extend([0] * extra)  # a slot every pool has: reading it stays in bounds
         tile_rows.extend([0] * extra)
         order.extend([0] * (pad_to - len(order)))  # covered by no tile: never read
     # One array for all four (a single transfer even without a shared stage).

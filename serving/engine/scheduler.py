@@ -175,7 +175,9 @@ class Scheduler:
         admit = admit and self.num_preemptions == preemptions
         blocked: set[str] = set()  # tenants that cannot be served more this step
         skipped: dict[str, list[Sequence]] = {}  # waiting for a delta slot: they keep their place
-        chunked = {id(s.seq) for s in scheduled}  # done for this step: served, or no KV blocks for their next chunk
+        # Prefilling sequences done for this step: served, or no KV blocks for their next chunk (step 1's decodes
+        # are not prefilling: they never come up here).
+        chunked: set[int] = set()
         while budget > 0:
             tenant = self._next_tenant(blocked, chunked)
             if tenant is None:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from starlette.requests import Request
 
-from serving.api.auth import _bearer, require_admin, require_tenant
+from serving.api.auth import _bearer, require_admin, require_tenant, tenant_or_admin
 from serving.api.errors import APIError
 
 ADMIN, TENANT_KEY = "admin-key", "tenant-key"
@@ -68,3 +68,13 @@ def test_tenant_routes() -> None:
     assert (e.status, e.code, e.message) == (401, "invalid_api_key", "Incorrect API key.")
     assert e.headers == {"WWW-Authenticate": "Bearer"}
     assert refused(require_tenant, None).status == 401
+
+
+def test_routes_for_either_key() -> None:
+    """vLLM's load/unload routes: a tenant acts for itself, the admin key (None) for any tenant it names."""
+    assert tenant_or_admin(request(f"Bearer {TENANT_KEY}")) is ACME
+    assert tenant_or_admin(request(f"Bearer {ADMIN}")) is None
+    e = refused(tenant_or_admin, "Bearer wrong")
+    assert (e.status, e.code, e.message) == (401, "invalid_api_key", "Incorrect API key.")
+    assert e.headers == {"WWW-Authenticate": "Bearer"}
+    assert refused(tenant_or_admin, None).status == 401

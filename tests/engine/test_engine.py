@@ -113,18 +113,47 @@ def test_stop_conditions(world):
         assert r[0].finish_reason == "stop" and stop not in r[0].text and text.startswith(r[0].text)
 
 
-def test_bad_requests_are_refused(world):
+def test_bad_requests_are_refused_naming_the_field_at_fault(world):
     base, _ = world
-    engine = engine_for(base)
-    with pytest.raises(PromptTooLong):
+    engine = engine_for(base)  # max_model_len 96
+    with pytest.raises(PromptTooLong) as info:  # the prompt fits alone: max_tokens is what to lower
         engine.add_request("long", list(range(3, 95)), SamplingParams(max_tokens=10), None)
-    with pytest.raises(SamplingParamsError):
+    assert info.value.param == "max_tokens"
+    with pytest.raises(PromptTooLong) as info:  # the prompt alone fills the context
+        engine.add_request("longer", list(range(3, 99)), SamplingParams(max_tokens=1), None)
+    assert info.value.param == "prompt"
+    with pytest.raises(SamplingParamsError, match="outside the vocabulary") as info:
         engine.add_request("oov", [1, 2, 10_000], SamplingParams(max_tokens=1), None)
-    with pytest.raises(SamplingParamsError):
+    assert info.value.param == "prompt"
+    with pytest.raises(SamplingParamsError, match="empty") as info:
         engine.add_request("empty", [], SamplingParams(max_tokens=1), None)
+    assert info.value.param == "prompt"
     engine.add_request("dup", [1, 2], SamplingParams(max_tokens=1), None)
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("dup", [1, 2], SamplingParams(max_tokens=1), None)
+
+
+def test_a_finished_request_leaves_the_engine_and_its_id_can_be_used_again(world):
+    base, _ = world
+    engine = engine_for(base)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    first = engine.generate([("The quick", params, None)])
+    engine.add_request("again", [1, 2, 3], params, None)
+    while engine.has_unfinished():
+        engine.step()
+    engine.add_request("again", [1, 2, 3], params, None)  # the finished one's id is free
+    assert engine.generate([("The quick", params, None)])[0].token_ids == first[0].token_ids
+
+
+def test_cuda_graphs_on_a_cpu_engine_is_refused_saying_so(world):
+    base, _ = world
+    with pytest.raises(ValueError, match="^cuda_graphs needs the engine on a CUDA device$"):
+        engine_for(base, cuda_graphs=True)
+
+
+def test_the_model_is_named_after_its_directory(world):
+    base, _ = world
+    assert engine_for(base).model.config.name == base.resolve().name
 
 
 def test_block_manager_accounting():
@@ -259,3 +288,26 @@ def test_kv_block_bytes_is_what_one_block_of_the_cache_takes(world):
     assert engine.runner.kv_block_bytes(engine.runner.model, 8, torch.float32) == one_block
     half = engine.runner.kv_block_bytes(engine.runner.model, 8, torch.bfloat16)
     assert half == one_block // 2 and isinstance(half, int)
+
+
+def test_a_sliding_window_model_decodes_as_transformers(tmp_path):
+    # Window 5, prompts and generations well past it: every step attends to its last 5 positions only.
+    base = make_model_dir(tmp_path / "mistral", arch="mistral", sliding_window=5)
+    engine = engine_for(base)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+    got = engine.generate([(p, greedy, None) for p in PROMPTS[:3]])
+    plain = hf_model(base)
+    assert [c.token_ids for c in got] == [greedy_tokens(plain, engine.tokenizer, p, 16) for p in PROMPTS[:3]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_kv_cache_takes_the_bytes_its_block_count_was_sized_for(world, dtype):
+    import torch
+
+    from serving.engine.model_runner import ModelRunner
+
+    base, _ = world
+    engine = engine_for(base, dtype=dtype, num_kv_blocks=16, block_size=8)
+    per_block = ModelRunner.kv_block_bytes(engine.model, 8, getattr(torch, dtype))
+    assert engine.runner.kv_cache.dtype == engine.dtype == getattr(torch, dtype)
+    assert engine.runner.kv_cache.nbytes == (16 + 1) * per_block  # and the null block

@@ -479,3 +479,26 @@ def test_a_request_whose_delta_is_resident_counts_as_waiting_for_a_place() -> No
     s.add(seq("b1", 2, tenant="b", delta=FakeDelta("B")))
     step(s)
     assert s.num_parked == 1 and sorted(x.request_id for x in s.running) == ["a0", "b0", "b1"]
+
+
+def test_a_request_whose_turn_it_is_to_load_into_a_free_slot_counts_as_waiting_for_a_place() -> None:
+    # a fills the batch; b0's delta B is not resident but a slot is free and the load turn is B's: b0 can run at
+    # once, so one of a's sequences is parked for it.
+    s = make(max_num_seqs=4, slots=2)
+    for i in range(4):
+        s.add(seq(f"a{i}", 2, tenant="a"))
+    step(s)
+    s.add(seq("b0", 2, tenant="b", delta=FakeDelta("B")))
+    step(s)
+    step(s)
+    assert s.num_parked == 1 and "b0" in [x.request_id for x in s.running]
+
+
+def test_a_resumed_sequence_leaves_the_rest_of_the_step_to_prefills() -> None:
+    s = make(max_num_seqs=3)
+    a = seq("a", 3, tenant="a")
+    s.add(a)
+    step(s)  # a's prompt done: its next step is a decode
+    s._park(a)  # as a fair-share parking would
+    s.add(seq("a2", 3, tenant="a"))
+    assert sorted(step(s)) == [("a", 1), ("a2", 3)]  # a resumes and a2's prompt runs in the same step

@@ -49,6 +49,17 @@ def test_a_step_larger_than_the_buffer_still_arrives_and_the_buffer_grows() -> N
     assert again.tolist() == list(range(100)) and st.copies == 1
 
 
+def test_a_step_that_staged_nothing_makes_no_transfer() -> None:
+    st = StepStaging("cpu", capacity=64, separate_buffers=True).begin()
+    st.upload()
+    assert st.copies == 0
+    st([1], torch.int64)
+    st.upload()
+    assert st.copies == 1
+    st.begin().upload()  # the next step starts afresh
+    assert st.copies == 0
+
+
 def test_on_the_cpu_nothing_is_copied() -> None:
     st = StepStaging("cpu").begin()
     host = torch.tensor([4, 5])

@@ -378,6 +378,9 @@ def test_padded_tiles_give_the_same_result(backend: str) -> None:
     padded = build_slot_tiles(mix.seq_slots, mix.seq_lens, pad_to=16)
     assert padded.num_tiles == 16 and padded.order.shape[0] == 16 and padded.tile_rows[-1].item() == 0
     assert padded.slot_ranges == mix.tiles().slot_ranges
+    # the empty tiles name slot 0, there in any pool, so a kernel reading a tile's slot before its row count
+    # stays in bounds
+    assert set(padded.tile_slot[mix.tiles().num_tiles :].tolist()) == {0}
     y_plain, y_padded = y.clone(), y.clone()
     with backend_ops(backend) as ops:
         ops.bitdelta_apply(y_plain, x, pool_signs(ops, signs), scales, mix.tiles())

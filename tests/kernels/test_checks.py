@@ -124,3 +124,45 @@ def test_copy_stage_gives_a_flat_array_of_the_dtype_on_the_device():
         assert (out.device.type, out.dtype, tuple(out.shape)) == ("meta", torch.int32, (4,))
     on_cpu = copy_stage("cpu")([5, 6, 7], torch.int32)
     assert on_cpu.dtype == torch.int32 and on_cpu.tolist() == [5, 6, 7]
+
+
+LORA_OPS = [op for op, *_ in OPS if op.__name__.startswith("lora")]
+
+
+@pytest.mark.parametrize("op", [pytest.param(op, id=op.__name__, marks=[needs_cpu_kernels] if op.__name__.endswith("_cpu")
+                                             else []) for op in LORA_OPS])  # fmt: skip
+def test_lora_refuses_a_scratch_or_rank_table_of_the_wrong_shape_by_name(op):
+    op_names = next(names for o, names, *_ in OPS if o is op)
+    tiles = build_slot_tiles([0, -1, 1], [1, 1, 1])
+    for name, wrong, expected in (("buf", torch.zeros(3, R_MAX + 1), rf"torch.float32 \[3, {R_MAX}\]"),
+                                  ("buf", torch.zeros(3, R_MAX, dtype=torch.bfloat16), rf"torch.float32 \[3, {R_MAX}\]"),
+                                  ("ranks", torch.full((N_SLOTS + 1,), 1, dtype=torch.int32), rf"torch.int32 \[{N_SLOTS}\]"),
+                                  ("ranks", torch.full((N_SLOTS,), 1, dtype=torch.int64), rf"torch.int32 \[{N_SLOTS}\]")):  # fmt: skip
+        args = _lora_args()
+        args[name] = wrong
+        with pytest.raises(ValueError, match=rf"^{op.__name__}: {name} must be {expected}, got"):
+            _call(op, op_names, args, tiles)
+
+
+def test_the_cpu_backend_takes_any_cpu_device_and_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch):
+    import kernels
+    from kernels import select_delta_ops
+
+    if cpu_extension.load() is not None:
+        for device in ("cpu", "cpu:0", torch.device("cpu", 0)):
+            assert select_delta_ops("cpu", device).name == "cpu"
+    monkeypatch.setattr(kernels, "_cpu_module", None)
+    monkeypatch.setattr(cpu_extension, "load", lambda: None)
+    monkeypatch.setitem(cpu_extension._state, "reason", "no compiler")
+    with pytest.raises(RuntimeError, match=r"^the compiled CPU delta kernels are unavailable here \(no compiler\)$"):
+        select_delta_ops("cpu", "cpu")
+
+
+@needs_cpu_kernels
+def test_the_cpu_kernels_load_on_their_first_call(monkeypatch: pytest.MonkeyPatch):
+    import kernels
+
+    monkeypatch.setattr(kernels, "_cpu_module", None)  # as in a fresh process that picked no backend yet
+    args, tiles = _lora_args(), build_slot_tiles([0, -1, 1], [1, 1, 1])
+    lora_shrink_cpu(args["buf"], args["x"], args["a"], args["ranks"], tiles)
+    assert kernels._cpu_module is not None

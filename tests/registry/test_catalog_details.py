@@ -80,6 +80,12 @@ def test_an_older_version_still_compressing_is_never_collected(reg: Registry, as
     assert [r.id for r in reg.list_versions("acme", "x")] == [pending.id, newer.id]
 
 
+def test_a_registry_folder_is_made_with_its_parents_and_private(tmp_path: Path) -> None:
+    root = tmp_path / "new" / "deeper" / "reg"
+    Registry(root).close()
+    assert root.is_dir() and stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
 def test_admin_key_length_bounds(tmp_path: Path) -> None:
     with Registry(tmp_path / "reg") as reg:
         shortest = "k" * MIN_ADMIN_KEY_LENGTH
@@ -167,6 +173,29 @@ def test_a_full_disk_while_placing_a_blob_is_insufficient_storage(reg: Registry,
     monkeypatch.setattr(os, "rename", no_space)
     with pytest.raises(InsufficientStorage, match="^the registry's disk is full; the upload was not stored$"):
         reg.store.place(payload, "bitdelta", "ab" * 32)
+
+
+def test_a_blob_whose_clean_up_fails_is_still_removed_and_the_next_open_clears_it(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    root = tmp_path / "reg"
+    reg = Registry(root)
+    blob = "lora/ab/" + "ab" * 32
+    (root / "blobs" / blob).mkdir(parents=True)
+    (root / "blobs" / blob / "adapter_model.safetensors").write_bytes(b"x")
+    real_rmtree = shutil.rmtree
+
+    def failing_rmtree(path, ignore_errors=False, **kwargs):  # a file the process may not remove
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
+    reg.store.remove(blob)  # the blob is gone from the store; its bytes wait in tmp/
+    assert not reg.store.has(blob) and any((root / "tmp").iterdir())
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    reg.close()
+    Registry(root).close()
+    assert not any((root / "tmp").iterdir())
 
 
 def test_opening_sweeps_what_is_not_a_blob(tmp_path: Path) -> None:
