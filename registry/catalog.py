@@ -1,7 +1,7 @@
 """The registry's storage: tenants, their API keys and their adapters, in one directory.
 
 Layout of `root`:
-    catalog.sqlite3      SQLite (WAL, foreign keys, synchronous=FULL): tenants and adapter versions
+    catalog.sqlite3      SQLite (WAL, foreign keys, synchronous=FULL): tenants, adapter versions, token usage
     blobs/               the content-addressed blob store (registry.blob_store)
     tmp/                 staging directories of uploads in progress (registry.uploads.Staging), and blobs
                          on their way out
@@ -49,6 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from registry import usage as usage_table
 from registry.blob_store import BlobStore
 from registry.errors import InsufficientStorage, NameTaken, NotFound, is_disk_full
 from registry.fsync import DiskReserve
@@ -56,6 +57,7 @@ from registry.keys import AdminKey, hash_key, is_sha256_hex, new_tenant_key, pla
 from registry.names import validate_name
 from registry.upload_formats import DEFAULT_MAX_UPLOAD_BYTES, check_format
 from registry.uploads import Staging
+from registry.usage import UsageCount, UsageKey, UsageRow
 
 if TYPE_CHECKING:
     from registry.deltas import Delta
@@ -65,7 +67,8 @@ INTERRUPTED = "interrupted by a restart; upload again"
 MISSING_BLOB = "the stored adapter data is missing; upload again"
 MAX_ERROR_LENGTH = 4000
 RESERVE_BYTES = 16 << 20  # given up on a full disk so that deletes (SQLite's journal) can still be written
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the usage table (a version-1 catalog gains it when opened)
+_READABLE_VERSIONS = (0, 1, _SCHEMA_VERSION)  # 0: a new file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -91,7 +94,7 @@ CREATE TABLE IF NOT EXISTS adapters (
     CHECK ((status = 'ready') = (blob IS NOT NULL))
 );
 CREATE INDEX IF NOT EXISTS adapters_blob ON adapters(blob);
-"""
+""" + usage_table.SCHEMA
 _COLUMNS = "id, tenant, name, format, version, sha256, status, progress, error, created, size_bytes, rank, blob"
 
 
@@ -228,7 +231,7 @@ class Registry:
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=10000")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, _SCHEMA_VERSION):
+        if version not in _READABLE_VERSIONS:
             db.close()
             raise RuntimeError(f"{path} has catalog schema version {version}; this deltaserve reads {_SCHEMA_VERSION}")
         db.executescript(_SCHEMA)
@@ -339,7 +342,8 @@ class Registry:
 
     def delete_tenant(self, name: str) -> None:
         """Deletes a tenant, its key and all its adapters (their blobs when no other row uses them).
-        Background compressions of its adapters then fail with NotFound. Raises NotFound if absent.
+        Background compressions of its adapters then fail with NotFound. Raises NotFound if absent. Its token
+        usage is kept for billing, under a name no tenant can take (registry.usage.retired_name).
         Works on a full disk (the reserve is given up for it)."""
         self.reserve.run(self._delete_tenant, name)
 
@@ -355,7 +359,39 @@ class Registry:
                 db.execute("DELETE FROM adapters WHERE tenant=?", (name,))
                 if db.execute("DELETE FROM tenants WHERE name=?", (name,)).rowcount == 0:
                     raise NotFound(f"tenant {name!r} not found", "name")
+                usage_table.retire(db, name, _now())
             self._gc(blobs)
+
+    # --- token usage (registry.usage) --------------------------------------------------------------------
+
+    def add_usage(self, counts: dict[UsageKey, UsageCount]) -> None:
+        """Adds requests' usage to their (tenant, adapter, hour) rows, in one transaction. Usage of a tenant
+        deleted meanwhile is dropped (its rows were retired with it)."""
+        names = sorted({k[0] for k in counts})
+        if not names:
+            return
+        with self._lock, self._tx() as db:
+            marks = ", ".join("?" * len(names))
+            live = {n for (n,) in db.execute(f"SELECT name FROM tenants WHERE name IN ({marks})", names)}
+            usage_table.add(db, {k: c for k, c in counts.items() if k[0] in live})
+
+    def usage(
+        self, *, tenant: str | None, start: int, end: int, granularity: str = "day", adapter: str | None = None
+    ) -> list[UsageRow]:
+        """Usage rows per period of `granularity` ("hour" or "day", UTC) overlapping [start, end); tenant None:
+        every tenant's, the retired ones' too; adapter "" : the base model only."""
+        with self._lock:
+            if self._lock_fd < 0:
+                raise ValueError("the registry is closed")
+            return usage_table.query(self._db, tenant=tenant, adapter=adapter, start=start, end=end,
+                                     granularity=granularity)  # fmt: skip
+
+    def top_tenants(self, n: int, since: int) -> list[str]:
+        """The n live tenants that used the most tokens since `since` (unix seconds)."""
+        with self._lock:
+            if self._lock_fd < 0:
+                raise ValueError("the registry is closed")
+            return usage_table.top_tenants(self._db, n, since)
 
     def authenticate(self, key: str | None) -> Tenant | None:
         """The tenant whose API key this is, else None (never raises for a malformed key; never logs it).

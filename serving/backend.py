@@ -22,6 +22,7 @@ from serving.engine.errors import TenantBusy
 from serving.engine.sampling_params import SamplingParams
 from serving.metrics import Metrics
 from serving.tokenizing import Tokenizing
+from serving.usage import UsageMeter
 
 __all__ = ["Backend", "BackendConfig", "ResolvedModel"]
 
@@ -35,6 +36,7 @@ class BackendConfig:
     drain_timeout: float = 30.0
     compressions_per_tenant: int = 2  # fine-tunes of one tenant waiting for compression; beyond: 429
     served_model_name: str | None = None  # the base's id in the API (None: its folder's name)
+    metrics_top_tenants: int = 0  # tenants named in the usage metrics (the rest: `other`); 0: no tenant label
 
 
 class Backend:
@@ -53,6 +55,7 @@ class Backend:
             host_observer=lambda event, s: self._tier_event("host", event, s),
         )  # fmt: skip
         self.tokens = Tokenizing(engine.tokenizer, self.max_model_len)
+        self.usage = UsageMeter(registry, metrics, top_tenants=self.config.metrics_top_tenants)
         self.draining = False
         self.started = False
         self._in_flight: dict[str, int] = {}
@@ -87,12 +90,14 @@ class Backend:
 
     def start(self) -> None:
         self.loop.start()
+        self.usage.start()
         self.started = True
 
     def stop(self) -> None:
         self.loop.stop(timeout=5)
         self.adapters.stop()
         self.tokens.stop()
+        self.usage.stop()
 
     @property
     def healthy(self) -> bool:

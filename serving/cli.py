@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("rm", help="delete an adapter (all versions)")
     a.add_argument("name")
     _add_client_flags(a, "DELTASERVE_API_KEY")
+
+    u = sub.add_parser("usage", help="requests and tokens per model and period (tenant key: yours; admin key: all)")
+    u.add_argument("--by", choices=["day", "hour"], default="day", help="periods of one UTC day or hour (default: day)")
+    u.add_argument("--since", default=None, help="from this UTC time: 2026-12-01, 2026-12-01T09:00 or unix seconds "
+                   "(default: 31 days or 48 hours back)")  # fmt: skip
+    u.add_argument("--until", default=None, help="up to this UTC time, not included (default: now)")
+    u.add_argument("--model", default=None, help="only this model (an adapter's name, or the base's id)")
+    u.add_argument("--tenant", default=None, help="only this tenant (admin key)")
+    u.add_argument("--json", action="store_true", help="print the server's JSON report")
+    _add_client_flags(u, "DELTASERVE_API_KEY")  # else $DELTASERVE_ADMIN_KEY
 
     adm = sub.add_parser("admin", help="local administration of a registry folder (no server)")
     admsub = adm.add_subparsers(dest="action", required=True)
@@ -385,7 +396,16 @@ def cmd_client(args: argparse.Namespace) -> int:
     from serving.client import Client, ClientError, push
 
     try:
-        client = Client(args.url, args.key, args.key_env)
+        key = args.key or os.environ.get(args.key_env)
+        if not key and args.command == "usage":  # the admin reads everyone's
+            key = os.environ.get("DELTASERVE_ADMIN_KEY")
+        client = Client(args.url, key, args.key_env)
+        if args.command == "usage":
+            query = {"granularity": args.by, "start": _unix_time(args.since, "--since"),
+                     "end": _unix_time(args.until, "--until"), "model": args.model, "tenant": args.tenant}  # fmt: skip
+            report = client.call("GET", "/v1/usage", params={k: v for k, v in query.items() if v is not None}).json()
+            print(_json.dumps(report, indent=2) if args.json else usage_table(report))
+            return 0
         if args.command == "tenants":
             if args.action == "create":
                 out = client.call("POST", "/v1/tenants", json={"name": args.name}).json()
@@ -421,6 +441,36 @@ def adapter_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _unix_time(text: str | None, flag: str) -> int | None:
+    """--since/--until: unix seconds, or an ISO date or date-time (UTC unless it names its offset)."""
+    import datetime as dt
+
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{flag} {text!r}: expected unix seconds or a date like 2026-12-01 or 2026-12-01T09:00") from None
+    return int((when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp())
+
+
+def usage_table(report: dict[str, Any]) -> str:
+    """`deltaserve usage`: one line per tenant, model and period, then the totals."""
+    import datetime as dt
+
+    fmt = "%Y-%m-%d" if report["granularity"] == "day" else "%Y-%m-%d %H:00"
+    lines = [f"{'PERIOD (UTC)':17} {'TENANT':24} {'MODEL':24} {'REQUESTS':>9} {'PROMPT':>10} {'COMPLETION':>10} {'TOTAL':>10}"]
+    for r in report["data"]:
+        period = dt.datetime.fromtimestamp(r["period_start"], dt.timezone.utc).strftime(fmt)
+        lines.append(f"{period:17} {r['tenant']:24} {r['model']:24} {r['requests']:>9} {r['prompt_tokens']:>10} "
+                     f"{r['completion_tokens']:>10} {r['total_tokens']:>10}")  # fmt: skip
+    t = report["total"]
+    lines.append(f"{'total':67} {t['requests']:>9} {t['prompt_tokens']:>10} {t['completion_tokens']:>10} {t['total_tokens']:>10}")
+    return "\n".join(lines)
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     """`admin reset-key`: works on the registry folder itself (local access is the authority), never while a
     server has it open."""
@@ -449,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "serve":
             return cmd_serve(args)
-        if args.command in ("tenants", "adapters"):
+        if args.command in ("tenants", "adapters", "usage"):
             return cmd_client(args)
         if args.command == "admin":
             return cmd_admin(args)

@@ -1,11 +1,13 @@
 """Prometheus metrics, all in one place. Every name starts with `deltaserve_`.
 
 A `Metrics` object owns its own CollectorRegistry (no module-level singleton), so tests and several
-servers in one process never share counters. No metric carries a tenant or adapter label: their number
-is unbounded, and a tenant must not learn about others from /metrics. Labels used, with their bounds:
-route (the fixed API routes), status (HTTP status codes), model_kind (base | lora | bitdelta | none),
-tier (gpu | host for the adapter cache counters; gpu_lora | gpu_bitdelta | host for slots), format and
-outcome of uploads.
+servers in one process never share counters. No metric carries an adapter label, and only the opt-in usage
+counters a tenant label: their number is unbounded, and a tenant must not learn about others from /metrics
+(which needs the admin key whenever tenants are named). Labels used, with their bounds: route (the fixed API
+routes), status (HTTP status codes), model_kind (base | lora | bitdelta | none), tier (gpu | host for the
+adapter cache counters; gpu_lora | gpu_bitdelta | host for slots), format and outcome of uploads; tenant (the
+top N tenants by tokens, N set by --metrics-top-tenants, and `other`: serving.usage) and kind (prompt |
+completion) of the usage counters.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ class Metrics:
         )
         self.slots_in_use = Gauge("deltaserve_adapter_slots_in_use", "Adapters resident per tier", ["tier"], registry=r)
         self.slots_total = Gauge("deltaserve_adapter_slots", "Capacity per tier (adapters)", ["tier"], registry=r)
+        self.tenant_requests = Counter(
+            "deltaserve_tenant_requests", "Answered requests per tenant (top N by tokens, the rest `other`)", ["tenant"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "deltaserve_tenant_tokens", "Prompt and completion tokens per tenant (top N by tokens, the rest `other`)",
+            ["tenant", "kind"], registry=r,
+        )  # fmt: skip
         self.uploads = Counter("deltaserve_adapter_uploads", "Adapter uploads by format and outcome", ["format", "outcome"], registry=r)
 
         # Every bounded label value exists from the start, so dashboards see zeros rather than gaps.

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.engine.config import EngineConfig, EngineOptions
@@ -32,6 +32,11 @@ class ServerSettings(EngineOptions, BaseSettings):
     registry: Path = Field(Path("./deltaserve-registry"), description="the registry folder (catalog, blobs, keys)")
     admin_key: str | None = Field(None, description="the admin key (default: the stored one, else generated once)")
     public_metrics: bool = Field(False, description="serve /metrics without a key")
+    metrics_top_tenants: int = Field(
+        0, ge=0, le=100,
+        description="name the N tenants with the most tokens (last 24 h) in the usage metrics, the rest `other`; "
+        "0: no tenant label. Needs the admin key on /metrics (not with --public-metrics)",
+    )  # fmt: skip
     max_pending: int = Field(256, ge=1, description="requests queued or running (then 503)")
     tenant_max_concurrent: int = Field(64, ge=1, description="one tenant's requests at once (then 429)")
     host_cache_mb: int = Field(4096, ge=1, description="host-memory tier for deltas, MB")
@@ -49,6 +54,13 @@ class ServerSettings(EngineOptions, BaseSettings):
         description="an adapter to load onto the GPU at start-up (repeatable)",
         json_schema_extra={"metavar": "TENANT/ADAPTER"},
     )
+
+    @model_validator(mode="after")
+    def _tenants_named_only_behind_the_admin_key(self) -> ServerSettings:
+        if self.metrics_top_tenants and self.public_metrics:
+            raise ValueError("--metrics-top-tenants names tenants in /metrics: it needs the admin key there, so it "
+                             "cannot be used with --public-metrics")  # fmt: skip
+        return self
 
 
 def build_backend(settings: ServerSettings, registry):
@@ -74,6 +86,7 @@ def build_backend(settings: ServerSettings, registry):
             max_pending=settings.max_pending, tenant_max_concurrent=settings.tenant_max_concurrent,
             host_cache_bytes=settings.host_cache_mb << 20, max_upload_bytes=settings.max_upload_mb << 20,
             drain_timeout=settings.drain_timeout, served_model_name=settings.served_model_name,
+            metrics_top_tenants=settings.metrics_top_tenants,
         ),
     )
     if demo:

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from serving.api import admin_routes, lora_routes, model_routes, openai_routes, openapi
+from serving.api import admin_routes, lora_routes, model_routes, openai_routes, openapi, usage_routes
 from serving.api.errors import error_body, install_handlers
 from serving.api.model_routes import package_version
 
 KNOWN_ROUTES = {
     "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/tenants", "/v1/adapters", "/metrics", "/health", "/ready",
     "/tokenize", "/detokenize", "/version", "/docs", "/openapi.json", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+    "/v1/usage",
 }
 DESCRIPTION = (
     "Many tenants' fine-tunes of one base model, served as OpenAI's API (completions, chat completions, models) "
@@ -47,6 +48,7 @@ def create_app(backend, *, public_metrics: bool = False, local_adapter_dir: Path
     app.include_router(model_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(lora_routes.router)
+    app.include_router(usage_routes.router)
     openapi.install(app)
 
     app.add_middleware(RequestMetrics, metrics=backend.metrics)

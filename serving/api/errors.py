@@ -107,7 +107,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query")]
         param = ".".join(loc) or None
         kind = err.get("type", "")
         if kind == "extra_forbidden":

@@ -176,6 +176,14 @@ def usage_of(jobs: list[Job]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def bill(request: Request, tenant, resolved, jobs: list[Job]) -> None:
+    """Counts an answered request's usage (serving.usage): what its `usage` field reports, also when the client
+    left before the end."""
+    u = usage_of(jobs)
+    adapter = resolved.record.name if resolved.record is not None else None
+    request.app.state.backend.usage.record(tenant.name, adapter, u["prompt_tokens"], u["completion_tokens"])
+
+
 def sse(payload: dict | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, allow_nan=False)
     return f"data: {data}\n\n".encode()
@@ -266,14 +274,15 @@ async def respond(request: Request, tenant, resolved, jobs: list[Job], req, chat
         first = [await anext(stream)]
     except StopAsyncIteration:
         first = []
+    on_end = (lambda: bill(request, tenant, resolved, jobs)) if first else (lambda: None)  # noqa: E731
     if not req.stream:
-        return await respond_whole(request, reply, jobs, first, stream)
+        return await respond_whole(request, reply, jobs, first, stream, on_end)
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return StreamingResponse(stream_events(reply, jobs, first, stream, with_usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})  # fmt: skip
+    return StreamingResponse(stream_events(reply, jobs, first, stream, with_usage, on_end),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
 
 
-async def respond_whole(request: Request, reply: Reply, jobs: list[Job], first: list, stream) -> Response:
+async def respond_whole(request: Request, reply: Reply, jobs: list[Job], first: list, stream, on_end) -> Response:
     for job, out in first:
         absorb(job, out)
 
@@ -281,13 +290,18 @@ async def respond_whole(request: Request, reply: Reply, jobs: list[Job], first: 
         async for job, out in stream:
             absorb(job, out)
 
-    if not await until_done_or_disconnected(request, collect()):
-        await stream.aclose()  # the client went away: its sequences are aborted within a step
-        return Response(status_code=499)
+    try:
+        if not await until_done_or_disconnected(request, collect()):
+            await stream.aclose()  # the client went away: its sequences are aborted within a step
+            return Response(status_code=499)
+    finally:
+        on_end()
     return JSONResponse(reply.whole(jobs))
 
 
-async def stream_events(reply: Reply, jobs: list[Job], first: list, stream, with_usage: bool) -> AsyncIterator[bytes]:
+async def stream_events(
+    reply: Reply, jobs: list[Job], first: list, stream, with_usage: bool, on_end
+) -> AsyncIterator[bytes]:
     """The server-sent events of a streamed response; an error after the stream started is one error event."""
 
     async def outputs():
@@ -309,6 +323,7 @@ async def stream_events(reply: Reply, jobs: list[Job], first: list, stream, with
         yield sse(error_body(err.status, err.message, err.param, err.code))
     finally:
         await stream.aclose()
+        on_end()
     yield sse("[DONE]")
 
 

@@ -59,6 +59,7 @@ KEYS = {
     "admin": "the admin key",
     "tenant or admin": "a tenant's key (its own adapters) or the admin key (any tenant's, named in the body)",
     "admin unless public": "the admin key, unless the server runs with --public-metrics",
+    "own or all": "a tenant's key (its own usage) or the admin key (every tenant's)",
 }
 
 

@@ -423,3 +423,48 @@ class AdapterList(BaseModel):
 
 class Status(BaseModel):
     status: Literal["ok", "starting", "draining", "dead"]
+
+
+# ---- usage (GET /v1/usage) ----------------------------------------------------------------------------------
+# The longest window one report covers, in periods of its granularity (a month by the hour, over a year by day).
+MAX_USAGE_PERIODS = {"hour": 24 * 31, "day": 400}
+DEFAULT_USAGE_PERIODS = {"hour": 48, "day": 31}
+
+
+class UsageQuery(BaseModel):
+    """GET /v1/usage's query. The window [start, end) in unix seconds (default: up to now, the last 48 hours by
+    the hour or 31 days by day); periods are UTC hours or days, each counting the requests that ended in it."""
+
+    model_config = ConfigDict(extra="forbid")  # query values come as text: "3600" is read as 3600
+
+    granularity: Literal["hour", "day"] = Field("day", description="periods of one hour or one day (UTC)")
+    start: int | None = Field(None, ge=0, le=1 << 40, description="unix seconds (default: see above)")
+    end: int | None = Field(None, ge=0, le=1 << 40, description="unix seconds, not included (default: now)")
+    model: str | None = Field(
+        None, min_length=1, max_length=256, description="only this model: an adapter's name, or the base's id"
+    )
+    tenant: str | None = Field(
+        None, pattern=NAME_PATTERN, max_length=MAX_NAME_LENGTH, description="only this tenant (admin key only)"
+    )
+
+
+class UsageTotals(BaseModel):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageEntry(UsageTotals):
+    tenant: str  # a deleted tenant's usage is kept as "<name>#deleted-<unix seconds>" (admin reports only)
+    model: str  # the adapter's name, or the base's id
+    period_start: int  # unix seconds, UTC
+
+
+class UsageReport(BaseModel):
+    object: Literal["list"] = "list"
+    granularity: Literal["hour", "day"]
+    start: int
+    end: int
+    data: list[UsageEntry]
+    total: UsageTotals

@@ -24,6 +24,7 @@ class LiveServer:
     thread: threading.Thread
     base_dir: Path
     files: dict
+    stopped: bool = False
 
     def client(self, key: str | None = ADMIN_KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -69,6 +70,10 @@ def start_server(root: Path, base_dir: Path, **overrides) -> LiveServer:
 
 
 def stop_server(live: LiveServer) -> None:
+    """Stops the server and closes its registry (once: a test that restarted it leaves nothing to the fixture)."""
+    if live.stopped:
+        return
+    live.stopped = True
     live.server.should_exit = True
     live.thread.join(30)
     live.backend.stop()
