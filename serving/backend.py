@@ -9,6 +9,7 @@ the stream of one sequence.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -123,6 +124,9 @@ class Backend:
                 raise TenantBusy(f"tenant has {n} requests in flight (limit {self.config.tenant_max_concurrent})")
             self._in_flight[tenant.name] = n + 1
         try:
+            if params.guide is not None and self.engine.runner.structured is not None:
+                # compiled here, off the engine thread (a large schema takes long); the engine copies it
+                await asyncio.to_thread(self.engine.runner.structured.matcher, params.guide, tenant.name)
             with self.adapters.in_use(resolved.record):
                 request_id = uuid.uuid4().hex
                 async for out in self.loop.stream(request_id, prompt, params, resolved.delta, tenant.name):

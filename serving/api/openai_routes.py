@@ -28,7 +28,7 @@ from serving.api.schemas import (
     CompletionResponse,
     refuse_unsupported,
 )
-from serving.engine.sampling_params import SamplingParams
+from serving.engine.sampling_params import Guide, SamplingParams
 
 router = APIRouter()
 @dataclass
@@ -73,7 +73,25 @@ def sampling_for(req, max_tokens: int, choice: int, logprobs: int | None, echo: 
         min_p=req.min_p or 0.0,
         min_tokens=req.min_tokens,
         prompt_logprobs=logprobs if echo else None,
+        guide=guide_of(req),
     )
+
+
+def guide_of(req) -> Guide | None:
+    """The structured output a request asks for (at most one field: the schema checked that), or None."""
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        return Guide("json_object", "", "response_format")
+    if rf is not None and rf.type == "json_schema":
+        return Guide("json_schema", json.dumps(rf.json_schema.schema_), "response_format")
+    if req.guided_json is not None:
+        spec = req.guided_json if isinstance(req.guided_json, str) else json.dumps(req.guided_json)
+        return Guide("json_schema", spec, "guided_json")
+    if req.guided_regex is not None:
+        return Guide("regex", req.guided_regex, "guided_regex")
+    if req.guided_choice is not None:
+        return Guide("choice", json.dumps(req.guided_choice), "guided_choice")
+    return None
 
 
 def check_length(backend, prompt: list[int], max_tokens: int | None) -> int:

@@ -17,6 +17,8 @@ from registry.names import MAX_NAME_LENGTH, NAME_PATTERN
 from registry.upload_formats import FORMATS
 from serving.api.errors import APIError
 from serving.engine.sampling_params import (
+    MAX_CHOICES,
+    MAX_GUIDE_CHARS,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_ENTRIES,
     MAX_LOGPROBS,
@@ -42,7 +44,6 @@ UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None,),
-    "response_format": (None, {"type": "text"}),
     "store": (None, False),
     "metadata": (None, {}),
     "modalities": (None, ["text"]),
@@ -118,6 +119,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema: the schema the text must follow (`strict` is accepted: the output
+    always follows the schema)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, serialize_by_alias=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=4096)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
+GUIDE_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -143,6 +175,19 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     min_tokens: int = Field(default=0, ge=0)
+    # structured outputs (serving/engine/structured.py), at most one: OpenAI's response_format, vLLM's guided_*
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(default=None, min_length=1, max_length=MAX_GUIDE_CHARS)
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1,
+                                                                              max_length=MAX_CHOICES)  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_structured_output(self):
+        given = [f for f in GUIDE_FIELDS if getattr(self, f) is not None and getattr(self, f) != TextFormat(type="text")]
+        if len(given) > 1:
+            raise ValueError(f"at most one of {', '.join(GUIDE_FIELDS)}, got {' and '.join(given)}")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -229,7 +274,6 @@ class ChatCompletionRequest(_Sampling):
     functions: Annotated[list | None, _no_op_only("functions")] = None
     function_call: Annotated[Any, _no_op_only("function_call")] = None
     parallel_tool_calls: Annotated[Any, _no_op_only("parallel_tool_calls")] = None
-    response_format: Annotated[dict | None, _no_op_only("response_format")] = None
     store: Annotated[bool | None, _no_op_only("store")] = None
     metadata: Annotated[dict | None, _no_op_only("metadata")] = None
     modalities: Annotated[list | None, _no_op_only("modalities")] = None

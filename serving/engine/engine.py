@@ -32,6 +32,7 @@ from serving.engine.model_runner import ModelRunner
 from serving.engine.sampling_params import SamplingParams, SamplingParamsError
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import SeqStatus, Sequence, TokenLogprob
+from serving.engine.structured import StructuredOutputs
 from serving.models.llama import LlamaForCausalLM
 from serving.models.loader import load_model_from_checkpoint, resolve_device, resolve_dtype
 from serving.models.tenant_layers import cpu_weight_packing_available, pack_cpu_weights
@@ -129,6 +130,8 @@ class LLMEngine:
             seed=config.seed,
             decode_graphs=(config.max_num_seqs, self.max_model_len, True) if config.cuda_graphs else None,
         )
+        if tokenizer is not None:
+            self.runner.structured = StructuredOutputs(tokenizer, mc.vocab_size, self.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self.num_steps = 0
         self.base_dir = base_dir
@@ -187,9 +190,14 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
                                            params.include_stop_str_in_output, params.min_tokens)  # fmt: skip
         ends = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
+        matcher = None
+        if params.guide is not None:
+            if self.runner.structured is None:
+                raise SamplingParamsError("structured outputs need the model's tokenizer", params.guide.param)
+            matcher = self.runner.structured.matcher(params.guide, tenant)
         # Without fair scheduling every request counts as one tenant's: first come, first served.
         seq = Sequence(request_id, ids, params, delta, detok, tenant=tenant if self.config.fair_scheduling else "",
-                       end_token_ids=ends)  # fmt: skip
+                       end_token_ids=ends, matcher=matcher)  # fmt: skip
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -255,6 +263,8 @@ class LLMEngine:
             seq.token_ids.append(token)
             if logprob is not None:
                 seq.logprobs.append(logprob)
+            if seq.matcher is not None:
+                seq.grammar_done = StructuredOutputs.advance(seq.matcher, token)
             text = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -283,7 +293,7 @@ class LLMEngine:
         p = seq.params
         if seq.detokenizer is not None and seq.detokenizer.stopped:
             return "stop"
-        if token in seq.end_token_ids:
+        if token in seq.end_token_ids or seq.grammar_done:
             return "stop"
         if len(seq.output_token_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return "length"

@@ -20,6 +20,7 @@ from serving.engine.sampler import RowSampling, Sampler, make_generator
 from serving.engine.scheduler import ScheduledSeq
 from serving.engine.sequence import TokenLogprob
 from serving.engine.staging import StepStaging
+from serving.engine.structured import StructuredOutputs
 from serving.models.attention import build_attention_batch
 from serving.models.llama import LlamaForCausalLM
 from serving.models.tenant_layers import DeltaBatch
@@ -75,6 +76,7 @@ class ModelRunner:
         model.bind_kv_cache([(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)])
         self.lora_scratch = torch.zeros(max_num_batched_tokens, slots.max_lora_rank, dtype=torch.float32, device=device)
         self.sampler = Sampler(seed)
+        self.structured: StructuredOutputs | None = None  # set by the engine when it has a tokenizer
         self.staging = StepStaging(device)
         self.graphs: DecodeGraphs | None = None
         if decode_graphs is not None:
@@ -194,7 +196,11 @@ class ModelRunner:
             if s.generator is None and s.params.seed is not None:
                 s.generator = make_generator(s.params.seed, self.device)
             rows.append(RowSampling(s.params, s.generator, s.token_ids, s.num_prompt_tokens, s.end_token_ids))
-        out = self.sampler(logits, rows)
+        allowed = None
+        if self.structured is not None and any(s.matcher is not None for s in seqs):
+            allowed = self.structured.fill_bitmask([s.matcher for s in seqs])  # host: llguidance, per guided row
+            allowed = allowed.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else allowed
+        out = self.sampler(logits, rows, allowed)
         token_ids = out.token_ids.tolist()  # the step's one device->host sync
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         if out.logprobs is not None:

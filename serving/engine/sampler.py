@@ -179,6 +179,16 @@ def adjust_logits(logits: Tensor, rows: Sequence[RowSampling]) -> Tensor:
     return out
 
 
+def mask_disallowed(logits: Tensor, allowed: Tensor) -> Tensor:
+    """logits [B, V] with every token not allowed set to -inf (a new tensor). allowed: [B, ceil(V / 32)] int32 bits,
+    token t allowed when bit t % 32 of word t // 32 is set (llguidance's and xgrammar's layout; all bits set:
+    no constraint)."""
+    B, V = logits.shape
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    unpacked = ((allowed.to(logits.device)[:, :, None] >> bits) & 1).reshape(B, -1)[:, :V]  # [B, V]
+    return logits.masked_fill(unpacked == 0, float("-inf"))
+
+
 def mask_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     """Masks (to -inf) the entries of row i whose probability is below ``min_p[i]`` x the row's largest (as
     transformers' MinPLogitsWarper; the top entry is always kept); returns a new tensor.
@@ -215,12 +225,14 @@ class Sampler:
             self._generators[device] = g
         return g
 
-    def __call__(self, logits: Tensor, rows: Sequence[RowSampling]) -> SamplerOutput:
+    def __call__(self, logits: Tensor, rows: Sequence[RowSampling], allowed: Tensor | None = None) -> SamplerOutput:
         """Picks one token per row.
 
         Args:
             logits: [B, V] (float32; other float dtypes are upcast), last-position logits; not modified.
             rows: B entries, row i's parameters and generator.
+            allowed: structured outputs' [B, ceil(V / 32)] int32 bitmask of the tokens each row may take
+                (mask_disallowed), applied before everything else; None: every token.
         Returns:
             SamplerOutput (token_ids [B] int64; logprobs/top_logprobs/top_ids when any row asked).
         """
@@ -228,7 +240,7 @@ class Sampler:
         assert len(rows) == B, f"{len(rows)} rows for a batch of {B}"
         device = logits.device
         logits = logits.float()
-        adjusted = adjust_logits(logits, rows)
+        adjusted = adjust_logits(logits if allowed is None else mask_disallowed(logits, allowed), rows)
         token_ids = adjusted.argmax(dim=-1)  # [B] int64; the answer for greedy rows
 
         sampled = [i for i, r in enumerate(rows) if r.params.temperature >= GREEDY_EPS]

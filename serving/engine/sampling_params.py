@@ -7,6 +7,7 @@ names the offending field so the API can answer ``400`` naming it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from numbers import Real
@@ -19,6 +20,37 @@ MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as O
 MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100], as OpenAI's
 MAX_LOGIT_BIAS_ENTRIES = 300  # written into the logits every step: a bound keeps one request from slowing it
 SEED_LIMIT = 2**63  # seeds live in [0, 2**63)
+GUIDE_KINDS = ("json_object", "json_schema", "regex", "choice")
+MAX_GUIDE_CHARS = 64 * 1024  # a schema, a pattern or the choices, as text: compiled once, but bounded
+MAX_CHOICES = 256
+
+
+@dataclass(frozen=True)
+class Guide:
+    """Structured output (serving.engine.structured): what the generated text must be.
+
+    kind: "json_object" (any JSON object), "json_schema" (`spec`: the schema as JSON text), "regex" (`spec`: the
+    pattern, matched by the whole text) or "choice" (`spec`: a JSON list of strings, one of which is the text).
+    param: the request field it came from, named by errors (e.g. "response_format", "guided_regex").
+    """
+
+    kind: str
+    spec: str = ""
+    param: str = "response_format"
+
+    def validate(self) -> None:
+        if self.kind not in GUIDE_KINDS:
+            raise SamplingParamsError(f"unknown structured output kind {self.kind!r}", self.param)
+        if not isinstance(self.spec, str) or len(self.spec) > MAX_GUIDE_CHARS:
+            raise SamplingParamsError(f"{self.param} is longer than {MAX_GUIDE_CHARS} characters", self.param)
+        if self.kind == "choice":
+            try:
+                choices = json.loads(self.spec)
+            except ValueError:
+                choices = None
+            if not (isinstance(choices, list) and 1 <= len(choices) <= MAX_CHOICES
+                    and all(isinstance(c, str) and c for c in choices)):  # fmt: skip
+                raise SamplingParamsError(f"{self.param} must be 1 to {MAX_CHOICES} non-empty strings", self.param)
 
 
 class SamplingParamsError(ValueError):
@@ -71,6 +103,8 @@ class SamplingParams:
             top-p, as transformers' MinPLogitsWarper); 0 = off.
         min_tokens: generate at least this many tokens (<= max_tokens): until then the end-of-sequence token
             (unless ``ignore_eos``) and ``stop_token_ids`` cannot be drawn, and stop strings are not looked for.
+        guide: structured output (:class:`Guide`): only tokens that keep the text within it can be drawn; None =
+            free text.
 
     Penalties, bias and the min_tokens mask change the logits that greedy and sampled rows choose from; reported
     log-probabilities stay those of the raw logits. Construction normalises containers (``stop`` may be given as
@@ -96,6 +130,7 @@ class SamplingParams:
     min_p: float = 0.0
     min_tokens: int = 0
     prompt_logprobs: int | None = None
+    guide: Guide | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -187,6 +222,10 @@ class SamplingParams:
                 f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
                 "prompt_logprobs",
             )
+        if self.guide is not None:
+            self.guide.validate()
+            if self.min_tokens:  # a grammar may end before min_tokens: then no token would be left to draw
+                raise SamplingParamsError("min_tokens cannot be combined with structured outputs", "min_tokens")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")
         if not isinstance(self.skip_special_tokens, bool):

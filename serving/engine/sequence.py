@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None
     tenant: str = ""  # whose request: the scheduler's fair shares are per tenant
     end_token_ids: frozenset[int] = frozenset()  # tokens that end it: stop_token_ids, and EOS unless ignored
+    matcher: Any = None  # structured outputs: its llguidance matcher (serving.engine.structured), else None
+    grammar_done: bool = False  # the matcher allows nothing more
     generator: torch.Generator | None = None
     status: SeqStatus = SeqStatus.WAITING
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
