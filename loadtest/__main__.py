@@ -54,9 +54,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-max-wait", type=float, default=10.0, help="cap on one Retry-After wait, s")
     p.add_argument("--timeout", type=float, default=120.0, help="give a request up after this many s, retries "
                                                                 "included (default %(default)s)")
+    p.add_argument("--request-rate", type=float, help="Poisson arrivals at this many requests/s (default: each of "
+                   "--concurrency workers sends as soon as its last request ended)")
+    p.add_argument("--ramp", type=_rates, metavar="START:END", help="arrival rate going linearly from START to END "
+                   "requests/s over the run (Poisson gaps)")
+    p.add_argument("--zipf", type=float, metavar="S", help="target popularity: the k-th (key, model) target is drawn "
+                   "with weight k^-S (seeded by --seed), as hot and cold tenants")
+    p.add_argument("--goodput", action="append", type=_slo, default=[], metavar="METRIC:MS",
+                   help="an SLO for goodput: ttft, tpot or e2e with a limit in ms (repeat; e.g. ttft:500 tpot:50)")
+    p.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots here (latency CDFs, throughput and "
+                   "TTFT over time, TTFT vs rate; needs matplotlib)")
     p.add_argument("--json", type=Path, dest="json_out", help="write the JSON report here")
     p.add_argument("--no-request-log", action="store_true", help="leave the per-request records out of the JSON")
     return p
+
+
+def _rates(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END rates, got {text!r}") from None
+    return a, b
+
+
+def _slo(text: str) -> tuple[str, float]:
+    metric, _, ms = text.partition(":")
+    try:
+        return metric, float(ms) / 1000
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected METRIC:MS, got {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
@@ -73,7 +99,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         url=args.url, targets=pair_targets(keys, args.model), prompts=prompts, requests=args.requests,
         concurrency=args.concurrency, max_tokens=args.max_tokens, temperature=args.temperature, stream=args.stream,
         chat=args.chat, duration=args.duration, seed=args.seed, assign=args.assign, retry=args.retry,
-        retry_max_wait=args.retry_max_wait, timeout=args.timeout, ignore_eos=args.ignore_eos, prompts_source=source)
+        retry_max_wait=args.retry_max_wait, timeout=args.timeout, ignore_eos=args.ignore_eos, prompts_source=source,
+        request_rate=args.request_rate, ramp=args.ramp, zipf=args.zipf, goodput=dict(args.goodput))
     config.validate()
     return config
 
@@ -92,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json_out is not None:
         args.json_out.write_text(to_json(report) + "\n", encoding="utf-8")
         print(f"\nJSON report: {args.json_out}")
+    if args.plots is not None:
+        from loadtest.plots import write_plots
+
+        print("plots: " + ", ".join(str(p) for p in write_plots(run, args.plots)))
     return 0 if report["summary"]["ok"] else 1
 
 

@@ -52,14 +52,21 @@ def _metric_values(results: Sequence[RequestResult], metric: str) -> list[float]
     return [v for v in values if v is not None]
 
 
-def aggregate(results: Sequence[RequestResult], wall_time: float) -> dict[str, Any]:
-    """Counts, throughput and latency statistics of `results` (successful requests for the latencies)."""
+def meets(r: RequestResult, slo: dict[str, float]) -> bool:
+    """A successful request within every limit of `slo` (seconds; a one-token answer has no time per token)."""
+    values = {"ttft": r.ttft, "tpot": r.tpot or 0.0, "e2e": r.e2e}
+    return r.ok and all(values[m] is not None and values[m] <= limit for m, limit in slo.items())
+
+
+def aggregate(results: Sequence[RequestResult], wall_time: float, slo: dict[str, float] | None = None) -> dict[str, Any]:
+    """Counts, throughput and latency statistics of `results` (successful requests for the latencies); with an
+    `slo` ({"ttft"|"tpot"|"e2e": seconds}) the goodput too: the requests that met all of it, per second."""
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens or 0 for r in ok)
     prompt_tokens = sum(r.prompt_tokens or 0 for r in ok)
     by_status = Counter("none" if r.status is None else str(r.status) for r in results)
     by_error = Counter(r.error_key for r in results if not r.ok)
-    return {
+    out: dict[str, Any] = {
         "requests": len(results),
         "ok": len(ok),
         "failed": len(results) - len(ok),
@@ -72,7 +79,13 @@ def aggregate(results: Sequence[RequestResult], wall_time: float) -> dict[str, A
         "output_tokens_per_s": out_tokens / wall_time if wall_time > 0 else None,
         "requests_per_s": len(ok) / wall_time if wall_time > 0 else None,
         "latency": {m: summarize(_metric_values(results, m)) for m in METRICS},
+        "goodput": None,
     }
+    if slo:
+        good = sum(meets(r, slo) for r in results)
+        out["goodput"] = {"slo": dict(slo), "requests": good, "requests_per_s": good / wall_time if wall_time > 0 else None,
+                          "share": good / len(results) if results else None}  # fmt: skip
+    return out
 
 
 def build_report(run: RunResult, include_requests: bool = True) -> dict[str, Any]:
@@ -88,8 +101,8 @@ def build_report(run: RunResult, include_requests: bool = True) -> dict[str, Any
         "url": run.config.public_params()["url"],
         "started_at": run.started_at,
         "params": run.config.public_params(),
-        "summary": aggregate(run.results, run.wall_time),
-        "per_model": {m: aggregate(rs, run.wall_time) for m, rs in models.items()},
+        "summary": aggregate(run.results, run.wall_time, run.config.goodput),
+        "per_model": {m: aggregate(rs, run.wall_time, run.config.goodput) for m, rs in models.items()},
     }
     if include_requests:
         report["requests"] = [r.to_dict() for r in run.results]
@@ -126,10 +139,17 @@ def render_text(report: dict[str, Any]) -> str:
     lines = [
         f"deltaserve load test: {report['url']}  started {report['started_at']}  wall {s['wall_time']:.2f} s",
         f"  targets {p['num_targets']} (keys {p['num_keys']}, models {len(set(p['models']))}), concurrency "
-        f"{p['concurrency']}, max_tokens {p['max_tokens']}, {mode}",
+        f"{p['concurrency']}, max_tokens {p['max_tokens']}, {mode}"
+        + (f", {p['request_rate']:g} req/s (Poisson)" if p.get("request_rate") else "")
+        + (f", ramp {p['ramp'][0]:g} -> {p['ramp'][1]:g} req/s" if p.get("ramp") else "")
+        + (f", Zipf {p['zipf']:g} over targets" if p.get("zipf") else ""),
         f"requests: {s['requests']} sent, {s['ok']} ok, {s['failed']} failed, {s['retries']} retries",
         f"  by status: {_counts(s['by_status'])}",
         f"  by error:  {_counts(s['by_error'])}",
+        *([f"goodput: {s['goodput']['requests']} requests within "
+           + ", ".join(f"{m} {v * 1000:g} ms" for m, v in s["goodput"]["slo"].items())
+           + f" ({_num(s['goodput']['requests_per_s'])} req/s, {s['goodput']['share']:.0%} of those sent)"]
+          if s.get("goodput") else []),
         f"throughput: {_num(s['output_tokens_per_s'], '.1f')} output tok/s, {_num(s['requests_per_s'])} req/s "
         f"({s['output_tokens']} output tokens, {s['prompt_tokens']} prompt tokens)",
         "",

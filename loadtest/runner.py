@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 COMPLETIONS_PATH = "/v1/completions"
+SLO_METRICS = ("ttft", "tpot", "e2e")
 CHAT_PATH = "/v1/chat/completions"
 MAX_ERROR_MESSAGE = 300
 
@@ -70,6 +71,13 @@ class LoadConfig:
     timeout: float = 120.0  # whole-request limit, retries included
     ignore_eos: bool = False  # vLLM/deltaserve extension: always generate max_tokens tokens
     prompts_source: str = "inline"
+    # Arrivals (as `vllm bench serve`): None = each worker sends its next request as soon as its last one ends;
+    # a rate = Poisson arrivals at that many requests/s (still at most `concurrency` in flight); a ramp = the
+    # rate goes linearly from its first to its second value over the run's requests.
+    request_rate: float | None = None
+    ramp: tuple[float, float] | None = None
+    zipf: float | None = None  # target popularity: the k-th target (from 1) drawn with weight k ** -zipf
+    goodput: dict[str, float] = field(default_factory=dict)  # SLOs in seconds: "ttft", "tpot", "e2e"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -91,6 +99,14 @@ class LoadConfig:
             raise ValueError("--retry, --retry-max-wait must be >= 0 and --timeout > 0")
         if not self.chat and any(p.messages is not None and p.text is None for p in self.prompts):
             raise ValueError("prompts with `messages` need --chat")
+        if self.request_rate is not None and not self.request_rate > 0:
+            raise ValueError("--request-rate must be positive")
+        if self.ramp is not None and (self.request_rate is not None or min(self.ramp) <= 0):
+            raise ValueError("--ramp needs two positive rates, and no --request-rate")
+        if self.zipf is not None and not self.zipf > 0:
+            raise ValueError("--zipf must be positive")
+        if set(self.goodput) - set(SLO_METRICS) or any(not v > 0 for v in self.goodput.values()):
+            raise ValueError(f"--goodput takes {', '.join(SLO_METRICS)} with positive limits")
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"--url must be an http(s) URL, not {public_url(self.url)!r}")
 
@@ -116,6 +132,10 @@ class LoadConfig:
             "ignore_eos": self.ignore_eos,
             "prompts": self.prompts_source,
             "num_prompts": len(self.prompts),
+            "request_rate": self.request_rate,
+            "ramp": list(self.ramp) if self.ramp else None,
+            "zipf": self.zipf,
+            "goodput": dict(self.goodput),
         }
 
 
@@ -128,12 +148,13 @@ class RequestResult:
     model: str
     stream: bool
     start: float = 0.0
+    offered_rate: float | None = None  # with arrivals at a rate: the rate (requests/s) when this one arrived
     status: int | None = None  # HTTP status of the last attempt; None when no answer came
     ok: bool = False
     error_type: str | None = None
     error_code: str | None = None
     error_message: str | None = None
-    ttft: float | None = None  # streaming only: send -> first chunk with text
+    ttft: float | None = None  # send -> first streamed chunk (text or not); not streamed: the whole answer
     itl: list[float] = field(default_factory=list)  # streaming only: gaps between chunks with text
     e2e: float | None = None  # send -> last byte (of the last attempt)
     output_tokens: int | None = None
@@ -157,7 +178,7 @@ class RequestResult:
         """A JSON-ready record (no key in it)."""
         return {
             "index": self.index, "target": self.target, "model": self.model, "stream": self.stream,
-            "start": self.start, "status": self.status, "ok": self.ok, "error_type": self.error_type,
+            "start": self.start, "offered_rate": self.offered_rate, "status": self.status, "ok": self.ok, "error_type": self.error_type,
             "error_code": self.error_code, "error_message": self.error_message, "ttft": self.ttft,
             "itl": self.itl, "tpot": self.tpot, "e2e": self.e2e, "output_tokens": self.output_tokens,
             "prompt_tokens": self.prompt_tokens, "usage_reported": self.usage_reported, "retries": self.retries,
@@ -235,12 +256,36 @@ def pair_targets(keys: Sequence[str], models: Sequence[str]) -> list[Target]:
 
 
 def plan(config: LoadConfig) -> list[tuple[int, int]]:
-    """(target index, prompt index) for each of the run's requests, round-robin or seeded-random."""
+    """(target index, prompt index) for each of the run's requests: round-robin or seeded-random, or with
+    `zipf` the targets drawn by Zipf popularity (the first the most popular; prompts random), seeded."""
     nt, npr = len(config.targets), len(config.prompts)
+    rng = random.Random(config.seed)
+    if config.zipf is not None:
+        weights = [(k + 1) ** -config.zipf for k in range(nt)]
+        targets = rng.choices(range(nt), weights=weights, k=config.requests)
+        return [(t, rng.randrange(npr)) for t in targets]
     if config.assign == "random":
-        rng = random.Random(config.seed)
         return [(rng.randrange(nt), rng.randrange(npr)) for _ in range(config.requests)]
     return [(i % nt, i % npr) for i in range(config.requests)]
+
+
+def arrivals(config: LoadConfig) -> list[tuple[float, float]] | None:
+    """(arrival time from the run's start in s, the rate then) of each request, or None without a rate: gaps are
+    exponential (Poisson arrivals) at `request_rate`, or at the ramp's rate for the request's place in the run."""
+    if config.request_rate is None and config.ramp is None:
+        return None
+    rng = random.Random(None if config.seed is None else config.seed + 1)
+    out, t, n = [], 0.0, config.requests
+    for i in range(n):
+        if config.ramp is not None:
+            a, b = config.ramp
+            rate = a + (b - a) * (i / (n - 1) if n > 1 else 0.0)
+        else:
+            rate = config.request_rate  # type: ignore[assignment]
+        if i:
+            t += rng.expovariate(rate)
+        out.append((t, rate))
+    return out
 
 
 def request_body(config: LoadConfig, target: Target, prompt: Prompt) -> tuple[str, dict[str, Any]]:
@@ -319,11 +364,11 @@ async def _read_stream(response: httpx.Response, res: RequestResult, sent: float
         if not isinstance(event, dict):
             continue
         _take_usage(res, event)
+        if res.ttft is None and event.get("choices"):  # the first token's chunk, even one with no text yet
+            res.ttft = time.perf_counter() - sent
         if _chunk_text(event, chat):
             now = time.perf_counter()
-            if last is None:
-                res.ttft = now - sent
-            else:
+            if last is not None:
                 res.itl.append(now - last)
             last = now
             chunks += 1
@@ -370,6 +415,8 @@ async def _attempt(client: httpx.AsyncClient, config: LoadConfig, target: Target
                 else:
                     _set_error(res, payload, "bad_response", raw[:MAX_ERROR_MESSAGE].decode("utf-8", "replace"))
             res.e2e = time.perf_counter() - sent
+            if not config.stream and res.ok:
+                res.ttft = res.e2e  # the first token arrives with the whole answer
     except httpx.TimeoutException as e:
         res.e2e = time.perf_counter() - sent
         res.error_type, res.error_code, res.error_message = "timeout", type(e).__name__, str(e)[:MAX_ERROR_MESSAGE]
@@ -420,27 +467,53 @@ async def _run(config: LoadConfig, transport: httpx.AsyncBaseTransport | None) -
     timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, 10.0))
     last_end = t0
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal next_index, last_end
-        while next_index < len(assignments) and (stop_at is None or time.perf_counter() < stop_at):
-            i = next_index
-            next_index += 1
-            ti, pi = assignments[i]
-            res = RequestResult(index=i, target=ti, model=config.targets[ti].model, stream=config.stream,
-                                start=time.perf_counter() - t0)
-            results.append(res)
-            try:
-                await asyncio.wait_for(_one_request(client, config, res, config.prompts[pi]), config.timeout)
-            except asyncio.TimeoutError:
-                res.ok = False
-                res.error_type, res.error_code = "timeout", "request_timeout"
-                res.error_message = f"no complete answer within {config.timeout} s"
-                res.e2e = time.perf_counter() - t0 - res.start
-            last_end = max(last_end, time.perf_counter())
+    async def send(client: httpx.AsyncClient, i: int, rate: float | None) -> None:
+        """Request i now, measured into a new RequestResult (a timeout is a result, not an exception)."""
+        nonlocal last_end
+        ti, pi = assignments[i]
+        res = RequestResult(index=i, target=ti, model=config.targets[ti].model, stream=config.stream,
+                            start=time.perf_counter() - t0, offered_rate=rate)  # fmt: skip
+        results.append(res)
+        try:
+            await asyncio.wait_for(_one_request(client, config, res, config.prompts[pi]), config.timeout)
+        except asyncio.TimeoutError:
+            res.ok = False
+            res.error_type, res.error_code = "timeout", "request_timeout"
+            res.error_message = f"no complete answer within {config.timeout} s"
+            res.e2e = time.perf_counter() - t0 - res.start
+        last_end = max(last_end, time.perf_counter())
 
+    async def worker(client: httpx.AsyncClient) -> None:
+        """Closed loop: the next request as soon as this worker's last one ended."""
+        nonlocal next_index
+        while next_index < len(assignments) and (stop_at is None or time.perf_counter() < stop_at):
+            next_index += 1
+            await send(client, next_index - 1, None)
+
+    async def timed(client: httpx.AsyncClient, schedule: list[tuple[float, float]]) -> None:
+        """Open loop: requests at their arrival times, at most `concurrency` in flight (later arrivals wait for a
+        place, as `vllm bench serve --max-concurrency`)."""
+        places = asyncio.Semaphore(config.concurrency)
+
+        async def placed(i: int, rate: float) -> None:
+            async with places:
+                await send(client, i, rate)
+
+        tasks = []
+        for i, (at, rate) in enumerate(schedule):
+            if stop_at is not None and t0 + at >= stop_at:
+                break
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(placed(i, rate)))
+        await asyncio.gather(*tasks)
+
+    schedule = arrivals(config)
     async with httpx.AsyncClient(base_url=base_url(config.url), limits=limits, timeout=timeout,
                                  follow_redirects=False, transport=transport) as client:
-        await asyncio.gather(*(worker(client) for _ in range(min(config.concurrency, len(assignments)))))
+        if schedule is None:
+            await asyncio.gather(*(worker(client) for _ in range(min(config.concurrency, len(assignments)))))
+        else:
+            await timed(client, schedule)
     results.sort(key=lambda r: r.index)
     return RunResult(config=config, results=results, started_at=started_at, wall_time=last_end - t0)
 

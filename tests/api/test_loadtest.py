@@ -9,9 +9,10 @@ import httpx
 import pytest
 
 from loadtest.__main__ import main
-from loadtest.report import aggregate, build_report, percentile, render_text, summarize, to_json
+from loadtest.report import aggregate, build_report, meets, percentile, render_text, summarize, to_json
 from loadtest.runner import (
     LoadConfig,
+    arrivals,
     Prompt,
     RequestResult,
     Target,
@@ -136,6 +137,50 @@ def test_stream_without_usage_counts_chunks_and_sends_include_usage():
     assert 0 <= r.ttft <= r.e2e
 
 
+def test_a_one_token_stream_whose_chunk_has_no_text_still_has_a_ttft():
+    # The first token held back (an incomplete character, or the end at once): TTFT is its chunk's arrival.
+    (r,) = _fake_run(lambda req: httpx.Response(200, content=_sse(_chunk(""), b"[DONE]")))
+    assert r.ok and r.ttft is not None and 0 <= r.ttft <= r.e2e
+
+
+def test_zipf_popularity_and_poisson_or_ramped_arrivals():
+    targets = [Target(f"k{i}", f"m{i}") for i in range(4)]
+    cfg = LoadConfig(url="http://x.invalid", targets=targets, prompts=[Prompt("a"), Prompt("b")], requests=4000,
+                     zipf=1.0, seed=3)  # fmt: skip
+    counts = [sum(t == i for t, _ in plan(cfg)) for i in range(4)]
+    share = [1 / (k + 1) / sum(1 / (j + 1) for j in range(4)) for k in range(4)]
+    assert all(abs(c / 4000 - w) < 0.03 for c, w in zip(counts, share)) and counts == sorted(counts, reverse=True)
+    assert plan(cfg) == plan(cfg)  # seeded
+    assert arrivals(cfg) is None  # closed loop
+    cfg.request_rate = 50.0
+    times = [t for t, _ in arrivals(cfg)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0 and all(g >= 0 for g in gaps) and abs(sum(gaps) / len(gaps) - 1 / 50) < 0.002
+    assert {r for _, r in arrivals(cfg)} == {50.0}
+    cfg.request_rate, cfg.ramp = None, (10.0, 100.0)
+    rates = [r for _, r in arrivals(cfg)]
+    assert rates[0] == 10.0 and rates[-1] == 100.0 and rates == sorted(rates)
+    times = [t for t, _ in arrivals(cfg)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert sum(gaps[:500]) > 4 * sum(gaps[-500:])  # arrivals come faster as the rate ramps up
+    for bad in (dict(request_rate=0.0), dict(ramp=(1.0, 0.0)), dict(ramp=(1.0, 2.0), request_rate=1.0),
+                dict(zipf=-1.0), dict(goodput={"ttfb": 1.0}), dict(goodput={"ttft": 0.0})):  # fmt: skip
+        with pytest.raises(ValueError):
+            LoadConfig(url="http://x.invalid", targets=targets, prompts=[Prompt("a")], **bad).validate()
+
+
+def test_goodput_counts_the_requests_within_every_slo():
+    fast = _ok(0, "m", 0.1, [0.01], 0.2, 2)  # tpot 0.1
+    slow_first = _ok(1, "m", 0.9, [0.01], 1.0, 2)
+    one_token = _ok(2, "m", 0.05, [], 0.05, 1)  # no time per token: it meets any tpot limit
+    failed = RequestResult(index=3, target=0, model="m", stream=True, status=200, ttft=0.1, e2e=0.2)  # an error event
+    slo = {"ttft": 0.5, "tpot": 0.2}
+    assert [meets(r, slo) for r in (fast, slow_first, one_token, failed)] == [True, False, True, False]
+    g = aggregate([fast, slow_first, one_token, failed], 2.0, slo)["goodput"]
+    assert g == {"slo": slo, "requests": 2, "requests_per_s": 1.0, "share": 0.5}
+    assert aggregate([fast], 1.0)["goodput"] is None
+
+
 def test_error_event_and_missing_done_are_failures():
     (r,) = _fake_run(lambda req: httpx.Response(200, content=_sse(
         _chunk("a"), {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}, b"[DONE]")))
@@ -156,7 +201,7 @@ def test_429_is_retried_after_retry_after_then_counted():
             "prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}})
 
     (r,) = _fake_run(handler, retry=5, stream=False)
-    assert r.ok and r.retries == 2 and len(calls) == 3 and r.output_tokens == 2 and r.ttft is None
+    assert r.ok and r.retries == 2 and len(calls) == 3 and r.output_tokens == 2 and r.ttft == r.e2e
     calls.clear()
     (r,) = _fake_run(handler, retry=1, stream=False)  # bounded: one retry, then the 429 stands
     assert not r.ok and r.status == 429 and r.retries == 1 and r.error_type == "rate_limit_error"
@@ -221,7 +266,7 @@ def test_live_run_two_tenants(live, tenants, stream):
         assert s["latency"]["ttft"]["count"] == 12 and s["latency"]["itl"]["count"] > 0
         assert all(r.ttft <= r.e2e for r in run.results)
     else:
-        assert s["latency"]["ttft"]["count"] == 0 and s["latency"]["e2e"]["count"] == 12
+        assert s["latency"]["ttft"]["count"] == 12 and s["latency"]["e2e"]["count"] == 12  # the whole answer
     assert {m: a["requests"] for m, a in report["per_model"].items()} == {models[0]: 6, models[1]: 6}
 
 
@@ -258,3 +303,25 @@ def test_live_wrong_key_reports_401s(live, tenants):
     assert "sk-wrong-key-000" not in to_json(report)
     assert main(["--url", live.url, "--key", "sk-wrong-key-000", "--model", model, "-n", "2", "-c", "2",
                  "--max-tokens", "2"]) == 1
+
+
+def test_live_poisson_run_with_zipf_goodput_and_plots(live, tenants, tmp_path, capsys):
+    (k1, m1), (k2, m2) = tenants
+    out, plots = tmp_path / "report.json", tmp_path / "plots"
+    status = main(["--url", live.url, "--key", k1, "--key", k2, "--model", m1, "--model", m2, "--requests", "16",
+                   "--concurrency", "4", "--max-tokens", "3", "--ramp", "5:40", "--zipf", "1.2", "--seed", "2",
+                   "--goodput", "ttft:60000", "--goodput", "e2e:60000", "--json", str(out), "--plots", str(plots)])
+    assert status == 0
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert s["ok"] == 16 and s["latency"]["ttft"]["count"] == 16
+    assert s["goodput"]["requests"] == 16 and s["goodput"]["slo"] == {"ttft": 60.0, "e2e": 60.0}
+    rates = [r["offered_rate"] for r in sorted(report["requests"], key=lambda r: r["index"])]
+    assert rates[0] == 5.0 and rates[-1] == 40.0
+    assert "goodput: 16 requests within ttft 60000 ms, e2e 60000 ms" in capsys.readouterr().out
+    from matplotlib import image
+
+    for name in ("latency_cdf.png", "over_time.png", "ttft_vs_rate.png"):
+        png = plots / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert image.imread(png).shape[:2] == (450, 800)
