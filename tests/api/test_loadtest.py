@@ -12,10 +12,10 @@ from loadtest.__main__ import main
 from loadtest.report import aggregate, build_report, meets, percentile, render_text, summarize, to_json
 from loadtest.runner import (
     LoadConfig,
-    arrivals,
     Prompt,
     RequestResult,
     Target,
+    arrivals,
     base_url,
     load_prompts,
     pair_targets,
