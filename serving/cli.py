@@ -1,4 +1,6 @@
-"""The `deltaserve` command. Flags are parsed here and only here; the work is done by the packages."""
+"""The `deltaserve` command. Flags are parsed here and only here; the work is done by the packages. Over 400
+lines: one concept, the command line — each subcommand's flags and the few lines that hand them to its package
+(or, for the client commands, to the server through serving.client) and print the answer."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Unknown fields are refused (400 naming them). Known OpenAI fields that deltaserve does not implement are
 refused by name when set to anything but their no-op default — never silently ignored. Types are strict: a JSON
 `true` is no number and `1.5` no integer, as the documented schemas (/openapi.json) say. The answers' models are
-here too: they are what /openapi.json documents the routes to return.
+here too: they are what /openapi.json documents the routes to return. Over 400 lines: one concept, every shape
+the API documents, kept together so that one module says what the wire format is.
 """
 
 from __future__ import annotations

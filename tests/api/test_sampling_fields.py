@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from serving.api.openai_routes import sampling_for
+from serving.api.sampling import sampling_for
 from serving.api.schemas import CompletionRequest
 
 
