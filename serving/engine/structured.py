@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # choice, xgrammar's any_whitespace=False).
 JSON_OPTIONS = {"whitespace_flexible": False}
 CACHE_PER_TENANT = 32  # compiled grammars kept per tenant
+CACHED_TENANTS = 256  # tenants whose grammars are kept (the least recently active one's go first)
 
 
 def grammar_of(guide: Guide) -> str:
@@ -57,7 +58,7 @@ class StructuredOutputs:
         n_vocab = max(vocab_size, len(tokenizer))
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab, eos_token=sorted(eos_token_ids))
         self.vocab_size = n_vocab
-        self._compiled: dict[str, OrderedDict[str, Any]] = {}
+        self._compiled: OrderedDict[str, OrderedDict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()  # the engine thread and the API's precompiling workers
 
     def matcher(self, guide: Guide, tenant: str) -> Any:
@@ -71,6 +72,9 @@ class StructuredOutputs:
             raise SamplingParamsError(f"{guide.param}: {e}", guide.param) from None
         with self._lock:
             cache = self._compiled.setdefault(tenant, OrderedDict())
+            self._compiled.move_to_end(tenant)
+            while len(self._compiled) > CACHED_TENANTS:
+                self._compiled.popitem(last=False)
             template = cache.get(grammar)
             if template is not None:
                 cache.move_to_end(grammar)

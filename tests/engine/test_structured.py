@@ -153,3 +153,8 @@ def test_compiled_grammars_are_kept_per_tenant_most_recently_used_first(engine, 
         so.matcher(guide, tenant)
     # t: a, b compiled; a again a hit (now the newest); c evicts b, not a; a is still there; u compiles its own
     assert [structured.grammar_of(g) for g in (a, b, c, a)] == compiled
+    monkeypatch.setattr(structured, "CACHED_TENANTS", 2)
+    so.matcher(a, "v")  # a third tenant: t's grammars (the least recently active) go
+    so.matcher(a, "u")
+    so.matcher(a, "t")
+    assert len(compiled) == 6 and list(so._compiled) == ["u", "t"]
