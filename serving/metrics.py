@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from registry.upload_formats import FORMATS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -78,6 +80,10 @@ class Metrics:
         for tier in ("gpu_lora", "gpu_bitdelta", "host"):
             self.slots_in_use.labels(tier)
             self.slots_total.labels(tier)
+        for fmt in FORMATS:  # every upload outcome too (a refused upload's first burst must show in increase())
+            for outcome in ("accepted", "refused", *(("ready", "failed") if fmt == "finetune" else ())):
+                self.uploads.labels(fmt, outcome)
+        # (the request series, per route: serving.api.app.zero_request_series)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

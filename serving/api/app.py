@@ -50,10 +50,30 @@ def create_app(backend, *, public_metrics: bool = False, local_adapter_dir: Path
     app.include_router(lora_routes.router)
     app.include_router(usage_routes.router)
     openapi.install(app)
+    zero_request_series(app, backend.metrics)
 
     app.add_middleware(RequestMetrics, metrics=backend.metrics)
     app.add_middleware(RefuseAmbiguousFraming)
     return app
+
+
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")  # the routes that set a model_kind
+MODEL_KINDS = ("base", "lora", "bitdelta", "none")  # "none": refused before the model was resolved
+
+
+def zero_request_series(app: FastAPI, metrics) -> None:
+    """Every (route, status, model_kind) a route documents is a series at 0 from the start. rate() and increase()
+    need two samples of a series: without this, the first burst of each status after a restart (the first 429s,
+    the first 503s) would read as nothing. Statuses: the route's success, its documented errors, 500, and for the
+    generation routes 499 (the client went away)."""
+    for path, operations in app.openapi()["paths"].items():  # what each route documents it answers
+        statuses = {"500", *(code for op in operations.values() for code in op.get("responses", {}) if code.isdigit())}
+        kinds = MODEL_KINDS if path in GENERATION_ROUTES else ("none",)
+        if path in GENERATION_ROUTES:
+            statuses.add("499")
+        for status in statuses:
+            for kind in kinds:
+                metrics.requests.labels(route_label(path), status, kind)
 
 
 class RefuseAmbiguousFraming:
