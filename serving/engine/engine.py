@@ -9,6 +9,7 @@ server drives it from one thread of its own; offline generation calls `generate(
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from serving.engine.structured import StructuredOutputs
 from serving.models.llama import LlamaForCausalLM
 from serving.models.loader import load_model_from_checkpoint, resolve_device, resolve_dtype
 from serving.models.tenant_layers import cpu_weight_packing_available, pack_cpu_weights
+
+log = logging.getLogger("deltaserve")
 
 
 @dataclass
@@ -130,8 +133,13 @@ class LLMEngine:
             seed=config.seed,
             decode_graphs=(config.max_num_seqs, self.max_model_len, True) if config.cuda_graphs else None,
         )
+        self._no_structured = "structured outputs need the model's tokenizer"
         if tokenizer is not None:
-            self.runner.structured = StructuredOutputs(tokenizer, mc.vocab_size, self.eos_token_ids)
+            try:
+                self.runner.structured = StructuredOutputs(tokenizer, mc.vocab_size, self.eos_token_ids)
+            except Exception as e:  # noqa: BLE001 - a tokenizer llguidance cannot read: serve everything else
+                self._no_structured = f"structured outputs are not available with this model's tokenizer ({e})"
+                log.warning("%s", self._no_structured)
         self._seqs: dict[str, Sequence] = {}
         self.num_steps = 0
         self.base_dir = base_dir
@@ -193,7 +201,7 @@ class LLMEngine:
         matcher = None
         if params.guide is not None:
             if self.runner.structured is None:
-                raise SamplingParamsError("structured outputs need the model's tokenizer", params.guide.param)
+                raise SamplingParamsError(self._no_structured, params.guide.param)
             matcher = self.runner.structured.matcher(params.guide, tenant)
         # Without fair scheduling every request counts as one tenant's: first come, first served.
         seq = Sequence(request_id, ids, params, delta, detok, tenant=tenant if self.config.fair_scheduling else "",

@@ -158,3 +158,18 @@ def test_compiled_grammars_are_kept_per_tenant_most_recently_used_first(engine, 
     so.matcher(a, "u")
     so.matcher(a, "t")
     assert len(compiled) == 6 and list(so._compiled) == ["u", "t"]
+
+
+def test_a_tokenizer_llguidance_cannot_read_leaves_everything_else_served(monkeypatch):
+    from serving.engine import structured
+
+    def unreadable(*args, **kwargs):
+        raise ValueError("no such vocabulary")
+
+    monkeypatch.setattr(structured.StructuredOutputs, "__init__", unreadable)
+    engine = LLMEngine.from_model_dir(demo_dir() / "base", EngineConfig(device="cpu", dtype="float32",
+                                                                        max_model_len=64))  # fmt: skip
+    assert engine.generate([("Hello", SamplingParams(max_tokens=3, temperature=0.0), None)])[0].token_ids
+    with pytest.raises(SamplingParamsError, match=r"not available with this model's tokenizer \(no such") as info:
+        engine.add_request("g", "x", SamplingParams(max_tokens=3, guide=Guide("json_object")), None)
+    assert info.value.param == "response_format"
