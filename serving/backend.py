@@ -71,6 +71,8 @@ class Backend:
         metrics.slots_in_use.labels("gpu_lora").set_function(lambda: engine.stats().slots_in_use["lora"])
         metrics.slots_in_use.labels("gpu_bitdelta").set_function(lambda: engine.stats().slots_in_use["bitdelta"])
         metrics.slots_in_use.labels("host").set_function(lambda: self.adapters.host_tier.num_items)
+        metrics.host_bytes.set_function(lambda: self.adapters.host_tier.nbytes)
+        metrics.host_capacity.set(self.adapters.host_tier.capacity_bytes)
         for tier, n in (("gpu_lora", engine.config.lora_slots), ("gpu_bitdelta", engine.config.bitdelta_slots)):
             metrics.slots_total.labels(tier).set(n)
 

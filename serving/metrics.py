@@ -5,7 +5,7 @@ servers in one process never share counters. No metric carries an adapter label,
 counters a tenant label: their number is unbounded, and a tenant must not learn about others from /metrics
 (which needs the admin key whenever tenants are named). Labels used, with their bounds: route (the fixed API
 routes), status (HTTP status codes), model_kind (base | lora | bitdelta | none), tier (gpu | host for the
-adapter cache counters; gpu_lora | gpu_bitdelta | host for slots), format and outcome of uploads; tenant (the
+adapter cache counters; gpu_lora | gpu_bitdelta | host for slots in use, gpu_lora | gpu_bitdelta for capacity), format and outcome of uploads; tenant (the
 top N tenants by tokens, N set by --metrics-top-tenants, and `other`: serving.usage) and kind (prompt |
 completion) of the usage counters.
 """
@@ -61,7 +61,12 @@ class Metrics:
             "deltaserve_adapter_load_seconds", "Time to load an adapter into a tier", ["tier"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.slots_in_use = Gauge("deltaserve_adapter_slots_in_use", "Adapters resident per tier", ["tier"], registry=r)
-        self.slots_total = Gauge("deltaserve_adapter_slots", "Capacity per tier (adapters)", ["tier"], registry=r)
+        self.slots_total = Gauge("deltaserve_adapter_slots", "Capacity per GPU tier (adapters)", ["tier"], registry=r)
+        # the host tier is sized in bytes, not in adapters
+        self.host_bytes = Gauge("deltaserve_host_tier_bytes", "Bytes of deltas held in the host-memory tier", registry=r)
+        self.host_capacity = Gauge(
+            "deltaserve_host_tier_capacity_bytes", "Capacity of the host-memory tier (--host-cache-mb)", registry=r
+        )
         self.tenant_requests = Counter(
             "deltaserve_tenant_requests", "Answered requests per tenant (top N by tokens, the rest `other`)", ["tenant"],
             registry=r,
@@ -79,6 +84,7 @@ class Metrics:
                 family.labels(tier)
         for tier in ("gpu_lora", "gpu_bitdelta", "host"):
             self.slots_in_use.labels(tier)
+        for tier in ("gpu_lora", "gpu_bitdelta"):
             self.slots_total.labels(tier)
         for fmt in FORMATS:  # every upload outcome too (a refused upload's first burst must show in increase())
             for outcome in ("accepted", "refused", *(("ready", "failed") if fmt == "finetune" else ())):

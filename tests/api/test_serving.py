@@ -215,6 +215,9 @@ def test_metrics_after_load(live):
         assert metric(text, name) >= 0, name
     assert metric(text, "deltaserve_requests_total", 'model_kind="lora",route="/v1/completions",status="200"') > 0
     assert metric(text, "deltaserve_adapter_slots_in_use", 'tier="host"') >= 1
+    assert metric(text, "deltaserve_host_tier_capacity_bytes") == live.backend.config.host_cache_bytes
+    assert 0 < metric(text, "deltaserve_host_tier_bytes") == live.backend.adapters.host_tier.nbytes
+    assert 'deltaserve_adapter_slots{tier="host"}' not in text  # a tier sized in bytes has no slot count
     for name in ["deltaserve_adapter_cache_misses_total", "deltaserve_adapter_loads_total",
                  "deltaserve_adapter_load_seconds_count"]:  # the GPU slots report as the host tier does
         assert metric(text, name, 'tier="gpu"') > 0, name
