@@ -24,4 +24,12 @@ python -m pip install -q -e ".[dev]"
 # The compiled CPU delta kernels (kernels/csrc), built once for this machine into ~/.cache/deltaserve/kernels
 # (or $DELTASERVE_KERNEL_CACHE). Without a compiler the engine falls back to the torch references, and says so.
 python -m kernels.cpu_extension || echo "setup: the CPU delta kernels were not built; CPU serving uses the slower torch references" >&2
+# promtool (Debian's prometheus package) checks deploy/'s Prometheus config and alert rules in the tests; as root
+# with apt it is installed, elsewhere those tests skip and say why.
+if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } \
+    || echo "setup: prometheus (promtool) could not be installed; the tests of deploy/'s rules will skip" >&2
+fi
 echo "setup: done ($(python -c 'import torch; print("torch", torch.__version__)'))"

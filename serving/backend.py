@@ -68,6 +68,8 @@ class Backend:
         metrics.queue_length.set_function(lambda: engine.stats().num_waiting)
         metrics.running.set_function(lambda: engine.stats().num_running)
         metrics.pending.set_function(lambda: self.loop.num_pending)
+        metrics.max_pending.set(self.config.max_pending)
+        metrics.engine_up.set_function(lambda: 1 if self.healthy else 0)
         metrics.slots_in_use.labels("gpu_lora").set_function(lambda: engine.stats().slots_in_use["lora"])
         metrics.slots_in_use.labels("gpu_bitdelta").set_function(lambda: engine.stats().slots_in_use["bitdelta"])
         metrics.slots_in_use.labels("host").set_function(lambda: self.adapters.host_tier.num_items)

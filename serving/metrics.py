@@ -43,6 +43,11 @@ class Metrics:
         self.queue_length = Gauge("deltaserve_queue_length", "Sequences waiting to be scheduled", registry=r)
         self.running = Gauge("deltaserve_running_sequences", "Sequences in the running batch", registry=r)
         self.pending = Gauge("deltaserve_pending_requests", "Requests accepted and not finished (queue bound)", registry=r)
+        self.max_pending = Gauge(
+            "deltaserve_max_pending_requests", "Bound on pending requests (--max-pending); beyond it: 503", registry=r
+        )
+        # the HTTP server can outlive its engine thread (then every generation is a 503): /health's answer, scraped
+        self.engine_up = Gauge("deltaserve_engine_up", "Whether the engine thread runs (1), or has died (0)", registry=r)
         self.batch_size = Histogram("deltaserve_step_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
         self.distinct_tenants = Histogram(
             "deltaserve_step_distinct_adapters", "Distinct deltas (tenants' fine-tunes) per engine step, base excluded",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,35 @@ def test_dashboard_queries_use_exposed_metrics_and_their_labels():
         assert legend <= kept, f"{where}: legend uses {sorted(legend - kept)}"
 
 
+def dashboard_panels() -> list[dict]:
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            out.append(p)
+            walk(p.get("panels", []))
+
+    walk(json.loads(DASHBOARD.read_text())["panels"])
+    return out
+
+
+def test_idle_dashboard_says_no_traffic_rather_than_nan():
+    """While idle every rate is 0: a quantile of no observations and a ratio of 0 / 0 are NaN. Each such query
+    drops NaN (a comparison is false for NaN) and its panel shows a text for 'no data' instead."""
+    guarded = 0
+    for panel in dashboard_panels():
+        for t in panel.get("targets", []):
+            expr, where = t["expr"], f"{panel['title']!r}: {t['expr']}"
+            if "histogram_quantile(" in expr:
+                assert re.search(r"\)\s*>=\s*0$", expr), f"{where}: an idle quantile is NaN"
+            for denominator in re.split(r"\s/\s", expr)[1:]:
+                assert re.match(r"\(.*>\s*0\)$", denominator.strip(), re.S), f"{where}: 0 / 0 when idle"
+            if "histogram_quantile(" in expr or " / " in expr:
+                guarded += 1
+                assert panel["fieldConfig"]["defaults"].get("noValue"), f"{panel['title']!r} shows nothing when idle"
+    assert guarded >= 17
+
+
 def test_dashboard_covers_every_metric_family():
     names, kinds, _ = exposed_metrics()
     used = {
@@ -141,6 +172,16 @@ def bind_mounts(service: dict) -> dict[str, str]:
         parts = v.split(":")
         if parts[0].startswith((".", "/")):
             out[parts[1]] = parts[0]
+    return out
+
+
+def secret_mounts(service: dict) -> dict[str, str]:
+    """container path -> secret name of the service's compose secrets (short syntax: under /run/secrets)."""
+    out = {}
+    for entry in service.get("secrets", []):
+        name = entry if isinstance(entry, str) else entry["source"]
+        target = entry.get("target", name) if isinstance(entry, dict) else name
+        out[target if target.startswith("/") else f"/run/secrets/{target}"] = name
     return out
 
 
@@ -191,9 +232,16 @@ def test_prometheus_scrapes_metrics_with_the_admin_key():
     # the admin key: a bearer token read from the compose secret
     auth = job["authorization"]
     assert auth.get("type", "Bearer") == "Bearer" and "credentials" not in auth
-    secrets = [s if isinstance(s, str) else s["source"] for s in prom["secrets"]]
-    assert auth["credentials_file"] in {f"/run/secrets/{s}" for s in secrets}
-    assert set(secrets) <= set(c["secrets"])
+    # named relative to the config file, so that promtool checks deploy/prometheus.yml as the container runs it
+    assert not auth["credentials_file"].startswith("/")
+    in_container = str(Path(config_path).parent / auth["credentials_file"])
+    mounted = secret_mounts(prom)
+    assert in_container in mounted, f"{in_container} is not where compose mounts a secret ({sorted(mounted)})"
+    assert c["secrets"][mounted[in_container]]["file"] == f"./{auth['credentials_file']}", "the same file outside"
+    assert set(mounted.values()) <= set(c["secrets"])
+    # the alert rules, mounted beside the config as it names them
+    for rules in config["rule_files"]:
+        assert bind_mounts(prom)[str(Path(config_path).parent / rules)] == f"./{rules}"
 
 
 def test_grafana_provisioning():
@@ -208,6 +256,59 @@ def test_grafana_provisioning():
     assert (DEPLOY / dashboards_dir / DASHBOARD.name).resolve() == DASHBOARD.resolve()
     for kind in ("datasources", "dashboards"):
         assert (DEPLOY / mounts[f"/etc/grafana/provisioning/{kind}"]).is_dir()
+
+
+# ---- alert rules, and the configuration as promtool reads it ---------------------------------------------
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus; scripts/setup.sh does it as root)")
+    return path
+
+
+def test_alert_rules_name_exposed_metrics():
+    names, _, labels = exposed_metrics()
+    groups = load_yaml(DEPLOY / "alerts.yml")["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    expected = {"DeltaserveDown", "DeltaserveEngineDead", "DeltaserveHighErrorRatio", "DeltaserveQueueSaturated",
+                "DeltaserveKVCacheNearlyFull", "DeltaserveSlowFirstToken", "DeltaserveCompressionFailures"}  # fmt: skip
+    assert {r["alert"] for r in rules} == expected
+    for rule in rules:
+        used = re.findall(r"\b(deltaserve_\w+)", rule["expr"])
+        assert all(n in names for n in used), f"{rule['alert']}: not exposed: {[n for n in used if n not in names]}"
+        for name, body in re.findall(r"\b(deltaserve_\w+)\{([^}]*)\}", rule["expr"]):
+            keys = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", body))
+            assert keys <= labels[names[name]] | TARGET_LABELS | {"le"}, f"{rule['alert']}: {name} {{{body}}}"
+        assert rule["labels"]["severity"] in ("critical", "warning") and rule["annotations"]["summary"]
+
+
+def test_promtool_checks_the_config_as_the_readme_sets_it_up(tmp_path):
+    tool = promtool()
+    deploy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, deploy, ignore=shutil.ignore_patterns("secrets"))
+    run = subprocess.run([tool, "check", "config", "prometheus.yml"], cwd=deploy, capture_output=True, text=True)
+    assert run.returncode != 0 and "secrets/admin_key" in run.stdout + run.stderr, "the key file is not checked"
+    (deploy / "secrets").mkdir()
+    (deploy / "secrets" / "admin_key").write_text("k" * 43 + "\n")  # as the README's grep | cut writes it
+    run = subprocess.run([tool, "check", "config", "prometheus.yml"], cwd=deploy, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "7 rules found" in run.stdout, run.stdout  # the rule file is read through the config
+
+
+def test_alert_rules_pass_their_unit_tests():
+    tool = promtool()
+    run = subprocess.run([tool, "test", "rules", "alerts_test.yml"], cwd=DEPLOY, capture_output=True, text=True)
+    assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stdout + run.stderr
+    tested = set(re.findall(r"alertname: (\w+)", (DEPLOY / "alerts_test.yml").read_text()))
+    assert tested == {r["alert"] for g in load_yaml(DEPLOY / "alerts.yml")["groups"] for r in g["rules"]}
+
+
+def test_readme_deploy_steps_make_the_key_readable_to_prometheus():
+    """The Prometheus container runs as nobody: under a umask of 077 the key file must be chmod 644."""
+    readme = (ROOT / "README.md").read_text()
+    steps = readme[readme.index("cd deploy && cp .env.example .env"):]
+    steps = steps[: steps.index("docker compose up")]
+    assert "chmod 644 secrets/admin_key" in steps
 
 
 # ---- Dockerfile ------------------------------------------------------------------------------------------

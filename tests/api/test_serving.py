@@ -194,8 +194,8 @@ def test_disconnect_frees_kv_blocks(live):
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    pattern = re.escape(name) + (r"\{" + labels + r"[^}]*\}" if labels else r"(\{[^}]*\})?") + r" ([0-9.e+-]+)"
-    values = [float(m.group(len(m.groups()))) for m in re.finditer(pattern, text)]
+    pattern = "^" + re.escape(name) + (r"\{" + labels + r"[^}]*\}" if labels else r"(\{[^}]*\})?") + r" ([0-9.e+-]+)"
+    values = [float(m.group(len(m.groups()))) for m in re.finditer(pattern, text, re.M)]
     assert values, f"{name} missing"
     return sum(values)
 
@@ -257,6 +257,13 @@ def test_queue_limit_and_tenant_limit(tmp_path_factory, live):
                 assert time.time() < deadline
                 time.sleep(0.01)
             assert cc.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
+        with srv.client() as admin:  # the alert rules' inputs: the queue's bound, and whether the engine runs
+            text = admin.get("/metrics").text
+            assert metric(text, "deltaserve_max_pending_requests") == 2
+            assert metric(text, "deltaserve_engine_up") == 1
+            srv.backend.loop.stop(timeout=5)  # the engine thread gone, the HTTP server still up
+            assert admin.get("/health").status_code == 503
+            assert metric(admin.get("/metrics").text, "deltaserve_engine_up") == 0
     finally:
         stop_server(srv)
 
