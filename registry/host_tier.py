@@ -40,13 +40,16 @@ class HostTier:
         with self._lock:
             return list(self._items)
 
-    def get(self, key: str, load: Callable[[], Delta]) -> Delta:
-        """The cached delta of `key`, or `load()` it (once, even when several threads ask at the same time)."""
+    def get(self, key: str, load: Callable[[], Delta], count_hit: bool = True) -> Delta:
+        """The cached delta of `key`, or `load()` it (once, even when several threads ask at the same time).
+        count_hit=False: a hit is not reported (the caller needed no copy from this tier: the delta sits in a
+        GPU slot already); a miss always is, since it reads the delta from disk."""
         with self._lock:
             delta = self._items.get(key)
             if delta is not None:
                 self._items.move_to_end(key)
-                self.observer("hit", 0.0)
+                if count_hit:
+                    self.observer("hit", 0.0)
                 return delta
             key_lock = self._loading.setdefault(key, threading.Lock())
         with key_lock:
@@ -54,7 +57,8 @@ class HostTier:
                 delta = self._items.get(key)
                 if delta is not None:  # another thread loaded it while we waited
                     self._items.move_to_end(key)
-                    self.observer("hit", 0.0)
+                    if count_hit:
+                        self.observer("hit", 0.0)
                     return delta
             self.observer("miss", 0.0)
             t0 = time.perf_counter()

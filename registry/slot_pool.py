@@ -212,7 +212,11 @@ class SlotPool:
 
     def is_resident(self, delta: Delta) -> bool:
         """True when `delta` is in a slot now: acquiring it loads nothing."""
-        return self._tables[delta.kind].find(delta.key) is not None
+        return self.holds(delta.kind, delta.key)
+
+    def holds(self, kind: str, key: str) -> bool:
+        """True when the delta of `key` is in a slot now (one dict lookup: a snapshot any thread may take)."""
+        return self._tables[kind].find(key) is not None
 
     def has_room(self, kind: str) -> bool:
         """True when a delta of this kind could be loaded now (a slot free, or an unpinned one to reuse)."""

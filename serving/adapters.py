@@ -100,7 +100,11 @@ class Adapters:
             delta = load_delta(self.registry.blob_path(record), self.engine.spec, self.engine.config.max_lora_rank)
             return dataclasses.replace(delta, owner=record.tenant)
 
-        return self.host_tier.get(self._key(record), load)
+        key = self._key(record)
+        # Every request looks its delta up here, but one already in a GPU slot needs no host copy to load: its
+        # hit is not counted, or the host tier's hit ratio would sit near 1 and say nothing. What is counted:
+        # of the deltas a request found without a GPU slot, the share already in host memory (not read from disk).
+        return self.host_tier.get(key, load, count_hit=not self.engine.holds_delta(record.kind, key))
 
     @staticmethod
     def _key(record: AdapterRecord) -> str:

@@ -228,6 +228,11 @@ class LLMEngine:
         """A deleted or replaced delta: its slot is freed once no running request uses it."""
         self.slots.forget(kind, key)
 
+    def holds_delta(self, kind: str, key: str) -> bool:
+        """True when the delta of `key` sits in a GPU slot now. Any thread may ask; the answer can be stale at
+        once (the engine thread may evict it next step), so use it for accounting, never for correctness."""
+        return self.slots.holds(kind, key)
+
     def observe_slots(self, observer: TierObserver) -> None:
         """observer(event, seconds) for the slot pool's hits, misses, loads and evictions (registry.host_tier's
         TierObserver: the host tier reports the same way)."""

@@ -226,6 +226,32 @@ def test_metrics_after_load(live):
     assert metric(text, "deltaserve_step_batch_size_sum") >= metric(text, "deltaserve_step_batch_size_count")
 
 
+def test_host_tier_hits_count_only_deltas_without_a_gpu_slot(live):
+    """Every request looks its delta up in the host tier; one already in a GPU slot needs no host copy, so its
+    lookup is no hit (else the host hit ratio sat near 1). A delta evicted from its slot but still in host
+    memory is a host hit."""
+    key = live.new_tenant("hits")
+    with live.client(key) as c:
+        assert upload(c, "hot", "lora", live.files["lora"]).status_code == 201
+
+        def host(name: str) -> float:
+            with live.client() as admin:
+                return metric(admin.get("/metrics").text, name, 'tier="host"')
+
+        body = {"model": "hot", "prompt": "hi", "max_tokens": 1}
+        assert c.post("/v1/completions", json=body).status_code == 200  # loaded: from disk, into a GPU slot
+        hits, misses = host("deltaserve_adapter_cache_hits_total"), host("deltaserve_adapter_cache_misses_total")
+        for _ in range(3):
+            assert c.post("/v1/completions", json=body).status_code == 200
+        assert host("deltaserve_adapter_cache_hits_total") == hits  # resident on the GPU: no host lookup needed
+        assert host("deltaserve_adapter_cache_misses_total") == misses
+        delta = f"hits/lora/{live.backend.registry.resolve('hits', 'hot').sha256}"
+        live.backend.loop.forget("lora", delta)  # its GPU slot freed (as for a new version); the host copy stays
+        wait_until(lambda: not live.backend.engine.holds_delta("lora", delta))
+        assert c.post("/v1/completions", json=body).status_code == 200
+        assert host("deltaserve_adapter_cache_hits_total") == hits + 1  # no GPU slot: found in host memory
+
+
 def test_queue_limit_and_tenant_limit(tmp_path_factory, live):
     srv = start_server(tmp_path_factory.mktemp("small"), live.base_dir, max_pending=2, tenant_max_concurrent=1)
     engine, step = srv.backend.engine, srv.backend.engine.step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from registry.deltas import LoraDelta
@@ -129,3 +130,19 @@ def test_concurrent_requests_load_once() -> None:
     assert sorted(rec.events) == ["hit", "hit", "hit", "load", "miss"]  # those that waited for the load hit
     assert rec.seconds[rec.events.index("hit")] == 0.0
     assert not tier._loading  # no per-key lock is left behind once loaded
+
+
+def test_a_lookup_that_needs_no_host_copy_counts_no_hit() -> None:
+    """count_hit=False (the delta sits in a GPU slot already): the hit goes unreported, so the host tier's hit
+    ratio measures only lookups that needed it; a miss is still reported (it reads the disk), and the hit still
+    refreshes the LRU order."""
+    rec = Recorder()
+    tier = HostTier(capacity_bytes=2000, observer=rec)
+    put(tier, "a")
+    put(tier, "b")
+    rec.events.clear()
+    assert tier.get("a", lambda: pytest.fail("a is cached"), count_hit=False).sha256 == "a"
+    assert rec.events == []
+    tier.get("c", lambda: delta("c"), count_hit=False)  # over capacity: "b", now the oldest, goes
+    assert rec.events == ["miss", "load", "evict"]
+    assert tier.keys() == ["a", "c"]
