@@ -1,11 +1,12 @@
 """A real Prometheus (Debian's `prometheus` package; scripts/setup.sh installs it as root) scraping a live server
 under the project's own load generator: the first burst of 429s and the first refused upload show in
 increase(), every dashboard query evaluates, and the latency quantiles Prometheus computes from the buckets are
-within 10 % of the load generator's own figures."""
+within 10 % of the load generator's own figures; the dashboard's request and token counts are the load generator's."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -124,8 +125,24 @@ def test_prometheus_sees_what_the_load_generator_saw(tmp_path):
         assert 0.9 <= refused <= 1.2, refused
 
         # every dashboard query evaluates (no error) with the dashboard's variables filled in
-        for _, t in dashboard_targets():
+        targets = dashboard_targets()
+        for _, t in targets:
             query(prom, t["expr"].replace("$instance", ".*").replace("$__rate_interval", "1m"))
+
+        # the dashboard's queries on the counters themselves (its rates undone, since increase() extrapolates to
+        # the window's edges): the load generator's requests plus the tenant's creation and the upload, never
+        # Prometheus's own scrapes; every token the load generator received
+        def over_the_test(title: str) -> float:
+            expr = next(t["expr"] for panel, t in targets if panel == title)
+            counters = re.sub(r"rate\((\w+\{[^}]*\})\[\$__rate_interval\]\)", r"\1", expr)
+            assert "rate(" not in counters, counters
+            return scalar(prom, counters.replace("$instance", ".*"))
+
+        sent = steady["summary"]["requests"] + burst["summary"]["requests"] + 2
+        assert over_the_test("Requests/s") == sent
+        tokens = steady["summary"]["output_tokens"] + burst["summary"]["output_tokens"]
+        assert over_the_test("Generated tokens/s") == tokens
+        assert over_the_test("5xx ratio") == 0
     finally:
         proc.terminate()
         proc.wait(10)
