@@ -76,7 +76,7 @@ _INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64}
 if triton is not None:
 
     @triton.jit
-    def _bitdelta_apply_kernel(
+    def _bitdelta_apply_kernel(  # over 60 lines: one Triton program, its arguments one per line
         y_ptr,
         x_ptr,
         signs_ptr,

@@ -3,6 +3,10 @@
 The slot pool stores every slot at the pool's largest rank r_max: A as [S, r_max, in] and B transposed as
 [S, r_max, out] (so a rank-r slot reads r contiguous rows of each), rows at and past the slot's rank zero.
 Ranks 1..r_max are mixed freely in one batch; the kernels loop over the rank in blocks and skip the padding.
+
+Over 400 lines: one op family in its three backends (Triton kernels and launchers, the CPU kernels' wrappers, the
+torch references) with the checks they share, as each kernel file here; split by backend, a kernel would live
+apart from the reference it is tested against.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ as the blob store, so committing is a rename.
 What is accepted, by format, is registry.upload_formats' (file names are plain names, checked before a byte is
 written; pickle files are refused by name and never loaded; so is any file a format does not name).
 
-This module imports no torch at import time (validation imports the loaders when it runs).
+This module imports no torch at import time (validation imports the loaders when it runs). Over 400 lines: one
+concept, a staging directory (`Staging`) and the writer that fills one of its files (`UploadWriter`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from registry.errors import DeltaError
+from registry.upload_formats import FORMATS
 from serving.engine.config import EngineOptions, KernelBackend
 from serving.flags import add_flags, given_flags, settings_error
 from serving.server import ServerSettings
@@ -32,7 +33,22 @@ def _add_client_flags(p: argparse.ArgumentParser, key_env: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaserve", description="Serve many fine-tunes of one base model.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(sub)
+    _add_compress_parser(sub)
+    _add_eval_parser(sub)
+    s = sub.add_parser("serve", help="run the HTTP server (the embedded demo without --model)")
+    add_flags(s, ServerSettings, ServerSettings.model_fields, defaults=False)  # unset: DELTASERVE_* variables
+    _add_tenants_parser(sub)
+    _add_adapters_parser(sub)
+    _add_usage_parser(sub)
+    adm = sub.add_parser("admin", help="local administration of a registry folder (no server)")
+    admsub = adm.add_subparsers(dest="action", required=True)
+    a = admsub.add_parser("reset-key", help="replace a lost admin key with a new one, printed once (stop the server first)")
+    a.add_argument("--registry", type=Path, default=ServerSettings.model_fields["registry"].default)
+    return parser
 
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="offline generation, no server")
     g.add_argument("--model", default=None, help="local Hugging Face directory of the base model (default: the demo)")
     g.add_argument("--adapter", default=None, help="a PEFT LoRA directory or a 1-bit delta file")
@@ -47,12 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object per request")
     add_flags(g, EngineOptions, EngineOptions.model_fields, defaults=True)
-    _add_compress_parser(sub)
-    _add_eval_parser(sub)
 
-    s = sub.add_parser("serve", help="run the HTTP server (the embedded demo without --model)")
-    add_flags(s, ServerSettings, ServerSettings.model_fields, defaults=False)  # unset: DELTASERVE_* variables
 
+def _add_tenants_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("tenants", help="manage tenants (admin key)")
     tsub = t.add_subparsers(dest="action", required=True)
     for action, helptext in (("create", "create a tenant and print its API key"), ("ls", "list tenants"),
@@ -62,12 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("name")
         _add_client_flags(a, "DELTASERVE_ADMIN_KEY")
 
+
+def _add_adapters_parser(sub: argparse._SubParsersAction) -> None:
     ad = sub.add_parser("adapters", help="manage your adapters (tenant key)")
     asub = ad.add_subparsers(dest="action", required=True)
     a = asub.add_parser("push", help="upload a LoRA directory, a 1-bit delta file or a full fine-tune directory")
     a.add_argument("path", type=Path)
     a.add_argument("--name", required=True)
-    a.add_argument("--format", required=True, choices=["lora", "bitdelta", "finetune"])
+    a.add_argument("--format", required=True, choices=FORMATS)
     _add_client_flags(a, "DELTASERVE_API_KEY")
     a = asub.add_parser("ls", help="list your adapters")
     _add_client_flags(a, "DELTASERVE_API_KEY")
@@ -78,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     _add_client_flags(a, "DELTASERVE_API_KEY")
 
+
+def _add_usage_parser(sub: argparse._SubParsersAction) -> None:
     u = sub.add_parser("usage", help="requests and tokens per model and period (tenant key: yours; admin key: all)")
     u.add_argument("--by", choices=["day", "hour"], default="day", help="periods of one UTC day or hour (default: day)")
     u.add_argument("--since", default=None, help="from this UTC time: 2026-12-01, 2026-12-01T09:00 or unix seconds "
@@ -87,12 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tenant", default=None, help="only this tenant (admin key)")
     u.add_argument("--json", action="store_true", help="print the server's JSON report")
     _add_client_flags(u, "DELTASERVE_API_KEY")  # else $DELTASERVE_ADMIN_KEY
-
-    adm = sub.add_parser("admin", help="local administration of a registry folder (no server)")
-    admsub = adm.add_subparsers(dest="action", required=True)
-    a = admsub.add_parser("reset-key", help="replace a lost admin key with a new one, printed once (stop the server first)")
-    a.add_argument("--registry", type=Path, default=ServerSettings.model_fields["registry"].default)
-    return parser
 
 
 def _add_distill_flags(p: argparse.ArgumentParser) -> None:

@@ -290,12 +290,29 @@ def evaluate(
         raise ValueError("distillation on the fly needs calibration text")
     if max_tokens < 2:
         raise ValueError("max_tokens must be >= 2")
-    from transformers import AutoTokenizer
-
     dev = resolve_device(device)
     dtype = dtype or torch.float32
     pair = check_pair(base_dir, finetune_dir)
-    spec = pair.spec
+    windows, window = _text_windows(base_dir, pair, text, max_tokens, window)
+
+    forms, report = _forms(pair, options, delta_path, distill, calibration_text, lora_dir)
+    ft_tally, ft_top1 = _score_finetune(finetune_dir, windows, dtype, dev)
+    tallies = _score_forms(base_dir, forms, windows, ft_top1, dtype, dev, kernel_backend)
+    return EvalReport(
+        tokens=tallies[0].count,
+        windows=len(windows),
+        window=window,
+        forms=_form_results(pair.spec, forms, tallies, ft_tally),
+        distill=report,
+        extra={"base": str(base_dir), "finetune": str(finetune_dir)},
+    )
+
+
+def _text_windows(base_dir, pair, text: str, max_tokens: int, window: int | None) -> tuple[list[list[int]], int]:
+    """The evaluation text's first max_tokens tokens cut into windows of `window` tokens (at most the base's
+    context), and that window length."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
     ids = tokenizer(text).input_ids[:max_tokens]
     window = window or DEFAULT_WINDOW
@@ -304,14 +321,14 @@ def evaluate(
     windows = _windows(ids, window)
     if not windows:
         raise ValueError("the evaluation text has fewer than 2 tokens")
+    return windows, window
 
-    forms, report = _forms(pair, options, delta_path, distill, calibration_text, lora_dir)
-    ft_tally, ft_top1 = _score_finetune(finetune_dir, windows, dtype, dev)
-    tallies = _score_forms(base_dir, forms, windows, ft_top1, dtype, dev, kernel_backend)
 
+def _form_results(spec, forms: list, tallies: list[_Tally], ft_tally: _Tally) -> list[FormResult]:
+    """One FormResult per form: the base (tallies[0]), the fine-tune, then `forms` (tallies[1:]); the gain kept
+    is measured on the base-to-fine-tune loss gap."""
     loss_base = tallies[0].nll / tallies[0].count
-    loss_ft = ft_tally.nll / ft_tally.count
-    gap = loss_base - loss_ft
+    gap = loss_base - ft_tally.nll / ft_tally.count
 
     def result(name: str, label: str, tally: _Tally, size: int | None, note: str = "") -> FormResult:
         loss = tally.nll / tally.count
@@ -323,15 +340,7 @@ def evaluate(
         result("base", "base", tallies[0], None),
         result("finetune", "fine-tune", ft_tally, ft_bytes, "projections in float16"),
     ]
-    results += [result(f.name, f.label, tally, f.size, f.note) for f, tally in zip(forms, tallies[1:])]
-    return EvalReport(
-        tokens=tallies[0].count,
-        windows=len(windows),
-        window=window,
-        forms=results,
-        distill=report,
-        extra={"base": str(base_dir), "finetune": str(finetune_dir)},
-    )
+    return results + [result(f.name, f.label, tally, f.size, f.note) for f, tally in zip(forms, tallies[1:])]
 
 
 def merge_lora(base_dir: str | os.PathLike[str], lora_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:

@@ -44,6 +44,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class Metrics:
     def __init__(self) -> None:
+        # Over 60 lines: every metric /metrics exports, declared one after another so that they are read in one place.
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "deltaserve_requests", "HTTP requests by route, status and model kind", ["route", "status", "model_kind"], registry=r

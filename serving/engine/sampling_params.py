@@ -73,6 +73,29 @@ def _is_real(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _finite_in(value: object, lo: float, hi: float) -> bool:
+    """A finite real number (not a bool) in [lo, hi]."""
+    return _is_real(value) and math.isfinite(value) and lo <= value <= hi
+
+
+def _int_in(value: object, lo: int, hi: int) -> bool:
+    """An integer (not a bool) in [lo, hi]."""
+    return _is_int(value) and lo <= value <= hi
+
+
+def _is_token_id(value: object, vocab_size: int | None) -> bool:
+    return _is_int(value) and value >= 0 and (vocab_size is None or value < vocab_size)
+
+
+def _token_bound(vocab_size: int | None) -> str:
+    return f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+
+
+def _require(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise SamplingParamsError(message, param)
+
+
 @dataclass
 class SamplingParams:
     """How one request picks its tokens and when it stops.
@@ -147,97 +170,66 @@ class SamplingParams:
         self.logit_bias = {tid: float(b) for tid, b in self.logit_bias.items()}
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raises :class:`SamplingParamsError` for the first out-of-range field.
+        """Raises :class:`SamplingParamsError` for the first out-of-range field (in the order of the fields).
 
         Args:
-            vocab_size: when given, every ``stop_token_ids`` entry must lie in ``[0, vocab_size)``.
+            vocab_size: when given, every ``stop_token_ids`` entry and ``logit_bias`` key must lie in
+                ``[0, vocab_size)``.
         """
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise SamplingParamsError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
-        t = self.temperature
-        if not _is_real(t) or not math.isfinite(t) or t < 0 or t > MAX_TEMPERATURE:
-            raise SamplingParamsError(
-                f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}], got {t!r}", "temperature"
-            )
-        p = self.top_p
-        if not _is_real(p) or not math.isfinite(p) or not 0 < p <= 1:
-            raise SamplingParamsError(f"top_p must be a number in (0, 1], got {p!r}", "top_p")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise SamplingParamsError(
-                f"top_k must be an integer >= 1, or 0 / -1 for no limit, got {self.top_k!r}", "top_k"
-            )
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
-            raise SamplingParamsError(f"seed must be an integer in [0, 2**63), got {self.seed!r}", "seed")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise SamplingParamsError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise SamplingParamsError(f"stop strings must be non-empty strings, got {s!r}", "stop")
-        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise SamplingParamsError(
-                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}", "stop_token_ids"
-            )
-        for tid in self.stop_token_ids:
-            if not _is_int(tid) or tid < 0 or (vocab_size is not None and tid >= vocab_size):
-                bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
-                raise SamplingParamsError(
-                    f"stop_token_ids entries must be integers {bound}, got {tid!r}", "stop_token_ids"
-                )
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise SamplingParamsError(
-                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", "logprobs"
-            )
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not _is_real(v) or not math.isfinite(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
-                raise SamplingParamsError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}", name)
-        rp = self.repetition_penalty
-        if not _is_real(rp) or not math.isfinite(rp) or rp <= 0:
-            raise SamplingParamsError(f"repetition_penalty must be a finite number > 0, got {rp!r}", "repetition_penalty")
-        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
-            raise SamplingParamsError(
-                f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries, got {len(self.logit_bias)}", "logit_bias"
-            )
-        for tid, bias in self.logit_bias.items():
-            if not _is_int(tid) or tid < 0 or (vocab_size is not None and tid >= vocab_size):
-                bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
-                raise SamplingParamsError(f"logit_bias keys must be token ids {bound}, got {tid!r}", "logit_bias")
-            if not _is_real(bias) or not math.isfinite(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-                raise SamplingParamsError(
-                    f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}",
-                    "logit_bias",
-                )
-        mp = self.min_p
-        if not _is_real(mp) or not math.isfinite(mp) or not 0 <= mp <= 1:
-            raise SamplingParamsError(f"min_p must be a number in [0, 1], got {mp!r}", "min_p")
-        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise SamplingParamsError(
-                f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}",
-                "min_tokens",
-            )
-        if self.prompt_logprobs is not None and (
-            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
-        ):
-            raise SamplingParamsError(
-                f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
-                "prompt_logprobs",
-            )
+        _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+                 f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")  # fmt: skip
+        _require(_finite_in(self.temperature, 0, MAX_TEMPERATURE), "temperature",
+                 f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")  # fmt: skip
+        _require(_finite_in(self.top_p, 0, 1) and self.top_p > 0, "top_p",
+                 f"top_p must be a number in (0, 1], got {self.top_p!r}")  # fmt: skip
+        _require(_is_int(self.top_k) and self.top_k >= -1, "top_k",
+                 f"top_k must be an integer >= 1, or 0 / -1 for no limit, got {self.top_k!r}")  # fmt: skip
+        _require(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT), "seed",
+                 f"seed must be an integer in [0, 2**63), got {self.seed!r}")  # fmt: skip
+        self._validate_stops(vocab_size)
+        _require(self.logprobs is None or _int_in(self.logprobs, 0, MAX_LOGPROBS), "logprobs",
+                 f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")  # fmt: skip
+        self._validate_logit_changes(vocab_size)
+        _require(_finite_in(self.min_p, 0, 1), "min_p", f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        _require(_int_in(self.min_tokens, 0, self.max_tokens), "min_tokens",
+                 f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}")  # fmt: skip
+        _require(self.prompt_logprobs is None or _int_in(self.prompt_logprobs, 0, MAX_LOGPROBS), "prompt_logprobs",
+                 f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")  # fmt: skip
         if self.guide is not None:
             self.guide.validate()
-            if self.min_tokens:  # a grammar may end before min_tokens: then no token would be left to draw
-                raise SamplingParamsError("min_tokens cannot be combined with structured outputs", "min_tokens")
-        if not isinstance(self.ignore_eos, bool):
-            raise SamplingParamsError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")
-        if not isinstance(self.skip_special_tokens, bool):
-            raise SamplingParamsError(
-                f"skip_special_tokens must be a boolean, got {self.skip_special_tokens!r}", "skip_special_tokens"
-            )
+            # a grammar may end before min_tokens: then no token would be left to draw
+            _require(not self.min_tokens, "min_tokens", "min_tokens cannot be combined with structured outputs")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), name, f"{name} must be a boolean, got {value!r}")
 
-        if not isinstance(self.include_stop_str_in_output, bool):
-            raise SamplingParamsError(
-                f"include_stop_str_in_output must be a boolean, got {self.include_stop_str_in_output!r}",
-                "include_stop_str_in_output",
-            )
+    def _validate_stops(self, vocab_size: int | None) -> None:
+        _require(len(self.stop) <= MAX_STOP_STRINGS, "stop",
+                 f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")  # fmt: skip
+        for s in self.stop:
+            _require(isinstance(s, str) and bool(s), "stop", f"stop strings must be non-empty strings, got {s!r}")
+        _require(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+                 f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}")  # fmt: skip
+        for tid in self.stop_token_ids:
+            _require(_is_token_id(tid, vocab_size), "stop_token_ids",
+                     f"stop_token_ids entries must be integers {_token_bound(vocab_size)}, got {tid!r}")  # fmt: skip
+
+    def _validate_logit_changes(self, vocab_size: int | None) -> None:
+        """The penalties and the bias: what changes a row's logits before it chooses."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _require(_finite_in(v, -MAX_PENALTY, MAX_PENALTY), name,
+                     f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")  # fmt: skip
+        rp = self.repetition_penalty
+        _require(_finite_in(rp, 0, math.inf) and rp > 0, "repetition_penalty",
+                 f"repetition_penalty must be a finite number > 0, got {rp!r}")  # fmt: skip
+        _require(len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES, "logit_bias",
+                 f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries, got {len(self.logit_bias)}")  # fmt: skip
+        for tid, bias in self.logit_bias.items():
+            _require(_is_token_id(tid, vocab_size), "logit_bias",
+                     f"logit_bias keys must be token ids {_token_bound(vocab_size)}, got {tid!r}")  # fmt: skip
+            _require(_finite_in(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS), "logit_bias",
+                     f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}")  # fmt: skip
 
     @property
     def changes_logits(self) -> bool:
