@@ -334,19 +334,31 @@ def _prompt_text(backend, ids: list[int]) -> str:
         raise APIError(400, f"The prompt has {e}.", param="prompt") from None
 
 
+async def _parsed(request: Request, model, unsupported):
+    """The request's body as `model`, known OpenAI fields deltaserve does not implement refused by name."""
+    body = await read_json(request)
+    refuse_unsupported(body, unsupported)
+    return parse(model, body)
+
+
+async def _admitted(request: Request, tenant, model: str):
+    """(backend, the resolved model) for a generation that may start: refused while draining, the model the
+    tenant's own (or the base); the model's kind labels the request's metrics."""
+    backend = request.app.state.backend
+    refuse_when_draining(backend)
+    resolved = await backend.adapters.resolve(tenant, model)
+    request.state.model_kind = resolved.kind
+    return backend, resolved
+
+
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
     **documented(key="tenant", body=CompletionRequest, errors=(400, 404, 413, 429, 503), streams=True),
 )
 async def completions(request: Request, tenant: TenantDep):
-    body = await read_json(request)
-    refuse_unsupported(body, UNSUPPORTED_COMPLETION_FIELDS)
-    req: CompletionRequest = parse(CompletionRequest, body)
-    refuse_when_draining(request.app.state.backend)
-    backend = request.app.state.backend
-    resolved = await backend.adapters.resolve(tenant, req.model)
-    request.state.model_kind = resolved.kind
+    req: CompletionRequest = await _parsed(request, CompletionRequest, UNSUPPORTED_COMPLETION_FIELDS)
+    backend, resolved = await _admitted(request, tenant, req.model)
     p = req.prompt
     texts = [p] if isinstance(p, str) else list(p) if isinstance(p[0], str) else []
     if len(texts) > MAX_PROMPTS or (not texts and isinstance(p[0], list) and len(p) > MAX_PROMPTS):
@@ -378,15 +390,10 @@ async def completions(request: Request, tenant: TenantDep):
     **documented(key="tenant", body=ChatCompletionRequest, errors=(400, 404, 413, 429, 503), streams=True),
 )
 async def chat_completions(request: Request, tenant: TenantDep):
-    body = await read_json(request)
-    refuse_unsupported(body, UNSUPPORTED_CHAT_FIELDS)
-    req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
+    req: ChatCompletionRequest = await _parsed(request, ChatCompletionRequest, UNSUPPORTED_CHAT_FIELDS)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
-    refuse_when_draining(request.app.state.backend)
-    backend = request.app.state.backend
-    resolved = await backend.adapters.resolve(tenant, req.model)
-    request.state.model_kind = resolved.kind
+    backend, resolved = await _admitted(request, tenant, req.model)
     ids = await chat_prompt_ids(backend, req.messages)
     max_tokens = check_length(backend, ids, req.max_completion_tokens or req.max_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
