@@ -128,9 +128,8 @@ class Backend:
                 raise TenantBusy(f"tenant has {n} requests in flight (limit {self.config.tenant_max_concurrent})")
             self._in_flight[tenant.name] = n + 1
         try:
-            if params.guide is not None and self.engine.runner.structured is not None:
-                # compiled here, off the engine thread (a large schema takes long); the engine copies it
-                await asyncio.to_thread(self.engine.runner.structured.matcher, params.guide, tenant.name)
+            if params.guide is not None:  # compiled here, off the engine thread (a large schema takes long)
+                await asyncio.to_thread(self.engine.compile_guide, params.guide, tenant.name)
             with self.adapters.in_use(resolved.record):
                 request_id = uuid.uuid4().hex
                 async for out in self.loop.stream(request_id, prompt, params, resolved.delta, tenant.name):

@@ -30,7 +30,7 @@ from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.errors import PromptTooLong
 from serving.engine.host_memory import bound_onednn_caches
 from serving.engine.model_runner import ModelRunner
-from serving.engine.sampling_params import SamplingParams, SamplingParamsError
+from serving.engine.sampling_params import Guide, SamplingParams, SamplingParamsError
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import SeqStatus, Sequence, TokenLogprob
 from serving.engine.structured import StructuredOutputs
@@ -232,6 +232,13 @@ class LLMEngine:
         """True when the delta of `key` sits in a GPU slot now. Any thread may ask; the answer can be stale at
         once (the engine thread may evict it next step), so use it for accounting, never for correctness."""
         return self.slots.holds(kind, key)
+
+    def compile_guide(self, guide: Guide, tenant: str) -> None:
+        """Compiles `guide`'s grammar into the tenant's cache, so that add_request finds it ready. Any thread (a
+        large schema takes long: call it off the engine thread); a no-op without structured outputs (add_request
+        then refuses the guide)."""
+        if self.runner.structured is not None:
+            self.runner.structured.matcher(guide, tenant)
 
     def observe_slots(self, observer: TierObserver) -> None:
         """observer(event, seconds) for the slot pool's hits, misses, loads and evictions (registry.host_tier's
