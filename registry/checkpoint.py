@@ -162,6 +162,10 @@ class Checkpoint:
         shard = self._shard(name)
         return self._headers[shard][name]
 
+    def file_of(self, name: str) -> Path:
+        """The weight file holding tensor `name` (its bytes are info(name).start..end there). KeyError if unknown."""
+        return self.path / self._shard(name)
+
     def _shard(self, name: str) -> str:
         try:
             return self._shard_of[name]
