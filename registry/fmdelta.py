@@ -67,39 +67,50 @@ class BaseTensors(Protocol):
 def _keys(bits: np.ndarray) -> np.ndarray:
     """Float bit patterns -> unsigned integers in the order of the floats (negative ones reversed)."""
     w = bits.dtype.itemsize * 8
-    sign = (bits >> np.array(w - 1, bits.dtype)).astype(bits.dtype)
-    flip = (np.zeros_like(bits) - sign) | np.array(1 << (w - 1), bits.dtype)  # all ones if negative, else the sign bit
-    return bits ^ flip
+    flip = np.negative(bits >> np.array(w - 1, bits.dtype))  # all ones if negative (wrapping), else 0
+    flip |= np.array(1 << (w - 1), bits.dtype)  # ... else the sign bit
+    flip ^= bits
+    return flip
 
 
 def _bits(keys: np.ndarray) -> np.ndarray:
     """The inverse of _keys."""
     w = keys.dtype.itemsize * 8
-    positive = (keys >> np.array(w - 1, keys.dtype)).astype(keys.dtype)
-    flip = (np.zeros_like(keys) - (np.array(1, keys.dtype) - positive)) | np.array(1 << (w - 1), keys.dtype)
-    return keys ^ flip
+    flip = keys >> np.array(w - 1, keys.dtype)  # 1 for the keys of non-negative floats
+    flip -= np.array(1, keys.dtype)  # ... then 0, else all ones (wrapping)
+    flip |= np.array(1 << (w - 1), keys.dtype)
+    flip ^= keys
+    return flip
 
 
 def _zigzag(d: np.ndarray) -> np.ndarray:
     """Wrapped unsigned differences -> unsigned integers, small for small differences of either sign."""
     w = d.dtype.itemsize * 8
     s = d.view(_INT[d.dtype.itemsize])
-    return ((s << np.array(1, s.dtype)) ^ (s >> np.array(w - 1, s.dtype))).view(d.dtype)
+    z = s >> np.array(w - 1, s.dtype)  # arithmetic: all ones for negative differences
+    z ^= s << np.array(1, s.dtype)
+    return z.view(d.dtype)
 
 
 def _unzigzag(z: np.ndarray) -> np.ndarray:
     one = np.array(1, z.dtype)
-    return (z >> one) ^ (np.zeros_like(z) - (z & one))
+    d = np.negative(z & one)  # all ones for odd codes (negative differences)
+    d ^= z >> one
+    return d
 
 
 def encode_delta(ft: np.ndarray, base: np.ndarray) -> np.ndarray:
     """The zigzagged integer differences of two arrays of float bit patterns (same unsigned dtype)."""
-    return _zigzag(_keys(ft) - _keys(base))
+    d = _keys(ft)
+    d -= _keys(base)  # wrapping
+    return _zigzag(d)
 
 
 def decode_delta(z: np.ndarray, base: np.ndarray) -> np.ndarray:
     """The fine-tune's bit patterns from encode_delta's output and the base's."""
-    return _bits(_keys(base) + _unzigzag(z))
+    k = _unzigzag(z)
+    k += _keys(base)  # wrapping
+    return _bits(k)
 
 
 def encode(
