@@ -12,7 +12,7 @@ Pairs: the demo's three real fine-tunes (float16, 2.4 M parameters, trained from
 Llama-shaped base (--params, default 100 M) in bfloat16 and float16 with a fine-tune made from it: every weight
 moved by a normal step of --step (default 1e-3) times its row's scale, rounded to the dtype, as many small
 optimizer steps would. Usage:
-    python bench/storage.py [--params 100e6] [--rounds 3] [--out bench/results/storage-<device>-<date>.json]
+    pip install -e ".[bench]"; python bench/storage.py [--params 100e6] [--rounds 3] [--out bench/results/storage-<device>-<date>.json]
 """
 
 from __future__ import annotations

@@ -245,19 +245,7 @@ void bitdelta_apply_cpu(torch::Tensor y, torch::Tensor x, torch::Tensor signs, t
   TORCH_CHECK(order.scalar_type() == torch::kInt32 && order.is_contiguous(), "order must be contiguous int32");
   const auto segs = read_segments(segments, order.size(0), signs.size(0));
   if (segs.empty() || y.size(1) == 0) return;
-  switch (y.scalar_type()) {
-    case torch::kFloat:
-      run<float>(y, x, signs, scales, order, segs);
-      break;
-    case torch::kBFloat16:
-      run<c10::BFloat16>(y, x, signs, scales, order, segs);
-      break;
-    case torch::kHalf:
-      run<c10::Half>(y, x, signs, scales, order, segs);
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", y.scalar_type());
-  }
+  dispatch_float(y.scalar_type(), "y", [&](auto t) { run<decltype(t)>(y, x, signs, scales, order, segs); });
 }
 
 }  // namespace deltaserve

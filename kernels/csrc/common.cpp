@@ -58,19 +58,9 @@ static void gather_typed(const torch::Tensor& x, const int32_t* order, int64_t s
 
 void gather_rows_f32(const torch::Tensor& x, const int32_t* order, int64_t start, int64_t end, int64_t width,
                      float* out) {
-  switch (x.scalar_type()) {
-    case torch::kFloat:
-      gather_typed<float>(x, order, start, end, width, out);
-      break;
-    case torch::kBFloat16:
-      gather_typed<c10::BFloat16>(x, order, start, end, width, out);
-      break;
-    case torch::kHalf:
-      gather_typed<c10::Half>(x, order, start, end, width, out);
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported activation dtype ", x.scalar_type());
-  }
+  dispatch_float(x.scalar_type(), "the activations", [&](auto t) {
+    gather_typed<decltype(t)>(x, order, start, end, width, out);
+  });
 }
 
 }  // namespace deltaserve

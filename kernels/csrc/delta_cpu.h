@@ -46,6 +46,18 @@ inline T from_f32(float v) {
   return static_cast<T>(v);
 }
 
+// Calls f(T{}) with T the C++ type of `dtype` (float32, bfloat16 or float16): the one dtype dispatch of the kernels.
+// `what` names the tensor whose dtype it is, for the error.
+template <typename F>
+inline void dispatch_float(c10::ScalarType dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case torch::kFloat: f(float{}); break;
+    case torch::kBFloat16: f(c10::BFloat16{}); break;
+    case torch::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "unsupported dtype of ", what, ": ", dtype);
+  }
+}
+
 // True when the kernels take their AVX-512 paths: by default when this CPU has AVX-512 F + BW + VL;
 // DELTASERVE_CPU_ISA=generic, or set_isa("generic"), forces the portable code (the tests run both).
 bool use_avx512();

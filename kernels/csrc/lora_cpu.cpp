@@ -272,15 +272,22 @@ void set_bt(Lora<T>& L, const torch::Tensor& bt, const torch::Tensor& y, const f
   L.scaling = scaling;
 }
 
+// What every pass sets first: the rows' order, the slots' ranks, the shrink buffer, the ISA.
 template <typename T>
-void run_shrink(torch::Tensor& buf, const torch::Tensor& x, const torch::Tensor& a, const int32_t* ranks,
-                const torch::Tensor& order, const std::vector<Segment>& segs) {
+Lora<T> rows_of(const int32_t* ranks, const torch::Tensor& order, const torch::Tensor& buf) {
   Lora<T> L;
   L.order = order.data_ptr<int32_t>();
   L.ranks = ranks;
   L.buf = buf.data_ptr<float>();
   L.b_stride = buf.stride(0);
   L.avx512 = use_avx512();
+  return L;
+}
+
+template <typename T>
+void run_shrink(torch::Tensor& buf, const torch::Tensor& x, const torch::Tensor& a, const int32_t* ranks,
+                const torch::Tensor& order, const std::vector<Segment>& segs) {
+  Lora<T> L = rows_of<T>(ranks, order, buf);
   gather(L, x, segs);
   set_a(L, a);
   const auto items = row_items(segs);
@@ -297,12 +304,7 @@ void run_shrink(torch::Tensor& buf, const torch::Tensor& x, const torch::Tensor&
 template <typename T>
 void run_expand(torch::Tensor& y, const torch::Tensor& buf, const torch::Tensor& bt, const float* scaling,
                 const int32_t* ranks, const torch::Tensor& order, const std::vector<Segment>& segs) {
-  Lora<T> L;
-  L.order = order.data_ptr<int32_t>();
-  L.ranks = ranks;
-  L.buf = buf.data_ptr<float>();
-  L.b_stride = buf.stride(0);
-  L.avx512 = use_avx512();
+  Lora<T> L = rows_of<T>(ranks, order, buf);
   set_bt(L, bt, y, scaling);
   // Work items: each segment's outputs cut into as few blocks as still give every thread work; a block streams
   // whole runs of B's rows (a segment alone in the step is split, many segments keep theirs whole).
@@ -326,12 +328,7 @@ template <typename T>
 void run_apply(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& bt,
                const float* scaling, const int32_t* ranks, const torch::Tensor& order, const std::vector<Segment>& segs,
                torch::Tensor& buf) {
-  Lora<T> L;
-  L.order = order.data_ptr<int32_t>();
-  L.ranks = ranks;
-  L.buf = buf.data_ptr<float>();
-  L.b_stride = buf.stride(0);
-  L.avx512 = use_avx512();
+  Lora<T> L = rows_of<T>(ranks, order, buf);
   gather(L, x, segs);
   set_a(L, a);
   set_bt(L, bt, y, scaling);
@@ -365,12 +362,7 @@ void lora_shrink_cpu(torch::Tensor buf, torch::Tensor x, torch::Tensor a, torch:
   const auto segs = read_segments(segments, order.size(0), a.size(0));
   if (segs.empty() || buf.size(1) == 0) return;
   const int32_t* rk = ranks.data_ptr<int32_t>();
-  switch (a.scalar_type()) {
-    case torch::kFloat: run_shrink<float>(buf, x, a, rk, order, segs); break;
-    case torch::kBFloat16: run_shrink<c10::BFloat16>(buf, x, a, rk, order, segs); break;
-    case torch::kHalf: run_shrink<c10::Half>(buf, x, a, rk, order, segs); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", a.scalar_type());
-  }
+  dispatch_float(a.scalar_type(), "a", [&](auto t) { run_shrink<decltype(t)>(buf, x, a, rk, order, segs); });
 }
 
 // y: [N, out] (unit column stride), buf: [N, r_max] float32, bt: [S, r_max, out] y's dtype, scaling: [S] float32,
@@ -385,12 +377,7 @@ void lora_expand_cpu(torch::Tensor y, torch::Tensor buf, torch::Tensor bt, torch
   if (segs.empty() || y.size(1) == 0) return;
   const int32_t* rk = ranks.data_ptr<int32_t>();
   const float* sc = scaling.data_ptr<float>();
-  switch (y.scalar_type()) {
-    case torch::kFloat: run_expand<float>(y, buf, bt, sc, rk, order, segs); break;
-    case torch::kBFloat16: run_expand<c10::BFloat16>(y, buf, bt, sc, rk, order, segs); break;
-    case torch::kHalf: run_expand<c10::Half>(y, buf, bt, sc, rk, order, segs); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", y.scalar_type());
-  }
+  dispatch_float(y.scalar_type(), "y", [&](auto t) { run_expand<decltype(t)>(y, buf, bt, sc, rk, order, segs); });
 }
 
 // lora_shrink_cpu then lora_expand_cpu in one call (same arguments as both; buf is written as shrink writes it).
@@ -406,12 +393,7 @@ void lora_apply_cpu(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Te
   if (segs.empty() || buf.size(1) == 0) return;
   const int32_t* rk = ranks.data_ptr<int32_t>();
   const float* sc = scaling.data_ptr<float>();
-  switch (y.scalar_type()) {
-    case torch::kFloat: run_apply<float>(y, x, a, bt, sc, rk, order, segs, buf); break;
-    case torch::kBFloat16: run_apply<c10::BFloat16>(y, x, a, bt, sc, rk, order, segs, buf); break;
-    case torch::kHalf: run_apply<c10::Half>(y, x, a, bt, sc, rk, order, segs, buf); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", y.scalar_type());
-  }
+  dispatch_float(y.scalar_type(), "y", [&](auto t) { run_apply<decltype(t)>(y, x, a, bt, sc, rk, order, segs, buf); });
 }
 
 }  // namespace deltaserve
