@@ -159,6 +159,14 @@ def test_first_completed_stop_string_wins(tok) -> None:
     assert det.stopped and det.text == "The " and det.stop_string == "quick"
 
 
+def test_stop_strings_starting_at_the_same_place_the_one_listed_first_wins(tok) -> None:
+    ids = tok.encode("The quick brown fox", add_special_tokens=False)  # " qu" is one token: both stops at once
+    for stop in (["qu", "q"], ["q", "qu"]):
+        det = IncrementalDetokenizer(tok, [], stop=stop, include_stop_str=True)
+        _run(det, ids, flush=False)
+        assert det.stopped and det.stop_string == stop[0] and det.text == "The " + stop[0]
+
+
 def test_held_back_prefix_released_when_no_match(tok) -> None:
     text = "The quick brown fox jumps over"
     ids = tok.encode(text, add_special_tokens=False)

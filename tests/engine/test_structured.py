@@ -173,3 +173,11 @@ def test_a_tokenizer_llguidance_cannot_read_leaves_everything_else_served(monkey
     with pytest.raises(SamplingParamsError, match=r"not available with this model's tokenizer \(no such") as info:
         engine.add_request("g", "x", SamplingParams(max_tokens=3, guide=Guide("json_object")), None)
     assert info.value.param == "response_format"
+
+
+def test_a_grammar_error_is_reported_by_its_first_line_or_a_generic_message():
+    from serving.engine.structured import _first_line
+
+    assert _first_line("  bad token at 3\nmore detail\n") == "bad token at 3"
+    assert _first_line("x" * 900) == "x" * 500  # bounded: the message goes back to the client
+    assert _first_line(" \n ") == "invalid grammar"  # llguidance gave no text: still a message, not an IndexError

@@ -165,6 +165,34 @@ def test_dropped_registry_releases_the_directory(tmp_path: Path) -> None:
         assert key is not None and reg.is_admin(key)
 
 
+def test_a_registry_that_fails_to_open_closes_nothing_later(tmp_path: Path, monkeypatch) -> None:
+    """A failure late in opening (here the disk reserve) releases the directory at once; the half-made object,
+    when collected, must not close a file descriptor again: by then that number may be another file's."""
+    import gc
+
+    import registry.catalog as catalog
+
+    def no_reserve(*args, **kwargs):
+        raise OSError("no room for the reserve")
+
+    monkeypatch.setattr(catalog, "DiskReserve", no_reserve)
+    closed: list[int] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        closed.append(fd)
+        if fd > 2:  # recorded only for the standard streams: a wrong close must not break pytest's own output
+            real_close(fd)
+
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(OSError, match="no room"):
+        Registry(tmp_path / "reg")
+    gc.collect()  # the half-made Registry's __del__ has run by now
+    monkeypatch.undo()
+    assert closed and all(fd > 2 for fd in closed), closed  # its own files' descriptors only (the lock, ...)
+    Registry(tmp_path / "reg").close()  # the directory was released
+
+
 def test_one_process_at_a_time(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg")
     with pytest.raises(RegistryBusy):
@@ -537,8 +565,9 @@ def test_a_tenant_quota_bounds_what_it_stores(tmp_path: Path, assets: Assets) ->
         commit(reg, "acme", "a", "bitdelta", assets.bd1, assets)
         commit(reg, "acme", "b", "bitdelta", assets.bd1, assets)  # each version counts, shared content too
         assert reg.tenant_usage("acme") == 2 * size
-        with pytest.raises(InsufficientStorage, match="over its quota"):
+        with pytest.raises(InsufficientStorage, match="over its quota") as refused:
             commit(reg, "acme", "c", "bitdelta", assets.bd1, assets)
+        assert refused.value.param == "files"  # the 507 names the upload's files
         commit(reg, "acme", "a", "bitdelta", assets.bd1, assets)  # a new version of a replaces the old one
         commit(reg, "other", "c", "bitdelta", assets.bd1, assets)  # quotas are per tenant
         assert [r.version for r in reg.collect_versions("acme", "a")] == [1]
