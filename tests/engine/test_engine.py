@@ -111,6 +111,9 @@ def test_stop_conditions(world):
     if stop and stop.strip():
         r = engine.generate([("The quick", SamplingParams(max_tokens=12, temperature=0.0, stop=[stop], ignore_eos=True), None)])
         assert r[0].finish_reason == "stop" and stop not in r[0].text and text.startswith(r[0].text)
+        kept = engine.generate([("The quick", SamplingParams(max_tokens=12, temperature=0.0, stop=[stop], ignore_eos=True,
+                                                             include_stop_str_in_output=True), None)])[0]  # fmt: skip
+        assert kept.text == r[0].text + stop
 
 
 def test_bad_requests_are_refused_naming_the_field_at_fault(world):
@@ -311,3 +314,21 @@ def test_the_kv_cache_takes_the_bytes_its_block_count_was_sized_for(world, dtype
     per_block = ModelRunner.kv_block_bytes(engine.model, 8, getattr(torch, dtype))
     assert engine.runner.kv_cache.dtype == engine.dtype == getattr(torch, dtype)
     assert engine.runner.kv_cache.nbytes == (16 + 1) * per_block  # and the null block
+
+
+def test_both_the_configs_and_the_tokenizers_end_of_sequence_end_a_row(tmp_path):
+    base = make_model_dir(tmp_path / "base", eos_token_id=5)  # the tokenizer's own is 2
+    engine = engine_for(base)
+    assert engine.eos_token_ids == {5, engine.tokenizer.eos_token_id} and engine.tokenizer.eos_token_id == 2
+
+
+def test_structured_outputs_without_a_tokenizer_are_refused_saying_why(world):
+    from registry.checkpoint import Checkpoint
+    from registry.fingerprint import base_spec
+    from serving.engine.sampling_params import Guide
+
+    base, _ = world
+    with_tokenizer = engine_for(base, pack_cpu_weights=False)  # its model is reused below: packed once only
+    engine = LLMEngine(with_tokenizer.model, None, base_spec(Checkpoint(base)), with_tokenizer.config)
+    with pytest.raises(SamplingParamsError, match="need the model's tokenizer"):
+        engine.add_request("r", [1, 2, 3], SamplingParams(guide=Guide("json_object")))
