@@ -23,7 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/deltaserve/bin:$PATH
 
 # Triton compiles a small C launcher the first time a kernel runs: it needs a C compiler and libc headers. The CPU
-# delta kernels (kernels/csrc) are C++, built once below into DELTASERVE_KERNEL_CACHE.
+# delta kernels (deltakernels/csrc) are C++, built once below into DELTASERVE_KERNEL_CACHE.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -40,7 +40,7 @@ COPY registry /src/registry
 COPY loadtest /src/loadtest
 RUN pip install /src \
     && rm -rf /src \
-    && python -m kernels.cpu_extension \
+    && python -m deltakernels.cpu_extension \
     && python -c "import torch, serving.cli; from serving.demo import demo_tenants, demo_dir; \
 assert (demo_dir() / 'base' / 'config.json').is_file(), 'demo assets not installed'; demo_tenants(); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda)"

@@ -4,9 +4,9 @@ For the projections of the CPU benchmark model (bench/decode.py: 1024->1024, 102
 in float32, with 32 decode rows shared by 1, 8 and 32 distinct tenants, median wall times of:
   base_mkl        x @ W.T through F.linear (MKL)
   base_onednn     the same with the weight prepacked for oneDNN (what the engine runs on CPU)
-  bitdelta        our compiled 1-bit kernel (kernels/csrc/bitdelta_cpu.cpp), the delta alone
+  bitdelta        our compiled 1-bit kernel (deltakernels/csrc/bitdelta_cpu.cpp), the delta alone
   bitdelta_ref    the torch reference (per distinct slot: unpack, matmul)
-  lora_r16        our compiled LoRA at rank 16, shrink and expand in one pass (kernels/csrc/lora_cpu.cpp)
+  lora_r16        our compiled LoRA at rank 16, shrink and expand in one pass (deltakernels/csrc/lora_cpu.cpp)
   lora_r16_ref    the torch references
 Each measurement cycles through enough copies of the weights and slot pools to exceed the last-level cache, so
 the bytes come from memory as in a model's step. Floor = bytes it must read / read bandwidth measured here
@@ -50,9 +50,9 @@ def median_ms(fn, copies: int, iters: int) -> float:
 
 
 def bench_projection(in_f: int, out_f: int, bw: float, iters: int) -> list[dict]:
-    from kernels import select_delta_ops
-    from kernels.bitdelta import interleave_signs, packed_width
-    from kernels.segments import build_slot_tiles
+    from deltakernels import select_delta_ops
+    from deltakernels.bitdelta import interleave_signs, packed_width
+    from deltakernels.segments import build_slot_tiles
 
     cpu, ref = select_delta_ops("cpu"), select_delta_ops("torch")
     n_slots = max(TENANTS)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--iters", type=int, default=30, help="timed passes over the copies (median reported)")
     args = p.parse_args(argv)
-    from kernels import cpu_kernels
+    from deltakernels import cpu_kernels
 
     bw = read_bandwidth_gbps(torch.device("cpu"))
     print(f"read bandwidth {bw:.1f} GB/s; CPU kernels on {cpu_kernels().isa()}", flush=True)

@@ -432,7 +432,7 @@ def run_peer(peer: str, world: World, deltas: list, ids: torch.Tensor, new_token
 
 def merged_weights(world: World, delta) -> dict[str, torch.Tensor]:
     """Host copies of every projection of the merged fine-tune (what a swap copies in)."""
-    from kernels.bitdelta import unpack_signs
+    from deltakernels.bitdelta import unpack_signs
     from registry.deltas import LoraDelta
 
     dev = world.device

@@ -90,7 +90,7 @@ def git_commit() -> str:
 
 def bench_projection(in_f: int, out_f: int, bw: float, args: argparse.Namespace) -> list[dict]:
     """All cases of one projection, for each tenant count."""
-    from kernels.bitdelta import packed_width
+    from deltakernels.bitdelta import packed_width
 
     dev = "cuda"
     gen = torch.Generator(dev).manual_seed(0)
@@ -119,9 +119,9 @@ def bench_tenants(
     in_f: int, out_f: int, n_tenants: int, d: dict[str, torch.Tensor], bw: float, args: argparse.Namespace
 ) -> list[dict]:
     """One projection, one tenant count: every case timed beside its floor."""
-    from kernels.bitdelta import bitdelta_apply, bitdelta_apply_ref, packed_width
-    from kernels.lora import lora_expand, lora_shrink
-    from kernels.segments import build_slot_tiles
+    from deltakernels.bitdelta import bitdelta_apply, bitdelta_apply_ref, packed_width
+    from deltakernels.lora import lora_expand, lora_shrink
+    from deltakernels.segments import build_slot_tiles
 
     dev = "cuda"
     x, y, w, signs, scales, buf = d["x"], d["y"], d["w"], d["signs"], d["scales"], d["buf"]
@@ -207,8 +207,8 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
 
     tuned = {}
-    from kernels import bitdelta as bd_mod
-    from kernels import lora as lora_mod
+    from deltakernels import bitdelta as bd_mod
+    from deltakernels import lora as lora_mod
 
     for label, tuner in [
         ("bitdelta_apply", getattr(bd_mod, "_bitdelta_apply_tuned", None)),

@@ -1,4 +1,4 @@
 """File formats' pure-torch codecs that both the registry (files) and the kernels (slot pools) need.
 
-A layer of its own below both: `registry` and `kernels` import it, it imports neither (nor triton).
+A layer of its own below both: `registry` and `deltakernels` import it, it imports neither (nor triton).
 """

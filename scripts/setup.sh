@@ -21,9 +21,9 @@ else
     exit 1; }
 fi
 python -m pip install -q -e ".[dev]"
-# The compiled CPU delta kernels (kernels/csrc), built once for this machine into ~/.cache/deltaserve/kernels
+# The compiled CPU delta kernels (deltakernels/csrc), built once for this machine into ~/.cache/deltaserve/kernels
 # (or $DELTASERVE_KERNEL_CACHE). Without a compiler the engine falls back to the torch references, and says so.
-python -m kernels.cpu_extension || echo "setup: the CPU delta kernels were not built; CPU serving uses the slower torch references" >&2
+python -m deltakernels.cpu_extension || echo "setup: the CPU delta kernels were not built; CPU serving uses the slower torch references" >&2
 # promtool (Debian's prometheus package) checks deploy/'s Prometheus config and alert rules in the tests; as root
 # with apt it is installed, elsewhere those tests skip and say why.
 if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from kernels import select_delta_ops
+from deltakernels import select_delta_ops
 from registry.compress import CompressOptions, check_pair, compress_pair, write_delta
 from registry.deltas import Delta
 from registry.distill import DistillConfig, DistillReport, distill_delta

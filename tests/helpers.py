@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.bitdelta import pack_signs, unpack_signs
+from deltakernels.bitdelta import pack_signs, unpack_signs
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

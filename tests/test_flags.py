@@ -8,7 +8,7 @@ from typing import get_args
 
 import pytest
 
-from kernels import BACKENDS
+from deltakernels import BACKENDS
 from serving.cli import build_parser
 from serving.engine.config import EngineConfig, EngineOptions, KernelBackend
 from serving.flags import given_flags, markdown_table

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-KernelBackend = Literal["auto", "triton", "cpu", "torch"]  # kernels.BACKENDS (kernels.select_delta_ops)
+KernelBackend = Literal["auto", "triton", "cpu", "torch"]  # deltakernels.BACKENDS (deltakernels.select_delta_ops)
 
 
 class EngineOptions(BaseModel):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import select_delta_ops
+from deltakernels import select_delta_ops
 from registry.checkpoint import Checkpoint
 from registry.deltas import BaseSpec, Delta
 from registry.fingerprint import base_spec

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import DeltaOps
+from deltakernels import DeltaOps
 from registry.slot_pool import SlotPool
 from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.sampler import RowSampling, Sampler, make_generator

@@ -19,7 +19,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from kernels.segments import Stage, copy_stage
+from deltakernels.segments import Stage, copy_stage
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import DeltaOps
-from kernels.segments import SlotTiles, Stage, build_slot_tiles, copy_stage
+from deltakernels import DeltaOps
+from deltakernels.segments import SlotTiles, Stage, build_slot_tiles, copy_stage
 from registry.slot_pool import SlotPool
 
 
@@ -32,7 +32,7 @@ from registry.slot_pool import SlotPool
 class DeltaBatch:
     """Which delta each row of the layer inputs uses; built once per step by the model runner.
 
-    bitdelta / lora:     rows grouped by slot (kernels.segments), for the delta kernels.
+    bitdelta / lora:     rows grouped by slot (deltakernels.segments), for the delta kernels.
     bitdelta_row_slot:   [N] int64, each row's 1-bit slot (-1 = none), for replaced tensors.
     lora_buf:            [N, r_max] float32 scratch for the LoRA shrink (a view of a buffer owned by the runner).
     """
@@ -61,7 +61,7 @@ class DeltaBatch:
         slot bitdelta_slots[j] and LoRA slot lora_slots[j] (-1 = none). lora_buf: scratch of at least
         [sum(lens), r_max] float32, owned by the caller (allocated once). stage: how the host arrays reach
         the device (the engine's one transfer per step; default one copy each). pad_tiles_to: fixed-size tile
-        arrays for a CUDA graph (kernels.segments.build_slot_tiles)."""
+        arrays for a CUDA graph (deltakernels.segments.build_slot_tiles)."""
         stage = stage or copy_stage(device)
         row_slot: list[int] = []
         for slot, n in zip(bitdelta_slots, lens):
@@ -157,6 +157,12 @@ def cpu_weight_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _packable_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes oneDNN packs on this CPU: bfloat16 only where it has the instructions for it (AVX-512
+    BW/VL/DQ or AVX-NE-CONVERT; elsewhere the packing call raises), float16 never (no faster path here)."""
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
 def pack_cpu_weights(model: nn.Module, rows_hint: int) -> int:
     """Packs every TenantLinear's weight for the CPU (TenantLinear.pack_for_cpu), except a weight shared with
     another module (a tied lm_head: the embedding lookup needs the dense table). Returns how many were packed."""
@@ -166,7 +172,7 @@ def pack_cpu_weights(model: nn.Module, rows_hint: int) -> int:
             owners[id(p)] = owners.get(id(p), 0) + 1
     packed = 0
     for m in model.modules():
-        if isinstance(m, TenantLinear) and owners[id(m.weight)] == 1 and m.weight.dtype in (torch.float32, torch.bfloat16):
+        if isinstance(m, TenantLinear) and owners[id(m.weight)] == 1 and m.weight.dtype in _packable_dtypes():
             m.pack_for_cpu(rows_hint)
             packed += 1
     return packed

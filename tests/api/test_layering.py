@@ -1,4 +1,4 @@
-"""DESIGN style point 1: the API layer imports no torch; only kernels/ imports triton; the registry knows no HTTP."""
+"""DESIGN style point 1: the API layer imports no torch; only deltakernels/ imports triton; the registry knows no HTTP."""
 
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ def test_only_kernels_import_triton_and_registry_knows_no_http():
         if rel.parts[0] in (".venv", "tests", "bench", "build", "mutants") or "site-packages" in rel.parts:
             continue
         text = path.read_text()
-        if rel.parts[0] != "kernels":
+        if rel.parts[0] != "deltakernels":
             assert "import triton" not in text, rel
         if rel.parts[0] == "registry":
             assert "fastapi" not in text and "starlette" not in text and "httpx" not in text, rel
 
 
 # The import graph between our packages (module-level and lazy imports alike): layers point one way.
-LAYERS = {"serving": {"registry", "kernels", "formats"}, "registry": {"formats"}, "kernels": {"formats"}, "formats": set(),
+LAYERS = {"serving": {"registry", "deltakernels", "formats"}, "registry": {"formats"}, "deltakernels": {"formats"}, "formats": set(),
           "loadtest": set()}  # fmt: skip
 
 def test_layers_point_one_way():

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import select_delta_ops
-from kernels.bitdelta import packed_width, unpack_signs
-from kernels.lora import lora_apply, lora_apply_ref
+from deltakernels import select_delta_ops
+from deltakernels.bitdelta import packed_width, unpack_signs
+from deltakernels.lora import lora_apply, lora_apply_ref
 from tests.kernels import Mix, assert_close, assert_untouched, decode_mix
 
 pytestmark = pytest.mark.gpu

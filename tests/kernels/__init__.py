@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import DeltaOps, cpu_kernels, select_delta_ops
-from kernels.segments import SlotTiles, build_slot_tiles
+from deltakernels import DeltaOps, cpu_kernels, select_delta_ops
+from deltakernels.segments import SlotTiles, build_slot_tiles
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import bitdelta, lora, triton_common  # noqa: E402
-from kernels.bitdelta import bitdelta_apply, bitdelta_apply_ref, pack_signs  # noqa: E402
-from kernels.lora import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref  # noqa: E402
-from kernels.segments import build_slot_tiles  # noqa: E402
+from deltakernels import bitdelta, lora, triton_common  # noqa: E402
+from deltakernels.bitdelta import bitdelta_apply, bitdelta_apply_ref, pack_signs  # noqa: E402
+from deltakernels.lora import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref  # noqa: E402
+from deltakernels.segments import build_slot_tiles  # noqa: E402
 
 # Llama-7B's projections (in, out), block-sized ones, odd ones, a tiny one.
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 1024), (256, 128), (300, 100), (64, 32)]

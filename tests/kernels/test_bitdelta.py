@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import DeltaOps, select_delta_ops
-from kernels.bitdelta import (
+from deltakernels import DeltaOps, select_delta_ops
+from deltakernels.bitdelta import (
     bitdelta_apply,
     bitdelta_apply_cpu,
     bitdelta_apply_ref,
@@ -23,7 +23,7 @@ from kernels.bitdelta import (
     packed_width,
     unpack_signs,
 )
-from kernels.segments import build_slot_tiles
+from deltakernels.segments import build_slot_tiles
 from tests.kernels import (
     BACKENDS,
     DTYPES,
@@ -256,7 +256,7 @@ def test_bitdelta_apply_rejects_bad_arguments(op) -> None:
 
 
 def test_reference_signatures_match_the_kernels() -> None:
-    from kernels import lora
+    from deltakernels import lora
 
     pairs = [(bitdelta_apply, bitdelta_apply_ref), (bitdelta_apply_cpu, bitdelta_apply_ref)] + [
         (getattr(lora, name), getattr(lora, f"{name}_ref")) for name in ("lora_shrink", "lora_expand", "lora_apply")
@@ -266,7 +266,7 @@ def test_reference_signatures_match_the_kernels() -> None:
 
 
 def test_select_delta_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernels import lora
+    from deltakernels import lora
 
     torch_ops = select_delta_ops("torch")
     assert isinstance(torch_ops, DeltaOps) and torch_ops.name == "torch"
@@ -293,7 +293,7 @@ def test_select_delta_ops(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_backend_gives_all_of_its_own_ops() -> None:
-    from kernels import lora
+    from deltakernels import lora
 
     for backend, suffix in (("triton", ""), ("cpu", "_cpu"), ("torch", "_ref")):
         ops = select_delta_ops(backend)
@@ -304,14 +304,14 @@ def test_every_backend_gives_all_of_its_own_ops() -> None:
 
 
 def test_auto_picks_by_the_engine_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kernels
-    from kernels import cpu_extension, triton_available
+    import deltakernels
+    from deltakernels import cpu_extension, triton_available
 
     # A CUDA engine gets the Triton kernels (allowed on this machine by the interpreter), or the references when
     # triton does not import; a CPU engine the compiled kernels, or the references when they cannot be built.
     assert select_delta_ops("auto", "cuda").name == ("triton" if triton_available() else "torch")
     assert select_delta_ops("auto", torch.device("cuda", 0)).name == select_delta_ops("auto", "cuda").name
-    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    monkeypatch.setattr(deltakernels, "triton_available", lambda: False)
     assert select_delta_ops("auto", "cuda").name == "torch"
     assert select_delta_ops("auto", "cpu").name == "cpu"
     monkeypatch.setattr(cpu_extension, "load", lambda: None)
@@ -319,7 +319,7 @@ def test_auto_picks_by_the_engine_device(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_the_interpreter_is_on_only_when_triton_interpret_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernels import triton_interpreting
+    from deltakernels import triton_interpreting
 
     monkeypatch.delenv("TRITON_INTERPRET")
     assert triton_interpreting() is False
@@ -329,7 +329,7 @@ def test_the_interpreter_is_on_only_when_triton_interpret_says_so(monkeypatch: p
 
 
 def test_tl_dot_precision_is_exact_for_float32_and_tf32_otherwise() -> None:
-    from kernels import dot_precision
+    from deltakernels import dot_precision
 
     # The values Triton's tl.dot accepts as input_precision; "ieee" keeps float32 products exact.
     assert [dot_precision(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["ieee", "tf32", "tf32"]
@@ -343,18 +343,20 @@ def test_triton_launchers_refuse_cpu_tensors_outside_the_interpreter(monkeypatch
         bitdelta_apply(y, x, signs, scales, mix.tiles())
 
 
-def test_importing_kernels_is_light_and_does_not_fool_transformers() -> None:
-    # transformers probes for an unrelated optional package also named `kernels` (and may import ours while
-    # probing): ours must import without torch or triton and must not pass for that package.
+def test_importing_deltakernels_is_light_and_leaves_transformers_its_own_kernels_package() -> None:
+    # transformers imports Hugging Face's `kernels` package at start-up (a dependency from 5.25): with our
+    # repository first on sys.path, `kernels` must still be theirs (or absent), and ours imports no torch/triton.
     code = (
-        "import sys, kernels\n"
+        "import sys, importlib.util, deltakernels\n"
+        "from pathlib import Path\n"
         "assert 'torch' not in sys.modules and 'triton' not in sys.modules, 'heavy import'\n"
-        "from transformers.utils.import_utils import is_kernels_available\n"
-        "assert not is_kernels_available(), 'transformers takes our kernels package for its hub kernels'\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "assert spec is None or not spec.origin or Path(spec.origin).parents[1] != Path(sys.argv[1]), spec\n"
+        "import transformers.integrations.hub_kernels\n"
     )
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
@@ -394,21 +396,21 @@ def test_padded_tiles_give_the_same_result(backend: str) -> None:
 def test_the_gpu_kernels_are_unavailable_when_their_compiler_does_not_import(monkeypatch):
     import sys
 
-    from kernels import triton_available
+    from deltakernels import triton_available
 
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     assert triton_available() is False
 
 
 def test_tiles_bucket_is_a_power_of_two_up_to_64():
-    from kernels import tiles_bucket
+    from deltakernels import tiles_bucket
 
     assert [tiles_bucket(n) for n in (0, 1, 2, 3, 4, 5, 33, 64, 65, 1000)] == [1, 1, 2, 4, 4, 8, 64, 64, 64, 64]
 
 
 def test_the_cpu_op_checks_name_it_and_every_tensor_device():
-    from kernels.bitdelta import BLOCKED16, bitdelta_apply_cpu
-    from kernels.segments import build_slot_tiles
+    from deltakernels.bitdelta import BLOCKED16, bitdelta_apply_cpu
+    from deltakernels.segments import build_slot_tiles
 
     tiles = build_slot_tiles([0], [2])  # one sequence of 2 rows in slot 0
     y, x = torch.zeros(2, 16), torch.zeros(2, 8)
@@ -424,9 +426,9 @@ def test_the_cpu_op_checks_name_it_and_every_tensor_device():
 
 
 def test_a_gpu_kernel_on_cpu_tensors_says_how_to_run_it(monkeypatch):
-    import kernels
-    from kernels import check_triton_device
+    import deltakernels
+    from deltakernels import check_triton_device
 
-    monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(deltakernels, "triton_interpreting", lambda: False)
     with pytest.raises(ValueError, match=r"needs CUDA tensors, got cpu \(use the torch backend for other devices, or TRITON_INTERPRET=1 to run the kernel on CPU tensors\)$"):
         check_triton_device("op", torch.zeros(1))

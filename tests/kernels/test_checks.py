@@ -1,4 +1,4 @@
-"""The argument checks every delta op makes before it runs (kernels/__init__.py's check_* helpers as the ops use
+"""The argument checks every delta op makes before it runs (deltakernels/__init__.py's check_* helpers as the ops use
 them): each refusal names the op and the argument, and a tensor on another device is refused whichever it is.
 
 The kernels would otherwise read another device's memory, or a wrong dtype's bytes, without a word.
@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels import cpu_extension
-from kernels.bitdelta import BLOCKED16, ROWS, bitdelta_apply_cpu, bitdelta_apply_ref
-from kernels.lora import (
+from deltakernels import cpu_extension
+from deltakernels.bitdelta import BLOCKED16, ROWS, bitdelta_apply_cpu, bitdelta_apply_ref
+from deltakernels.lora import (
     lora_apply_cpu,
     lora_apply_ref,
     lora_expand_cpu,
@@ -20,7 +20,7 @@ from kernels.lora import (
     lora_shrink_cpu,
     lora_shrink_ref,
 )
-from kernels.segments import build_slot_tiles, copy_stage
+from deltakernels.segments import build_slot_tiles, copy_stage
 
 IN_F, OUT_F, R_MAX, N_SLOTS = 24, 20, 4, 2
 TILE_FIELDS = ("order", "tile_slot", "tile_start", "tile_rows")
@@ -145,13 +145,13 @@ def test_lora_refuses_a_scratch_or_rank_table_of_the_wrong_shape_by_name(op):
 
 
 def test_the_cpu_backend_takes_any_cpu_device_and_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch):
-    import kernels
-    from kernels import select_delta_ops
+    import deltakernels
+    from deltakernels import select_delta_ops
 
     if cpu_extension.load() is not None:
         for device in ("cpu", "cpu:0", torch.device("cpu", 0)):
             assert select_delta_ops("cpu", device).name == "cpu"
-    monkeypatch.setattr(kernels, "_cpu_module", None)
+    monkeypatch.setattr(deltakernels, "_cpu_module", None)
     monkeypatch.setattr(cpu_extension, "load", lambda: None)
     monkeypatch.setitem(cpu_extension._state, "reason", "no compiler")
     with pytest.raises(RuntimeError, match=r"^the compiled CPU delta kernels are unavailable here \(no compiler\)$"):
@@ -160,9 +160,9 @@ def test_the_cpu_backend_takes_any_cpu_device_and_says_why_it_cannot_run(monkeyp
 
 @needs_cpu_kernels
 def test_the_cpu_kernels_load_on_their_first_call(monkeypatch: pytest.MonkeyPatch):
-    import kernels
+    import deltakernels
 
-    monkeypatch.setattr(kernels, "_cpu_module", None)  # as in a fresh process that picked no backend yet
+    monkeypatch.setattr(deltakernels, "_cpu_module", None)  # as in a fresh process that picked no backend yet
     args, tiles = _lora_args(), build_slot_tiles([0, -1, 1], [1, 1, 1])
     lora_shrink_cpu(args["buf"], args["x"], args["a"], args["ranks"], tiles)
-    assert kernels._cpu_module is not None
+    assert deltakernels._cpu_module is not None

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from kernels import cpu_extension
+from deltakernels import cpu_extension
 
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = (
     "import logging, sys\n"
     "logging.basicConfig(level=logging.WARNING, format='LOG %(message)s')\n"
-    "from kernels import select_delta_ops\n"
+    "from deltakernels import select_delta_ops\n"
     "ops = select_delta_ops('auto', 'cpu')\n"
     "select_delta_ops('auto', 'cpu')  # a second start-up in the process: no second log line\n"
     "print('BACKEND', ops.name)\n"
@@ -54,7 +54,7 @@ def test_turned_off_by_the_environment() -> None:
 
 
 def test_explicit_cpu_backend_says_why_it_cannot_run() -> None:
-    code = "from kernels import select_delta_ops\nselect_delta_ops('cpu')\n"
+    code = "from deltakernels import select_delta_ops\nselect_delta_ops('cpu')\n"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DELTASERVE_CPU_KERNELS": "0"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode != 0
@@ -75,7 +75,7 @@ def test_the_build_is_named_after_its_sources(monkeypatch: pytest.MonkeyPatch, t
 
 
 def test_the_kernels_report_their_code_path() -> None:
-    from kernels import cpu_kernels
+    from deltakernels import cpu_kernels
 
     module = cpu_kernels()
     assert module.isa() in ("avx512", "generic")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora import (
+from deltakernels.lora import (
     lora_expand,
     lora_expand_cpu,
     lora_expand_ref,
@@ -204,7 +204,7 @@ def test_lora_rejects_bad_arguments(which: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_padded_tiles_give_the_same_result(backend: str) -> None:
     # A fixed-size launch (CUDA graphs) pads the tiles with empty ones: the kernels must skip them.
-    from kernels.segments import build_slot_tiles
+    from deltakernels.segments import build_slot_tiles
 
     base = MIXES[4]  # padded as a graph pads it, with rows of no delta
     mix = Mix("padded", base.seq_slots + (-1,) * 5, base.seq_lens + (1,) * 5)

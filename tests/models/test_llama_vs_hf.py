@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from registry.model_config import ModelConfig, UnsupportedModel
 from serving.models.attention import build_attention_batch
 from serving.models.loader import load_model
 from tests.helpers import make_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CASES = {
     "llama-gqa-tied": dict(arch="llama"),
@@ -161,14 +164,13 @@ def test_half_precision_matches_transformers_in_the_same_dtype(tmp_path, arch, d
 
 
 def test_our_kernels_package_does_not_confuse_transformers(tmp_path):
-    """transformers probes for an optional hub package named `kernels`; ours must not be taken for it."""
-    from transformers.utils import import_utils
+    """transformers imports Hugging Face's `kernels` package; ours is `deltakernels` and must not shadow it."""
+    import importlib.util
 
-    import kernels  # noqa: F401  (ours, importable)
+    import deltakernels  # noqa: F401  (ours, importable beside theirs)
 
-    probe = getattr(import_utils, "is_kernels_available", None)
-    if probe is not None:
-        assert not probe()
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not spec.origin or Path(spec.origin).parents[1] != ROOT, spec.origin  # not a folder of ours
     from tests.helpers import make_hf_model, tiny_config
 
     model = make_hf_model(tiny_config("llama"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kernels.bitdelta import pack_signs, unpack_signs
+from deltakernels.bitdelta import pack_signs, unpack_signs
 from registry.bitdelta_format import FORMAT, VERSION, load_bitdelta_file, save_bitdelta_file
 from registry.checkpoint import Checkpoint
 from registry.deltas import BaseSpec, BitDelta

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import registry.compress as compress_mod
-from kernels import select_delta_ops
-from kernels.bitdelta import unpack_signs
+from deltakernels import select_delta_ops
+from deltakernels.bitdelta import unpack_signs
 from registry.checkpoint import Checkpoint
 from registry.compress import CompressError, CompressOptions, check_pair, compress
 from registry.errors import AdapterMismatch

@@ -35,7 +35,7 @@ def test_sign_scale_gradient():
     torch.manual_seed(0)
     w = torch.randn(5, 11, dtype=torch.float64)
     sign = (torch.randn(5, 11) > 0)
-    from kernels.bitdelta import pack_signs
+    from deltakernels.bitdelta import pack_signs
 
     packed = pack_signs(sign)
     for shape in ((5,), (1,)):

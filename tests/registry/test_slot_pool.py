@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.bitdelta import BLOCKED16
+from deltakernels.bitdelta import BLOCKED16
 from registry.deltas import BitDelta, LoraDelta
 from registry.errors import AdapterMismatch
 from registry.slot_pool import SlotPool

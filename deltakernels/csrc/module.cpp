@@ -1,4 +1,4 @@
-// The deltaserve CPU kernels as one Python extension module (built by kernels/cpu_extension.py).
+// The deltaserve CPU kernels as one Python extension module (built by deltakernels/cpu_extension.py).
 #include "delta_cpu.h"
 
 namespace deltaserve {

@@ -1,6 +1,6 @@
-"""The compiled CPU delta kernels (sources in kernels/csrc/): built once per machine, loaded by the "cpu" backend.
+"""The compiled CPU delta kernels (sources in deltakernels/csrc/): built once per machine, loaded by the "cpu" backend.
 
-`python -m kernels.cpu_extension` builds them (scripts/setup.sh does, and the Dockerfile); `load()` returns the
+`python -m deltakernels.cpu_extension` builds them (scripts/setup.sh does, and the Dockerfile); `load()` returns the
 module, building it first if this machine has no build yet, or None when that cannot be done — then the engine
 uses the torch references, and one log line says why. The build goes to a cache directory named after a hash of
 the sources, the flags and the torch version, so an edited source or another torch never loads a stale build:
@@ -120,7 +120,7 @@ def unavailable_reason() -> str:
 
 
 def main() -> int:
-    """`python -m kernels.cpu_extension`: builds the kernels for this machine and prints where and which ISA."""
+    """`python -m deltakernels.cpu_extension`: builds the kernels for this machine and prints where and which ISA."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         module = build(verbose="--verbose" in sys.argv)

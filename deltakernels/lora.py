@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import (
+from deltakernels import (
     call_cpu_kernel,
     check_float,
     check_same_device,
@@ -24,13 +24,13 @@ from kernels import (
     tiles_bucket,
     upcast_dot,
 )
-from kernels.segments import TILE_ROWS, SlotTiles
+from deltakernels.segments import TILE_ROWS, SlotTiles
 
 try:
     import triton
     import triton.language as tl
 
-    from kernels.triton_common import autotuned, launch, mma, pruner, tile_rows
+    from deltakernels.triton_common import autotuned, launch, mma, pruner, tile_rows
 except ImportError:  # the torch references still work without triton
     triton = None
 
@@ -224,7 +224,7 @@ def lora_shrink(buf: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ranks: torc
     Args:  buf: [N, r_max] float32, written (caller-owned scratch, reused across calls).
            x: [N, in] float32/bfloat16/float16.  a: [S, r_max, in], x's dtype, the slot pool of A matrices
            (rows at and past a slot's rank are never read).  ranks: [S] int32, each slot's rank (1..r_max).
-           tiles: SlotTiles of the batch (kernels/segments.py), on x's device.
+           tiles: SlotTiles of the batch (deltakernels/segments.py), on x's device.
     """
     _check_shrink_args("lora_shrink", buf, x, a, ranks, tiles)
     check_triton_device("lora_shrink", x)
@@ -301,7 +301,7 @@ def lora_apply(
 
 
 def lora_shrink_cpu(buf: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, tiles: SlotTiles) -> None:
-    """lora_shrink with the compiled CPU kernel (kernels/csrc/lora_cpu.cpp): one call for every tenant of the
+    """lora_shrink with the compiled CPU kernel (deltakernels/csrc/lora_cpu.cpp): one call for every tenant of the
     step, each slot's A read once for all of its rows.
 
     Semantics and arguments: as lora_shrink, on CPU tensors.
@@ -320,7 +320,7 @@ def lora_expand_cpu(
     ranks: torch.Tensor,
     tiles: SlotTiles,
 ) -> None:
-    """lora_expand with the compiled CPU kernel (kernels/csrc/lora_cpu.cpp): each slot's B read once.
+    """lora_expand with the compiled CPU kernel (deltakernels/csrc/lora_cpu.cpp): each slot's B read once.
 
     Semantics and arguments: as lora_expand, on CPU tensors.
     """
@@ -423,7 +423,7 @@ def lora_apply_ref(
     _expand_ref(y, buf, bt, scaling, ranks, tiles)
 
 
-# (lora_shrink, lora_expand, lora_apply) per backend (kernels.select_delta_ops picks one).
+# (lora_shrink, lora_expand, lora_apply) per backend (deltakernels.select_delta_ops picks one).
 IMPLEMENTATIONS = {
     "triton": (lora_shrink, lora_expand, lora_apply),
     "cpu": (lora_shrink_cpu, lora_expand_cpu, lora_apply_cpu),

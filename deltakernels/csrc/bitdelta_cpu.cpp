@@ -8,7 +8,7 @@
 // (vpermps) and one add: 64 sign-multiply-adds per two instructions, the signs still packed.
 //
 // That needs the nibbles of 16 outputs side by side, so the CPU backend keeps its slot pool in the "blocked16"
-// layout (kernels/bitdelta.py, interleave_signs): signs[s, b, kb, i] = the contract's sign byte kb of output
+// layout (deltakernels/bitdelta.py, interleave_signs): signs[s, b, kb, i] = the contract's sign byte kb of output
 // row 16b + i (zero for rows past `out`): byte kb holds input columns 8kb..8kb+7, low nibble first (group 2kb),
 // bit j of a nibble = column 4g + j, exactly the contract's bit order. Activation columns past `in` are zero in
 // the tables, so padding bits count for nothing whatever their value.

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from formats.signs import ROWS, SignLayout, pack_signs, packed_width, unpack_signs  # noqa: F401  (re-exported)
-from kernels import (
+from deltakernels import (
     call_cpu_kernel,
     check_float,
     check_same_device,
@@ -19,18 +18,19 @@ from kernels import (
     tiles_bucket,
     upcast_dot,
 )
-from kernels.segments import TILE_ROWS, SlotTiles
+from deltakernels.segments import TILE_ROWS, SlotTiles
+from formats.signs import ROWS, SignLayout, pack_signs, packed_width, unpack_signs  # noqa: F401  (re-exported)
 
 try:
     import triton
     import triton.language as tl
 
-    from kernels.triton_common import autotuned, launch, mma, pruner, tile_rows
+    from deltakernels.triton_common import autotuned, launch, mma, pruner, tile_rows
 except ImportError:  # the torch references still work without triton
     triton = None
 
 # The CPU kernel's slot-pool layout ("blocked16"): the sign bytes of 16 consecutive output rows side by side, so
-# one 16-byte load holds the same input columns of 16 outputs (kernels/csrc/bitdelta_cpu.cpp explains why).
+# one 16-byte load holds the same input columns of 16 outputs (deltakernels/csrc/bitdelta_cpu.cpp explains why).
 SIGN_BLOCK = 16
 
 
@@ -203,7 +203,7 @@ def bitdelta_apply(
            signs: [S, out, ceil(in/8)] uint8, the slot pool in the contract's bit layout (bit j, least
            significant first, of byte k is column 8k+j; 1 = +1; padding bits 0).
            scales: [S, out] float32 (a per-matrix scale is broadcast to all rows by the caller).
-           tiles: SlotTiles of the batch (kernels/segments.py), on y's device.
+           tiles: SlotTiles of the batch (deltakernels/segments.py), on y's device.
     """
     _check_bitdelta_args("bitdelta_apply", y, x, signs, scales, tiles, ROWS)
     check_triton_device("bitdelta_apply", y)
@@ -229,7 +229,7 @@ def bitdelta_apply(
 def bitdelta_apply_cpu(
     y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, tiles: SlotTiles
 ) -> None:
-    """Adds every row's 1-bit delta to y with the compiled CPU kernel (kernels/csrc/bitdelta_cpu.cpp): lookup
+    """Adds every row's 1-bit delta to y with the compiled CPU kernel (deltakernels/csrc/bitdelta_cpu.cpp): lookup
     tables over groups of 4 sign bits, each distinct slot's signs read once, never unpacked.
 
     Semantics:  as bitdelta_apply (float32 accumulation, added to y in float32, cast back).
@@ -259,7 +259,7 @@ def bitdelta_apply_ref(
         y[rows] = (y.index_select(0, rows).float() + delta).to(y.dtype)
 
 
-# bitdelta_apply and its slot pool's sign layout per backend (kernels.select_delta_ops picks one).
+# bitdelta_apply and its slot pool's sign layout per backend (deltakernels.select_delta_ops picks one).
 IMPLEMENTATIONS = {
     "triton": (bitdelta_apply, ROWS),
     "cpu": (bitdelta_apply_cpu, BLOCKED16),

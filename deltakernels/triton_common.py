@@ -1,7 +1,7 @@
 """What the Triton kernels of every op family share: reading a tile's rows, the MMA step, and the launch (a fixed
 config in Triton's interpreter, else an autotuner whose candidates are pruned to the problem's size).
 
-Imports triton (only kernels/ does); without it the names below that need it are absent and the launchers of
+Imports triton (only deltakernels/ does); without it the names below that need it are absent and the launchers of
 the op families raise before reaching them.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kernels import triton_interpreting
+from deltakernels import triton_interpreting
 
 try:
     import triton
@@ -24,7 +24,7 @@ if triton is not None:
 
     @triton.jit
     def tile_rows(order_ptr, tile_slot_ptr, tile_start_ptr, tile_rows_ptr, tile, TILE_M: tl.constexpr):
-        """One tile of kernels/segments.py: (slot int64, n_rows, rows [TILE_M] int64, row_mask [TILE_M]).
+        """One tile of deltakernels/segments.py: (slot int64, n_rows, rows [TILE_M] int64, row_mask [TILE_M]).
         A padding tile (n_rows == 0, in fixed-size CUDA-graph launches) reads nothing: the caller returns."""
         slot = tl.load(tile_slot_ptr + tile).to(tl.int64)
         start = tl.load(tile_start_ptr + tile)
@@ -36,7 +36,7 @@ if triton is not None:
 
     @triton.jit
     def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-        """acc + a @ b, accumulated in float32 (kernels.dot_precision, kernels.upcast_dot)."""
+        """acc + a @ b, accumulated in float32 (deltakernels.dot_precision, deltakernels.upcast_dot)."""
         if UPCAST_DOT:  # Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton#11584)
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:

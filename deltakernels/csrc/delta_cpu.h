@@ -1,7 +1,7 @@
 // Shared pieces of the CPU delta kernels: segment lists, float conversions, ISA dispatch.
 //
 // A "segment" is the rows of one slot: (slot, start, end) with rows order[start:end] of the batch
-// (kernels/segments.py, SlotTiles.slot_ranges). Every kernel here takes the segments as a host int64
+// (deltakernels/segments.py, SlotTiles.slot_ranges). Every kernel here takes the segments as a host int64
 // tensor [n, 3] and processes each distinct slot's delta once, whatever the number of its rows.
 #pragma once
 

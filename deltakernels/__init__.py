@@ -3,9 +3,10 @@
 The engine calls `select_delta_ops()` once at start-up and keeps the returned `DeltaOps`; tests force a
 backend with `select_delta_ops("torch")` or `select_delta_ops("triton")` (DESIGN, style point 6).
 
-Importing this package is cheap and never imports triton or torch: Hugging Face `transformers` probes for an
-unrelated optional package also called `kernels` and may import this one while doing so. For the same reason
-this package defines no `__version__`.
+The package is called `deltakernels`, not `kernels`: transformers depends on Hugging Face's own `kernels`
+package (hub kernels) and imports it at start-up, so a top-level `kernels` of ours would shadow it and break
+every transformers import. Importing this package stays cheap (no triton, no torch): the engine's config reads
+BACKENDS from it.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from deltakernels.segments import SlotTiles
     from formats.signs import SignLayout
-    from kernels.segments import SlotTiles
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 
 # How a backend's 1-bit slot pool lays out the packed signs (a formats.signs.SignLayout): ROWS is the contract's
-# own [S, out, ceil(in/8)]; kernels.bitdelta.BLOCKED16 interleaves 16 output rows, [S, ceil(out/16), ceil(in/8),
+# own [S, out, ceil(in/8)]; deltakernels.bitdelta.BLOCKED16 interleaves 16 output rows, [S, ceil(out/16), ceil(in/8),
 # 16], for the CPU kernel's table lookups. The slot pool stores signs in the layout of the backend that reads them.
 
 
 @dataclass(frozen=True)
 class DeltaOps:
-    """The delta ops of one backend; every field has the signature of the op of the same name in kernels/."""
+    """The delta ops of one backend; every field has the signature of the op of the same name in deltakernels/."""
 
     name: str
     bitdelta_apply: Callable[..., None]
@@ -58,10 +59,10 @@ _cpu_module: Any = None
 
 
 def cpu_kernels() -> Any:
-    """The compiled CPU kernels module (kernels/cpu_extension.py); RuntimeError when this machine has none."""
+    """The compiled CPU kernels module (deltakernels/cpu_extension.py); RuntimeError when this machine has none."""
     global _cpu_module
     if _cpu_module is None:
-        from kernels import cpu_extension
+        from deltakernels import cpu_extension
 
         _cpu_module = cpu_extension.load()
         if _cpu_module is None:
@@ -88,7 +89,7 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
     """Picks the implementation of the delta ops; call once at start-up.
 
     Args:  backend: "triton" (the Triton kernels: needs CUDA, or TRITON_INTERPRET=1 for CPU tensors),
-           "cpu" (the compiled CPU kernels of kernels/csrc, built by scripts/setup.sh), "torch" (the pure-torch
+           "cpu" (the compiled CPU kernels of deltakernels/csrc, built by scripts/setup.sh), "torch" (the pure-torch
            references, any device), or "auto": triton when the tensors will live on a CUDA device and triton
            imports; on the CPU the compiled kernels, or the references (with one log line saying why) when this
            machine cannot build them.
@@ -101,7 +102,7 @@ def select_delta_ops(backend: str = "auto", device: Any = None) -> DeltaOps:
     if backend == "auto":
         backend = _auto_backend(device)
     _check_backend_runs_here(backend, device)
-    from kernels import bitdelta, lora
+    from deltakernels import bitdelta, lora
 
     bitdelta_apply, sign_layout = bitdelta.IMPLEMENTATIONS[backend]
     lora_shrink, lora_expand, lora_apply = lora.IMPLEMENTATIONS[backend]
@@ -115,7 +116,7 @@ def _auto_backend(device: Any) -> str:
     on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if on_cuda:
         return "triton" if triton_available() else "torch"
-    from kernels import cpu_extension
+    from deltakernels import cpu_extension
 
     return "cpu" if cpu_extension.load() is not None else "torch"
 
