@@ -35,7 +35,8 @@ RUN python -m venv "$VIRTUAL_ENV" \
 
 COPY pyproject.toml README.md /src/
 COPY serving /src/serving
-COPY kernels /src/kernels
+COPY deltakernels /src/deltakernels
+COPY formats /src/formats
 COPY registry /src/registry
 COPY loadtest /src/loadtest
 RUN pip install /src \

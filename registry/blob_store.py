@@ -2,8 +2,10 @@
 
 Layout of `root` (the registry's blobs/):
     <kind>/<h2>/<sha256>   <kind> is "lora" (a directory holding adapter_config.json and
-                           adapter_model.safetensors) or "bitdelta" (one file); <sha256> is the delta's identity
-                           (registry.deltas: `Delta.sha256`), <h2> its first two hex digits. Blob files are
+                           adapter_model.safetensors), "bitdelta" (one file) or "source" (a fine-tune's uploaded
+                           files stored losslessly: a directory of registry.source_files containers and their
+                           manifest.json); <sha256> is the delta's identity (registry.deltas: `Delta.sha256`), or
+                           for "source" the manifest's sha256; <h2> its first two hex digits. Blob files are
                            read-only (0400).
 
 A blob enters by a rename from staging (same filesystem) and leaves by a rename into the graveyard folder
@@ -25,20 +27,25 @@ from registry.fsync import fsync_dir
 from registry.upload_formats import LORA_CONFIG, LORA_WEIGHTS
 from registry.uploads import Staging
 
-KINDS = ("lora", "bitdelta")
-_BLOB_RE = re.compile(r"(lora|bitdelta)/([0-9a-f]{2})/([0-9a-f]{64})")
+KINDS = ("lora", "bitdelta", "source")
+_BLOB_RE = re.compile(r"(lora|bitdelta|source)/([0-9a-f]{2})/([0-9a-f]{64})")
 
 
 def content_sha256(kind: str, path: str | os.PathLike[str]) -> str:
     """The identity of stored delta data, computed from disk exactly as registry.deltas defines it:
     "bitdelta": sha256 of the file's bytes; "lora" (a directory): sha256 of
-    u64le(len(adapter_config.json)) + adapter_config.json + adapter_model.safetensors."""
+    u64le(len(adapter_config.json)) + adapter_config.json + adapter_model.safetensors; "source" (a directory):
+    sha256 of its manifest.json."""
     from registry.lora_format import lora_sha256  # torch: not for the API process's imports
     from registry.safetensors_io import sha256_file
 
     path = Path(path)
     if kind == "bitdelta":
         return sha256_file(path)
+    if kind == "source":
+        from registry.source_files import source_sha256
+
+        return source_sha256(path)
     if kind == "lora":
         return lora_sha256((path / LORA_CONFIG).read_bytes(), path / LORA_WEIGHTS)
     raise ValueError(f"unknown delta kind {kind!r}")
@@ -73,6 +80,20 @@ class BlobStore:
         if actual != sha256:
             raise ValueError(f"the staged data has sha256 {actual}, not the delta's {sha256}: was it changed?")
         return payload, _size(payload)
+
+    @staticmethod
+    def prepare_dir(path: Path, kind: str) -> tuple[Path, int, str]:
+        """Flushes a directory written for the store (a "source" blob) to disk and makes its files read-only.
+        Returns (path, size in bytes, content sha256). Reads all the data: call it without the catalog's lock."""
+        for f in sorted(path.iterdir()):
+            fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(f, 0o400)
+        fsync_dir(path)
+        return path, _size(path), content_sha256(kind, path)
 
     def place(self, payload: Path, kind: str, sha256: str) -> str:
         """Moves a prepared payload into the store, or keeps the identical blob already there (dedup).

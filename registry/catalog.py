@@ -67,8 +67,9 @@ INTERRUPTED = "interrupted by a restart; upload again"
 MISSING_BLOB = "the stored adapter data is missing; upload again"
 MAX_ERROR_LENGTH = 4000
 RESERVE_BYTES = 16 << 20  # given up on a full disk so that deletes (SQLite's journal) can still be written
-_SCHEMA_VERSION = 2  # 2: the usage table (a version-1 catalog gains it when opened)
-_READABLE_VERSIONS = (0, 1, _SCHEMA_VERSION)  # 0: a new file
+_SCHEMA_VERSION = 3  # 2: the usage table; 3: a fine-tune's stored upload (older catalogs gain both when opened)
+_READABLE_VERSIONS = (0, 1, 2, _SCHEMA_VERSION)  # 0: a new file
+_SOURCE_COLUMNS = (("source_blob", "TEXT"), ("source_bytes", "INTEGER"))  # schema 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -90,12 +91,17 @@ CREATE TABLE IF NOT EXISTS adapters (
     size_bytes INTEGER,
     rank       INTEGER,
     blob       TEXT,
+    source_blob  TEXT,
+    source_bytes INTEGER,
     UNIQUE (tenant, name, version),
     CHECK ((status = 'ready') = (blob IS NOT NULL))
 );
 CREATE INDEX IF NOT EXISTS adapters_blob ON adapters(blob);
+CREATE INDEX IF NOT EXISTS adapters_source_blob ON adapters(source_blob);
 """ + usage_table.SCHEMA
-_COLUMNS = "id, tenant, name, format, version, sha256, status, progress, error, created, size_bytes, rank, blob"
+_STORED_BYTES = "COALESCE(SUM(size_bytes + COALESCE(source_bytes, 0)), 0)"
+_COLUMNS = ("id, tenant, name, format, version, sha256, status, progress, error, created, size_bytes, rank, blob, "
+            "source_blob, source_bytes")
 
 
 class RegistryBusy(RuntimeError):
@@ -122,6 +128,8 @@ class AdapterRecord:
     progress:  0..1 (1 when ready).  error: why it failed, else None.  created: unix seconds.
     size_bytes, rank: of the stored data (rank: LoRA only), None until stored.
     blob:      the blob's path relative to blobs/ (internal; `Registry.blob_path` gives the full path).
+    source_blob, source_bytes: a fine-tune's uploaded files, stored losslessly (registry.source_files), and
+               their stored size; None for the other formats, before compression ends, or when lost.
     """
 
     id: str
@@ -137,6 +145,8 @@ class AdapterRecord:
     size_bytes: int | None
     rank: int | None
     blob: str | None
+    source_blob: str | None = None
+    source_bytes: int | None = None
 
     @property
     def kind(self) -> str:
@@ -153,6 +163,12 @@ def _next_version(db: sqlite3.Connection, tenant: str, name: str) -> int:
         "SELECT COALESCE(MAX(version), 0) FROM adapters WHERE tenant=? AND name=?", (tenant, name)
     ).fetchone()
     return latest + 1
+
+
+def _blobs_of(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[str]:
+    """Every blob (deltas and stored uploads) of the rows `where` selects."""
+    rows = db.execute(f"SELECT blob, source_blob FROM adapters WHERE {where}", args).fetchall()
+    return sorted({b for row in rows for b in row if b is not None})
 
 
 def blob_kind(format: str) -> str:
@@ -234,6 +250,11 @@ class Registry:
         if version not in _READABLE_VERSIONS:
             db.close()
             raise RuntimeError(f"{path} has catalog schema version {version}; this deltaserve reads {_SCHEMA_VERSION}")
+        if version in (1, 2):  # before the schema's indexes name the new columns
+            have = {row[1] for row in db.execute("PRAGMA table_info(adapters)")}
+            for column, sql_type in _SOURCE_COLUMNS:
+                if column not in have:
+                    db.execute(f"ALTER TABLE adapters ADD COLUMN {column} {sql_type}")
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         return db
@@ -246,8 +267,14 @@ class Registry:
                     db.execute(
                         "UPDATE adapters SET status='failed', error=?, blob=NULL WHERE id=?", (MISSING_BLOB, row_id)
                     )
+            # A lost stored upload leaves its version served (its 1-bit delta is there); only its download goes.
+            lost = [(row_id,) for row_id, source in
+                    db.execute("SELECT id, source_blob FROM adapters WHERE source_blob IS NOT NULL").fetchall()
+                    if not self.store.has(source)]  # fmt: skip
+            db.executemany("UPDATE adapters SET source_blob=NULL, source_bytes=NULL WHERE id=?", lost)
         with self._lock:
-            referenced = {b for (b,) in self._db.execute("SELECT DISTINCT blob FROM adapters WHERE blob IS NOT NULL")}
+            referenced = {b for (b,) in self._db.execute("SELECT blob FROM adapters WHERE blob IS NOT NULL UNION "
+                                                         "SELECT source_blob FROM adapters WHERE source_blob IS NOT NULL")}  # fmt: skip
             self.store.sweep(referenced)
 
     def close(self) -> None:
@@ -350,12 +377,7 @@ class Registry:
     def _delete_tenant(self, name: str) -> None:
         with self._lock:
             with self._tx() as db:
-                blobs = [
-                    b
-                    for (b,) in db.execute(
-                        "SELECT DISTINCT blob FROM adapters WHERE tenant=? AND blob IS NOT NULL", (name,)
-                    )
-                ]
+                blobs = _blobs_of(db, "tenant=?", (name,))
                 db.execute("DELETE FROM adapters WHERE tenant=?", (name,))
                 if db.execute("DELETE FROM tenants WHERE name=?", (name,)).rowcount == 0:
                     raise NotFound(f"tenant {name!r} not found", "name")
@@ -428,15 +450,27 @@ class Registry:
         return Staging(path, format=format, max_bytes=self.max_upload_bytes if max_bytes is None else max_bytes,
                        quota_bytes=quota_left)  # fmt: skip
 
+    def scratch_dir(self) -> Path:
+        """A fresh private directory under root/tmp, on the blob store's filesystem (emptied at every opening),
+        for data written for the store, e.g. a fine-tune's stored upload before `complete_pending` moves it in."""
+        if self._lock_fd < 0:
+            raise ValueError("the registry is closed")
+        try:
+            return Path(tempfile.mkdtemp(prefix="scratch-", dir=self.tmp))
+        except OSError as e:
+            if is_disk_full(e):
+                raise InsufficientStorage("the registry's disk is full") from None
+            raise
+
     def tenant_usage(self, tenant: str, *, besides: str | None = None) -> int:
-        """The bytes a tenant's stored versions take (each version counted, shared content too); `besides`:
+        """The bytes a tenant's stored versions take, stored uploads of fine-tunes included (each version counted,
+        shared content too); `besides`:
         leave out the older versions of that adapter name (a new version replaces them: they are collected)."""
         if besides is None:
-            rows = self._query("SELECT COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant=? AND blob IS NOT NULL",
-                               (tenant,))  # fmt: skip
+            rows = self._query(f"SELECT {_STORED_BYTES} FROM adapters WHERE tenant=? AND blob IS NOT NULL", (tenant,))
         else:
-            rows = self._query("SELECT COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant=? AND blob IS NOT NULL "
-                               "AND name<>?", (tenant, besides))  # fmt: skip
+            rows = self._query(f"SELECT {_STORED_BYTES} FROM adapters WHERE tenant=? AND blob IS NOT NULL AND name<>?",
+                               (tenant, besides))  # fmt: skip
         return int(rows[0][0])
 
     def _check_quota(self, tenant: str, name: str, size: int) -> None:
@@ -469,26 +503,31 @@ class Registry:
 
     def _store(
         self, staging: Staging, delta: Delta, record: tuple[str, str, str], write_row: Callable[..., None],
-        recheck: Callable[[], object] = lambda: None,
+        recheck: Callable[[], object] = lambda: None, source: Path | None = None,
     ) -> None:
         """The one way data enters the registry. record: (kind, tenant, name) of the version being stored.
         The staged data is checked against the delta and made durable without the lock; then, under it,
         `recheck()` (what may have changed meanwhile), the quota, the blob placed (or an identical one reused),
-        and `write_row(db, blob, size, rank)` in one transaction, LAST (the blob is collected again if it
-        fails). The staging is discarded."""
+        and `write_row(db, blob, size, rank, source_blob, source_bytes)` in one transaction, LAST (the blobs are
+        collected again if it fails). source: a fine-tune's stored upload (a directory made with `scratch_dir`),
+        stored beside the delta as a "source" blob. The staging is discarded."""
         kind, tenant, name = record
         self._check_delta(kind, delta)
         payload, size = self.store.prepare(staging, kind, delta.sha256)
+        src = self.store.prepare_dir(source, "source") if source is not None else None
         rank = getattr(delta, "rank", None) if kind == "lora" else None
         with self._lock:
             recheck()
-            self._check_quota(tenant, name, size)
+            self._check_quota(tenant, name, size + (src[1] if src else 0))
             blob = self.store.place(payload, kind, delta.sha256)
+            placed = [blob]
             try:
+                source_blob = self.store.place(src[0], "source", src[2]) if src else None
+                placed.append(source_blob)
                 with self._tx() as db:
-                    write_row(db, blob, size, rank)
+                    write_row(db, blob, size, rank, source_blob, src[1] if src else None)
             except BaseException:
-                self._gc([blob])
+                self._gc([b for b in placed if b is not None])
                 raise
         staging.discard()
 
@@ -508,9 +547,9 @@ class Registry:
             raise ValueError("a finetune upload is stored with create_pending and complete_pending")
         row_id = "ad-" + secrets.token_hex(12)
 
-        def insert(db: sqlite3.Connection, blob: str, size: int, rank: int | None) -> None:
+        def insert(db: sqlite3.Connection, blob: str, size: int, rank: int | None, *_no_source: object) -> None:
             db.execute(
-                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'ready', 1.0, NULL, ?, ?, ?, ?)",
+                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'ready', 1.0, NULL, ?, ?, ?, ?, NULL, NULL)",
                 (row_id, tenant, name, format, _next_version(db, tenant, name), delta.sha256, _now(), size, rank,
                  blob),
             )  # fmt: skip
@@ -528,7 +567,8 @@ class Registry:
         row_id = "ad-" + secrets.token_hex(12)
         with self._lock, self._tx() as db:
             db.execute(
-                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 'compressing', 0.0, NULL, ?, NULL, NULL, NULL)",
+                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 'compressing', 0.0, NULL, ?, NULL, NULL, NULL, "
+                "NULL, NULL)",
                 (row_id, tenant, name, format, _next_version(db, tenant, name), _now()),
             )
         return self._stored_row(row_id)
@@ -553,23 +593,31 @@ class Registry:
             with self._tx() as db:
                 db.execute("UPDATE adapters SET progress=? WHERE id=?", (progress, id))
 
-    def complete_pending(self, id: str, staging: Staging, delta: Delta) -> AdapterRecord:
+    def complete_pending(self, id: str, staging: Staging, delta: Delta, source: Path | None = None) -> AdapterRecord:
         """Stores the result of a background compression (a BitDelta for a "finetune", loaded from the
-        staging) and marks the adapter "ready" with progress 1; the staging is discarded. From now on
+        staging) and marks the adapter "ready" with progress 1; the staging is discarded. source: the uploaded
+        fine-tune stored losslessly (a directory of registry.source_files, made in `scratch_dir()`), kept
+        beside the delta for downloads (and counted in the tenant's quota); it is moved or discarded. From now on
         `resolve` answers this version (unless a newer one is ready). Raises NotFound if the adapter (or
         its tenant) was deleted meanwhile (nothing is stored), ValueError if it is not compressing, for a
         delta of the wrong kind or staged data that does not match it."""
         record = self._pending(id)
 
-        def update(db: sqlite3.Connection, blob: str, size: int, rank: int | None) -> None:
+        def update(db: sqlite3.Connection, blob: str, size: int, rank: int | None, source_blob: str | None,
+                   source_bytes: int | None) -> None:  # fmt: skip
             cur = db.execute(
                 "UPDATE adapters SET status='ready', progress=1.0, error=NULL, sha256=?, size_bytes=?, "
-                "rank=?, blob=? WHERE id=? AND status='compressing'",
-                (delta.sha256, size, rank, blob, id),
+                "rank=?, blob=?, source_blob=?, source_bytes=? WHERE id=? AND status='compressing'",
+                (delta.sha256, size, rank, blob, source_blob, source_bytes, id),
             )
             assert cur.rowcount == 1, "row changed while the lock was held"
 
-        self._store(staging, delta, (record.kind, record.tenant, record.name), update, recheck=lambda: self._pending(id))
+        try:
+            self._store(staging, delta, (record.kind, record.tenant, record.name), update,
+                        recheck=lambda: self._pending(id), source=source)  # fmt: skip
+        finally:  # moved into the store, or not needed: an identical stored upload was reused, or it failed
+            if source is not None:
+                shutil.rmtree(source, ignore_errors=True)
         return self._stored_row(id)
 
     def fail_pending(self, id: str, error: str) -> bool:
@@ -633,13 +681,7 @@ class Registry:
     def _delete_adapter(self, tenant: str, name: str) -> None:
         with self._lock:
             with self._tx() as db:
-                blobs = [
-                    b
-                    for (b,) in db.execute(
-                        "SELECT DISTINCT blob FROM adapters WHERE tenant=? AND name=? AND blob IS NOT NULL",
-                        (tenant, name),
-                    )
-                ]
+                blobs = _blobs_of(db, "tenant=? AND name=?", (tenant, name))
                 if db.execute("DELETE FROM adapters WHERE tenant=? AND name=?", (tenant, name)).rowcount == 0:
                     raise NotFound(f"adapter {name!r} not found", "name")
             self._gc(blobs)
@@ -659,7 +701,7 @@ class Registry:
                 if old:
                     with self._tx() as db:
                         db.executemany("DELETE FROM adapters WHERE id=?", [(r.id,) for r in old])
-                    self._gc([r.blob for r in old if r.blob is not None])
+                    self._gc([b for r in old for b in (r.blob, r.source_blob) if b is not None])
                 return old
 
         return self.reserve.run(collect)
@@ -671,8 +713,13 @@ class Registry:
             raise ValueError(f"adapter {record.name} version {record.version} is {record.status}: it has no data")
         return self.store.path(record.blob)
 
+    def source_path(self, record: AdapterRecord) -> Path | None:
+        """Where a fine-tune version's stored upload is (a registry.source_files directory); None if it has none."""
+        return None if record.source_blob is None else self.store.path(record.source_blob)
+
     def _gc(self, blobs: list[str]) -> None:
         """Removes the given blobs that no row references (the caller holds the lock)."""
         for blob in blobs:
-            if not self._db.execute("SELECT 1 FROM adapters WHERE blob=? LIMIT 1", (blob,)).fetchone():
+            used = "SELECT 1 FROM adapters WHERE blob=? OR source_blob=? LIMIT 1"
+            if not self._db.execute(used, (blob, blob)).fetchone():
                 self.store.remove(blob)

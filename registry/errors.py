@@ -66,6 +66,12 @@ class NotFound(RegistryError):
     distinguished (404 not_found_error)."""
 
 
+class NotStored(RegistryError):
+    """The version exists, but what was asked of its stored data cannot be given: a fine-tune whose upload was
+    not kept (stored before deltaserve kept them, or lost), or kept against another base than the one served
+    (409 conflict_error, code "not_stored")."""
+
+
 class UploadTooLarge(RegistryError):
     """An upload over its size limit (413 invalid_request_error); what was written has been deleted."""
 

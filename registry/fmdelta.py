@@ -16,7 +16,7 @@ Container (`deltaserve.fmdelta` v1), all integers little-endian:
          u64 clen + clen bytes              elements [first, first + count) of that tensor: its byte planes,
                                              least significant first, each zstd-compressed
     b"E"                                     the end
-The regions of a file are given by the caller (registry.source_store reads the safetensors header); this module
+The regions of a file are given by the caller (registry.source_files reads the safetensors header); this module
 only knows byte ranges, element widths and base tensor names. No torch.
 """
 

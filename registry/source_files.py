@@ -9,15 +9,19 @@ back. The base is read through memory maps of its safetensors files, one tensor 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from registry import fmdelta
 from registry.checkpoint import Checkpoint
+from registry.errors import InvalidName
 from registry.safetensors_io import read_header
+from registry.upload_formats import check_file_name
 
 _WIDTH = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}  # torch dtype names of the delta-coded floats
 
@@ -99,3 +103,79 @@ def decode_file(container: str | os.PathLike[str], base: Checkpoint, *, base_fin
     """The original file's bytes, streamed (fmdelta.decode: checked against its size and sha256 at the end)."""
     with open(container, "rb") as f:
         yield from fmdelta.decode(f, CheckpointTensors(base), base_fingerprint=base_fingerprint)
+
+
+# ---- a fine-tune's whole upload, stored as one source blob --------------------------------------------------
+SOURCE_FORMAT = "deltaserve.source"
+SOURCE_VERSION = 1
+MANIFEST = "manifest.json"  # the blob's identity is the sha256 of this file's bytes (registry.blob_store)
+CONTAINER_SUFFIX = ".fmd"
+_MAX_MANIFEST = 1 << 20
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One uploaded file of a stored fine-tune: its name as uploaded, its size and sha256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+def encode_upload(upload: str | os.PathLike[str], names: list[str], base: Checkpoint, out: str | os.PathLike[str], *,
+                  base_fingerprint: str, progress: Callable[[float], None] | None = None) -> str:  # fmt: skip
+    """Writes the files `names` of the upload directory `upload` into the directory `out` (made if missing,
+    else empty): one container
+    <name>.fmd each, and manifest.json listing them (name, size, sha256) with the base's fingerprint. Returns
+    the manifest's sha256. progress(fraction of the upload's bytes done) after each file."""
+    upload, out = Path(upload), Path(out)
+    out.mkdir(mode=0o700, exist_ok=True)
+    if any(out.iterdir()):
+        raise ValueError(f"{out} is not empty")
+    total = sum((upload / n).stat().st_size for n in names) or 1
+    done, files = 0, []
+    for name in sorted(names):
+        digest = encode_file(upload / name, base, out / (name + CONTAINER_SUFFIX), base_fingerprint=base_fingerprint)
+        size = (upload / name).stat().st_size
+        files.append({"name": name, "size": size, "sha256": digest})
+        done += size
+        if progress is not None:
+            progress(done / total)
+    manifest = {"format": SOURCE_FORMAT, "version": SOURCE_VERSION, "base": base_fingerprint, "files": files}
+    data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    (out / MANIFEST).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(source: str | os.PathLike[str]) -> tuple[str, list[SourceFile]]:
+    """(the base fingerprint, the files) of a stored source blob. Raises FMDeltaError for a manifest that is
+    malformed, names a file that is not a plain name, or whose container is missing."""
+    source = Path(source)
+    try:
+        with open(source / MANIFEST, "rb") as f:
+            data = json.loads(f.read(_MAX_MANIFEST + 1)[: _MAX_MANIFEST + 1])
+        ok = (isinstance(data, dict) and data.get("format") == SOURCE_FORMAT
+              and data.get("version") == SOURCE_VERSION and isinstance(data.get("base"), str)
+              and isinstance(data.get("files"), list))  # fmt: skip
+        files = [SourceFile(str(e["name"]), int(e["size"]), str(e["sha256"])) for e in data["files"]] if ok else []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise fmdelta.FMDeltaError(f"the stored fine-tune's manifest is unreadable ({e})") from None
+    if not ok:
+        raise fmdelta.FMDeltaError(f"the stored fine-tune's manifest is not a {SOURCE_FORMAT} v{SOURCE_VERSION} one")
+    for sf in files:
+        if not _is_plain(sf.name) or not (source / (sf.name + CONTAINER_SUFFIX)).is_file():
+            raise fmdelta.FMDeltaError(f"the stored fine-tune's manifest names {sf.name!r}, which it does not hold")
+    return data["base"], files
+
+
+def source_sha256(source: str | os.PathLike[str]) -> str:
+    """The identity of a stored source blob: the sha256 of its manifest's bytes."""
+    return sha256_of(Path(source) / MANIFEST)
+
+
+def _is_plain(name: str) -> bool:
+    try:
+        check_file_name(name)
+    except InvalidName:
+        return False
+    return True

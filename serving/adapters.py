@@ -12,15 +12,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from registry import downloads
 from registry.catalog import AdapterRecord, Registry, Tenant
 from registry.deltas import Delta, delta_key
-from registry.errors import DeltaError, NotFound, RegistryError
+from registry.errors import DeltaError, NotFound, NotStored, RegistryError
+from registry.fmdelta import FMDeltaError
 from registry.host_tier import HostTier, TierObserver
 from registry.loading import load_delta
 from registry.uploads import Staging
@@ -31,6 +34,8 @@ from serving.fair_queue import FairWorkQueue
 from serving.metrics import Metrics
 
 log = logging.getLogger("deltaserve")
+
+MAX_DOWNLOADS_PER_TENANT = 2
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Adapters:
         self.compressor = FairWorkQueue(compressions_per_tenant, name="deltaserve-compress")
         self._record_pins: dict[str, int] = {}  # adapter version id -> requests running on it (_pins_lock)
         self._pins_lock = threading.Lock()
+        self._downloads: dict[str, int] = {}  # tenant -> downloads streaming now (_pins_lock)
 
     def stop(self) -> None:
         self.workers.shutdown(wait=False, cancel_futures=True)
@@ -225,7 +231,9 @@ class Adapters:
 
     def _compress(self, record: AdapterRecord, staging: Staging) -> None:
         """Background: BitDelta compression of an uploaded fine-tune against the served base."""
-        from registry.compress import compress  # only the compression thread needs it
+        from registry.checkpoint import Checkpoint  # only the compression thread needs these
+        from registry.compress import compress
+        from registry.source_files import encode_upload
 
         reported = [0.0]
 
@@ -234,12 +242,18 @@ class Adapters:
                 reported[0] = fraction
                 self.registry.set_progress(record.id, min(fraction, 0.99))
 
+        source = None
         try:
+            uploaded = staging.files
             out = staging.path / "delta.bitdelta.safetensors"
-            compress(self.engine.base_dir, staging.path, out, progress=progress)
+            # Half the work is the compression, half keeping the upload itself, losslessly, for downloads.
+            compress(self.engine.base_dir, staging.path, out, progress=lambda f: progress(0.5 * f))
+            source = self.registry.scratch_dir()
+            encode_upload(staging.path, uploaded, Checkpoint(self.engine.base_dir), source,
+                          base_fingerprint=self.engine.spec.fingerprint, progress=lambda f: progress(0.5 + 0.5 * f))  # fmt: skip
             delta = load_delta(out, self.engine.spec)
             staging.keep_only(out)
-            self.registry.complete_pending(record.id, staging, delta)
+            self.registry.complete_pending(record.id, staging, delta, source=source)
             self._collect_replaced(record.tenant, record.name)
             self.metrics.uploads.labels("finetune", "ready").inc()
         except Exception as e:  # the record must end failed, never stay "compressing"
@@ -248,4 +262,56 @@ class Adapters:
             message = e.message if isinstance(e, (DeltaError, RegistryError)) else "compression failed (internal error)"
             self.registry.fail_pending(record.id, message)
             staging.discard()
+            if source is not None:
+                shutil.rmtree(source, ignore_errors=True)
             self.metrics.uploads.labels("finetune", "failed").inc()
+
+    # ---- downloads ---------------------------------------------------------------------------------
+    def download(self, tenant: Tenant, name: str) -> downloads.TarStream:
+        """The files of the tenant's adapter `name` (its newest ready version) as they were uploaded, as a tar
+        stream (registry.downloads), every file opened already. Call in a worker thread (a LoRA's files are
+        hashed first); close the stream when done (it is closed when iterated to its end). NotFound as for a
+        request's model; NotStored for a fine-tune whose upload is not kept (or kept against another base);
+        TenantBusy beyond MAX_DOWNLOADS_PER_TENANT streaming at once (decoding a fine-tune takes CPU: one
+        tenant's downloads must not take it all)."""
+        record = self.registry.resolve(tenant.name, name)
+        if record is None:
+            raise NotFound(f"adapter {name!r} not found", "name")
+        with self._pins_lock:
+            if self._downloads.get(tenant.name, 0) >= MAX_DOWNLOADS_PER_TENANT:
+                raise TenantBusy(f"{MAX_DOWNLOADS_PER_TENANT} of the tenant's downloads are streaming; retry when "
+                                 "one has ended")  # fmt: skip
+            self._downloads[tenant.name] = self._downloads.get(tenant.name, 0) + 1
+        try:
+            files = self._stored_files(record)
+        except BaseException:
+            self._download_ended(tenant.name)
+            raise
+        return downloads.TarStream(files, record.created, on_close=lambda: self._download_ended(tenant.name))
+
+    def _download_ended(self, tenant: str) -> None:
+        with self._pins_lock:
+            self._downloads[tenant] -= 1
+            if not self._downloads[tenant]:
+                del self._downloads[tenant]
+
+    def _stored_files(self, record: AdapterRecord) -> list[downloads.StoredFile]:
+        if record.format == "lora":
+            return downloads.lora_files(self.registry.blob_path(record))
+        if record.format == "bitdelta":
+            return downloads.bitdelta_files(self.registry.blob_path(record))
+        source = self.registry.source_path(record)
+        if source is None or self.engine.base_dir is None:
+            raise NotStored(f"adapter {record.name!r} version {record.version} is served from its 1-bit delta, but "
+                            "its uploaded fine-tune is not kept (uploaded before deltaserve kept fine-tunes, or its "
+                            "stored copy was lost); upload the fine-tune again to keep it", "name")  # fmt: skip
+        from registry.checkpoint import Checkpoint
+        from registry.source_files import CheckpointTensors
+
+        try:
+            return downloads.finetune_files(source, CheckpointTensors(Checkpoint(self.engine.base_dir)),
+                                            self.engine.spec.fingerprint)  # fmt: skip
+        except FMDeltaError as e:
+            log.error("stored fine-tune of %s/%s v%d unreadable: %s", record.tenant, record.name, record.version, e)
+            raise NotStored(f"adapter {record.name!r} version {record.version}'s stored fine-tune cannot be given "
+                            f"back: {e}", "name") from None  # fmt: skip

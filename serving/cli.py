@@ -92,6 +92,11 @@ def _add_adapters_parser(sub: argparse._SubParsersAction) -> None:
     a = asub.add_parser("rm", help="delete an adapter (all versions)")
     a.add_argument("name")
     _add_client_flags(a, "DELTASERVE_API_KEY")
+    a = asub.add_parser("pull", help="download the files of an adapter's current version as they were uploaded "
+                        "(a full fine-tune: its config.json and safetensors files, byte-identical)")  # fmt: skip
+    a.add_argument("name")
+    a.add_argument("--out", type=Path, required=True, help="folder to write the files into (made if missing)")
+    _add_client_flags(a, "DELTASERVE_API_KEY")
 
 
 def _add_usage_parser(sub: argparse._SubParsersAction) -> None:
@@ -406,7 +411,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     import json as _json
 
-    from serving.client import Client, ClientError, push
+    from serving.client import Client, ClientError, pull, push
 
     try:
         key = args.key or os.environ.get(args.key_env)
@@ -436,6 +441,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         elif args.action == "show":
             adapter = client.call("GET", f"/v1/adapters/{args.name}").json()
             print("\n".join(f"{k + ':':12} {'-' if v is None else v}" for k, v in adapter.items()))
+        elif args.action == "pull":
+            for f in pull(client, args.name, args.out):
+                print(f"{args.out / f['name']}  {f['size']} bytes  sha256 {f['sha256']}")
         else:
             client.call("DELETE", f"/v1/adapters/{args.name}")
         return 0

@@ -33,6 +33,11 @@ class Client:
             r = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
             raise ClientError(f"cannot reach {self.url}: {e}") from None
+        return self.check(r)
+
+    @staticmethod
+    def check(r: httpx.Response) -> httpx.Response:
+        """`r`, or ClientError with the server's error message (CONTRACT §3's `error.message`)."""
         if r.status_code >= 400:
             try:
                 message = r.json()["error"]["message"]
@@ -87,3 +92,77 @@ def push(client: Client, path: Path, name: str, fmt: str) -> dict:
         finally:
             for h in handles:
                 h.close()
+
+
+class _StreamReader:
+    """A read()-able view of a streamed response's chunks, for tarfile's stream mode (never the whole body)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._buf = bytearray()
+        self._pos = 0  # what was read of _buf (dropped when the next chunk comes: no copy per read)
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) - self._pos < n:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            del self._buf[: self._pos]
+            self._pos = 0
+            self._buf += chunk
+        end = len(self._buf) if n < 0 else min(len(self._buf), self._pos + n)
+        data = bytes(self._buf[self._pos : end])
+        self._pos = end
+        return data
+
+
+def pull(client: Client, name: str, out: Path) -> list[dict]:
+    """`adapters pull`: writes the files of adapter `name`'s current version into `out` (made if missing), as
+    they were uploaded. Each file is written beside its final name, checked against the sha256 the server sent
+    with it, and only then renamed into place; a download that fails or ends early leaves no partial file.
+    Returns [{"name", "size", "sha256"}] of the files written."""
+    import hashlib
+    import tarfile
+
+    from registry.downloads import SHA256_PAX_KEY
+    from registry.errors import InvalidName
+    from registry.upload_formats import check_file_name
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[dict] = []
+    part: Path | None = None
+    try:
+        with client.http.stream("GET", f"/v1/adapters/{name}/download") as r:
+            if r.status_code >= 400:
+                r.read()
+                client.check(r)
+            with tarfile.open(fileobj=_StreamReader(r.iter_bytes()), mode="r|") as tar:
+                for member in tar:
+                    try:
+                        check_file_name(member.name)
+                    except InvalidName:
+                        raise ClientError(f"the server sent a file named {member.name!r}; nothing more was written") from None
+                    expected = member.pax_headers.get(SHA256_PAX_KEY)
+                    if not member.isreg() or expected is None:
+                        raise ClientError(f"the server sent {member.name!r} without its sha256, or not as a file")
+                    part = out / f".{member.name}.part"
+                    digest = hashlib.sha256()
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    with open(part, "wb") as f:
+                        while chunk := src.read(1 << 20):
+                            digest.update(chunk)
+                            f.write(chunk)
+                    if digest.hexdigest() != expected:
+                        raise ClientError(f"{member.name} arrived with sha256 {digest.hexdigest()}, not {expected}")
+                    os.replace(part, out / member.name)
+                    part = None
+                    written.append({"name": member.name, "size": member.size, "sha256": expected})
+    except httpx.HTTPError as e:
+        raise ClientError(f"the download from {client.url} failed: {e}") from None
+    except tarfile.TarError as e:
+        raise ClientError(f"the download ended early or is malformed ({e}); {len(written)} files were complete") from None
+    finally:
+        if part is not None:
+            part.unlink(missing_ok=True)
+    return written

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from registry.errors import NotFound
 from registry.names import validate_name
@@ -16,6 +19,7 @@ from serving.api.openapi import documented
 from serving.api.schemas import AdapterList, AdapterObject, Status, TenantCreate, TenantCreated, TenantList
 
 router = APIRouter()
+log = logging.getLogger("deltaserve")
 
 # A full fine-tune is compressed after the upload: 202 with the adapter `compressing` (its progress in
 # GET /v1/adapters/{name}); the other formats are checked and stored at once (201, `ready`).
@@ -123,6 +127,33 @@ async def get_adapter(request: Request, name: str, tenant: TenantDep):
     if record is None:
         raise NotFound(f"No adapter named `{name}`.", param="name")
     return AdapterObject.of(record)
+
+
+DOWNLOADED = {200: {"description": "The version's files as they were uploaded, in a POSIX tar archive (plain files, no "
+                   "folders; each member's pax header `DELTASERVE.sha256` holds the file's sha256), streamed with "
+                   "its exact Content-Length: a response that ends short of it is a failed download.",
+                   "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.get("/v1/adapters/{name}/download", response_class=StreamingResponse,
+            **documented(key="tenant", errors=(404, 409, 429), answers=DOWNLOADED))  # fmt: skip
+async def download_adapter(request: Request, name: str, tenant: TenantDep):
+    adapters = request.app.state.backend.adapters
+    stream = await run_in_threadpool(adapters.download, tenant, name)
+    chunks = iter(stream)
+
+    async def body():
+        try:
+            while (chunk := await run_in_threadpool(next, chunks, None)) is not None:  # decoding: off the loop
+                yield chunk
+        except Exception as e:  # a stored file that does not decode: the response ends short of its length
+            log.error("download of %s's adapter %s failed: %s", tenant.name, name, e)
+        finally:  # the end, a failed decode, or a client gone: the files and the tenant's download slot go
+            await run_in_threadpool(stream.close)
+
+    headers = {"Content-Length": str(stream.size),
+               "Content-Disposition": f'attachment; filename="{name}.tar"'}  # fmt: skip
+    return StreamingResponse(body(), media_type="application/x-tar", headers=headers)
 
 
 @router.delete("/v1/adapters/{name}", status_code=204, **documented(key="tenant", errors=(404,)))

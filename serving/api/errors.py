@@ -10,7 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from registry.errors import DeltaError, InsufficientStorage, InvalidName, NameTaken, NotFound, UploadTooLarge
+from registry.errors import (
+    DeltaError,
+    InsufficientStorage,
+    InvalidName,
+    NameTaken,
+    NotFound,
+    NotStored,
+    UploadTooLarge,
+)
 from serving.engine.errors import EngineDead, Overloaded, PromptTooLong, TenantBusy
 from serving.engine.sampling_params import SamplingParamsError
 
@@ -62,6 +70,8 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(404, e.message, param=e.param, code="model_not_found" if e.param == "model" else None)
     if isinstance(e, NameTaken):
         return APIError(409, e.message, param=e.param)
+    if isinstance(e, NotStored):
+        return APIError(409, e.message, param=e.param, code="not_stored")
     if isinstance(e, InvalidName):
         return APIError(400, e.message, param=e.param)
     if isinstance(e, UploadTooLarge):

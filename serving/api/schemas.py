@@ -291,8 +291,9 @@ class TenantCreate(BaseModel):
 
 
 class AdapterObject(BaseModel):
-    """The contract's adapter object (CONTRACT §2) plus size_bytes and rank: what the adapter routes answer.
-    Never the tenant or the blob (a registry record has both)."""
+    """The contract's adapter object (CONTRACT §2) plus size_bytes, rank and source_bytes: what the adapter routes
+    answer. Never the tenant or the blobs (a registry record has them). source_bytes: a full fine-tune's upload as
+    stored losslessly for `GET /v1/adapters/{name}/download` (null for the other formats, or when not kept)."""
 
     id: str
     name: str
@@ -305,6 +306,7 @@ class AdapterObject(BaseModel):
     created: int
     size_bytes: int | None
     rank: int | None
+    source_bytes: int | None
 
     @classmethod
     def of(cls, record: Any) -> dict[str, Any]:

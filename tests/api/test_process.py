@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import ADMIN_KEY, free_port
-from tests.helpers import make_bitdelta, make_lora, make_model_dir
+from tests.helpers import make_bitdelta, make_finetune, make_lora, make_model_dir
 
 
 def deltaserve(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -150,5 +150,72 @@ def test_cli_clients_drain_and_crash_recovery(files, tmp_path):
             finals = [json.loads(x[6:]) for x in rest[:-1]]
             assert finals[-1]["choices"][0]["finish_reason"] == "length"
         assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+
+
+def test_a_stored_finetune_pulls_byte_identical_after_kill_9_during_an_upload_and_a_restart(files, tmp_path):
+    root, base, _, _ = files
+    ft = make_finetune(base, tmp_path / "ft", seed=7)
+    uploaded = {p.name: p.read_bytes() for p in ft.iterdir() if p.suffix in (".json", ".safetensors")}
+    registry = tmp_path / "registry"
+
+    def pull(env: dict, out: Path) -> dict:
+        r = deltaserve("adapters", "pull", "full", "--out", str(out), env=env)
+        assert r.returncode == 0, r.stderr
+        return {p.name: p.read_bytes() for p in out.iterdir()}
+
+    server = ServerProcess(base, registry)
+    try:
+        env = {"DELTASERVE_URL": server.url, "DELTASERVE_ADMIN_KEY": ADMIN_KEY}
+        r = deltaserve("tenants", "create", "acme", env=env)
+        env["DELTASERVE_API_KEY"] = r.stdout.strip().split()[-1]
+        r = deltaserve("adapters", "push", str(ft), "--name", "full", "--format", "finetune", env=env)
+        assert r.returncode == 0 and json.loads(r.stdout)["status"] == "compressing", r.stderr
+        with server.client(env["DELTASERVE_API_KEY"]) as c:
+            deadline = time.time() + 120
+            while c.get("/v1/adapters/full").json()["status"] == "compressing":
+                assert time.time() < deadline
+                time.sleep(0.1)
+        assert pull(env, tmp_path / "before") == uploaded
+
+        # kill -9 while a second fine-tune streams in, under another name
+        received = threading.Event()
+        weights = ft / "model.safetensors"
+
+        class SlowFile:
+            def __init__(self):
+                self.f = open(weights, "rb")  # noqa: SIM115
+
+            def read(self, n=-1):
+                received.set()
+                time.sleep(0.05)
+                return self.f.read(16 << 10)
+
+        def slow_upload():
+            try:
+                with server.client(env["DELTASERVE_API_KEY"]) as c:
+                    c.post("/v1/adapters", data={"name": "half", "format": "finetune"},
+                           files=[("files", ("config.json", (ft / "config.json").read_bytes(), "application/json")),
+                                  ("files", ("model.safetensors", SlowFile(), "application/octet-stream"))])
+            except httpx.HTTPError:
+                pass
+
+        t = threading.Thread(target=slow_upload)
+        t.start()
+        assert received.wait(30)
+        time.sleep(0.5)
+        assert any((registry / "tmp").iterdir())
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(30)
+        t.join(30)
+    finally:
+        server.stop()
+
+    server = ServerProcess(base, registry)
+    try:
+        env["DELTASERVE_URL"] = server.url
+        assert not list((registry / "tmp").iterdir())
+        assert pull(env, tmp_path / "after") == uploaded  # byte for byte, from the store, after the crash
     finally:
         server.stop()
