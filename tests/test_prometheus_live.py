@@ -97,9 +97,9 @@ def test_prometheus_sees_what_the_load_generator_saw(tmp_path):
         model = srv.backend.model_id
         route = 'route="/v1/completions"'
         # 1. steady load within the tenant's limit (2 at once): the latencies to compare
-        steady = loadtest(srv.url, key, model, tmp_path / "steady.json", requests=60, concurrency=2)
-        assert steady["summary"]["by_status"] == {"200": 60}
-        wait_for_scrape_of(prom, f'sum(deltaserve_requests_total{{{route}, status="200"}})', 60)
+        steady = loadtest(srv.url, key, model, tmp_path / "steady.json", requests=200, concurrency=2)
+        assert steady["summary"]["by_status"] == {"200": 200}
+        wait_for_scrape_of(prom, f'sum(deltaserve_requests_total{{{route}, status="200"}})', 200)
         client = steady["summary"]["latency"]  # seconds
         for metric, name in (("ttft", "deltaserve_time_to_first_token_seconds"),
                              ("e2e", "deltaserve_request_latency_seconds")):  # fmt: skip

@@ -350,3 +350,22 @@ def test_preload_puts_an_adapter_on_the_gpu_before_any_request(tmp_path, live):
         with pytest.raises(Exception, match="no ready adapter"):
             backend.preload("acme/missing")
         backend.stop()
+
+
+def test_a_slow_metrics_scrape_holds_back_no_other_request(live, monkeypatch):
+    metrics = live.backend.metrics
+    render = metrics.render
+
+    def slow_render():  # a scrape of many series on a busy machine
+        time.sleep(0.6)
+        return render()
+
+    monkeypatch.setattr(metrics, "render", slow_render)
+    with live.client() as admin:
+        scrape = threading.Thread(target=admin.get, args=("/metrics",))
+        scrape.start()
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        assert admin.get("/health").status_code == 200
+        assert time.perf_counter() - t0 < 0.3  # answered while the scrape renders, not after it
+        scrape.join(10)
