@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry import usage as usage_table
 from registry.blob_store import BlobStore
-from registry.errors import InsufficientStorage, NameTaken, NotFound, is_disk_full
+from registry.errors import InsufficientStorage, NameTaken, NotFound, NotStored, is_disk_full
 from registry.fsync import DiskReserve
 from registry.keys import AdminKey, hash_key, is_sha256_hex, new_tenant_key, plausible_key
 from registry.names import validate_name
@@ -69,7 +69,7 @@ MAX_ERROR_LENGTH = 4000
 RESERVE_BYTES = 16 << 20  # given up on a full disk so that deletes (SQLite's journal) can still be written
 _SCHEMA_VERSION = 3  # 2: the usage table; 3: a fine-tune's stored upload (older catalogs gain both when opened)
 _READABLE_VERSIONS = (0, 1, 2, _SCHEMA_VERSION)  # 0: a new file
-_SOURCE_COLUMNS = (("source_blob", "TEXT"), ("source_bytes", "INTEGER"))  # schema 3
+_V3_COLUMNS = (("source_blob", "TEXT"), ("source_bytes", "INTEGER"), ("fidelity", "TEXT"))  # schema 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS adapters (
     blob       TEXT,
     source_blob  TEXT,
     source_bytes INTEGER,
+    fidelity     TEXT,
     UNIQUE (tenant, name, version),
     CHECK ((status = 'ready') = (blob IS NOT NULL))
 );
@@ -101,7 +102,7 @@ CREATE INDEX IF NOT EXISTS adapters_source_blob ON adapters(source_blob);
 """ + usage_table.SCHEMA
 _STORED_BYTES = "COALESCE(SUM(size_bytes + COALESCE(source_bytes, 0)), 0)"
 _COLUMNS = ("id, tenant, name, format, version, sha256, status, progress, error, created, size_bytes, rank, blob, "
-            "source_blob, source_bytes")
+            "source_blob, source_bytes, fidelity")
 
 
 class RegistryBusy(RuntimeError):
@@ -130,6 +131,7 @@ class AdapterRecord:
     blob:      the blob's path relative to blobs/ (internal; `Registry.blob_path` gives the full path).
     source_blob, source_bytes: a fine-tune's uploaded files, stored losslessly (registry.source_files), and
                their stored size; None for the other formats, before compression ends, or when lost.
+    fidelity:  a fine-tune version's measured fidelity (JSON text, written by its compression), else None.
     """
 
     id: str
@@ -147,6 +149,7 @@ class AdapterRecord:
     blob: str | None
     source_blob: str | None = None
     source_bytes: int | None = None
+    fidelity: str | None = None  # JSON: how close a fine-tune's 1-bit delta came to it (serving.adapters)
 
     @property
     def kind(self) -> str:
@@ -252,7 +255,7 @@ class Registry:
             raise RuntimeError(f"{path} has catalog schema version {version}; this deltaserve reads {_SCHEMA_VERSION}")
         if version in (1, 2):  # before the schema's indexes name the new columns
             have = {row[1] for row in db.execute("PRAGMA table_info(adapters)")}
-            for column, sql_type in _SOURCE_COLUMNS:
+            for column, sql_type in _V3_COLUMNS:
                 if column not in have:
                     db.execute(f"ALTER TABLE adapters ADD COLUMN {column} {sql_type}")
         db.executescript(_SCHEMA)
@@ -503,33 +506,43 @@ class Registry:
 
     def _store(
         self, staging: Staging, delta: Delta, record: tuple[str, str, str], write_row: Callable[..., None],
-        recheck: Callable[[], object] = lambda: None, source: Path | None = None,
+        recheck: Callable[[], object] = lambda: None, source: Path | str | None = None,
     ) -> None:
         """The one way data enters the registry. record: (kind, tenant, name) of the version being stored.
         The staged data is checked against the delta and made durable without the lock; then, under it,
         `recheck()` (what may have changed meanwhile), the quota, the blob placed (or an identical one reused),
         and `write_row(db, blob, size, rank, source_blob, source_bytes)` in one transaction, LAST (the blobs are
         collected again if it fails). source: a fine-tune's stored upload (a directory made with `scratch_dir`),
-        stored beside the delta as a "source" blob. The staging is discarded."""
+        stored beside the delta as a "source" blob, or the name of one stored already (a re-compression of it:
+        NotStored if it is gone meanwhile). The staging is discarded."""
         kind, tenant, name = record
         self._check_delta(kind, delta)
         payload, size = self.store.prepare(staging, kind, delta.sha256)
-        src = self.store.prepare_dir(source, "source") if source is not None else None
+        src = self.store.prepare_dir(source, "source") if isinstance(source, Path) else None
         rank = getattr(delta, "rank", None) if kind == "lora" else None
         with self._lock:
             recheck()
-            self._check_quota(tenant, name, size + (src[1] if src else 0))
+            kept = self._kept_source(source) if isinstance(source, str) else None
+            source_size = src[1] if src else kept
+            self._check_quota(tenant, name, size + (source_size or 0))
             blob = self.store.place(payload, kind, delta.sha256)
             placed = [blob]
             try:
-                source_blob = self.store.place(src[0], "source", src[2]) if src else None
+                source_blob = self.store.place(src[0], "source", src[2]) if src else (source if kept is not None else None)
                 placed.append(source_blob)
                 with self._tx() as db:
-                    write_row(db, blob, size, rank, source_blob, src[1] if src else None)
+                    write_row(db, blob, size, rank, source_blob, source_size)
             except BaseException:
                 self._gc([b for b in placed if b is not None])
                 raise
         staging.discard()
+
+    def _kept_source(self, blob: str) -> int:
+        """The stored size of a source blob that a row references still (the caller holds the lock)."""
+        row = self._db.execute("SELECT source_bytes FROM adapters WHERE source_blob=? LIMIT 1", (blob,)).fetchone()
+        if row is None or not self.store.has(blob):
+            raise NotStored("the stored fine-tune was deleted meanwhile; upload it again", "name")
+        return int(row[0])
 
     def commit_adapter(self, tenant: str, name: str, format: str, staging: Staging, delta: Delta) -> AdapterRecord:
         """Stores a validated upload as the next version of `tenant`'s adapter `name`, status "ready".
@@ -549,7 +562,7 @@ class Registry:
 
         def insert(db: sqlite3.Connection, blob: str, size: int, rank: int | None, *_no_source: object) -> None:
             db.execute(
-                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'ready', 1.0, NULL, ?, ?, ?, ?, NULL, NULL)",
+                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'ready', 1.0, NULL, ?, ?, ?, ?, NULL, NULL, NULL)",
                 (row_id, tenant, name, format, _next_version(db, tenant, name), delta.sha256, _now(), size, rank,
                  blob),
             )  # fmt: skip
@@ -568,7 +581,7 @@ class Registry:
         with self._lock, self._tx() as db:
             db.execute(
                 f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 'compressing', 0.0, NULL, ?, NULL, NULL, NULL, "
-                "NULL, NULL)",
+                "NULL, NULL, NULL)",
                 (row_id, tenant, name, format, _next_version(db, tenant, name), _now()),
             )
         return self._stored_row(row_id)
@@ -593,11 +606,14 @@ class Registry:
             with self._tx() as db:
                 db.execute("UPDATE adapters SET progress=? WHERE id=?", (progress, id))
 
-    def complete_pending(self, id: str, staging: Staging, delta: Delta, source: Path | None = None) -> AdapterRecord:
+    def complete_pending(self, id: str, staging: Staging, delta: Delta, source: Path | str | None = None,
+                         fidelity: str | None = None) -> AdapterRecord:
         """Stores the result of a background compression (a BitDelta for a "finetune", loaded from the
         staging) and marks the adapter "ready" with progress 1; the staging is discarded. source: the uploaded
         fine-tune stored losslessly (a directory of registry.source_files, made in `scratch_dir()`), kept
-        beside the delta for downloads (and counted in the tenant's quota); it is moved or discarded. From now on
+        beside the delta for downloads (and counted in the tenant's quota); it is moved or discarded. Or the
+        source blob of the version this one re-compresses (`AdapterRecord.source_blob`), shared. fidelity: JSON
+        text recorded with the version. From now on
         `resolve` answers this version (unless a newer one is ready). Raises NotFound if the adapter (or
         its tenant) was deleted meanwhile (nothing is stored), ValueError if it is not compressing, for a
         delta of the wrong kind or staged data that does not match it."""
@@ -607,8 +623,8 @@ class Registry:
                    source_bytes: int | None) -> None:  # fmt: skip
             cur = db.execute(
                 "UPDATE adapters SET status='ready', progress=1.0, error=NULL, sha256=?, size_bytes=?, "
-                "rank=?, blob=?, source_blob=?, source_bytes=? WHERE id=? AND status='compressing'",
-                (delta.sha256, size, rank, blob, source_blob, source_bytes, id),
+                "rank=?, blob=?, source_blob=?, source_bytes=?, fidelity=? WHERE id=? AND status='compressing'",
+                (delta.sha256, size, rank, blob, source_blob, source_bytes, fidelity, id),
             )
             assert cur.rowcount == 1, "row changed while the lock was held"
 
@@ -616,7 +632,7 @@ class Registry:
             self._store(staging, delta, (record.kind, record.tenant, record.name), update,
                         recheck=lambda: self._pending(id), source=source)  # fmt: skip
         finally:  # moved into the store, or not needed: an identical stored upload was reused, or it failed
-            if source is not None:
+            if isinstance(source, Path):
                 shutil.rmtree(source, ignore_errors=True)
         return self._stored_row(id)
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from registry import downloads
 from registry.catalog import AdapterRecord, Registry, Tenant
@@ -26,6 +27,7 @@ from registry.errors import DeltaError, NotFound, NotStored, RegistryError
 from registry.fmdelta import FMDeltaError
 from registry.host_tier import HostTier, TierObserver
 from registry.loading import load_delta
+from registry.recipe import Recipe
 from registry.uploads import Staging
 from serving.engine.async_engine import EngineLoop
 from serving.engine.engine import LLMEngine
@@ -36,6 +38,7 @@ from serving.metrics import Metrics
 log = logging.getLogger("deltaserve")
 
 MAX_DOWNLOADS_PER_TENANT = 2
+FIDELITY_MAX_TOKENS = 4096  # of held-out calibration text scored per version (three forms through the model)
 
 
 @dataclass(frozen=True)
@@ -206,34 +209,106 @@ class Adapters:
         """A staging for an upload (of `tenant`: its storage quota then applies as the bytes arrive)."""
         return self.registry.stage(self.max_upload_bytes, tenant=tenant.name if tenant else None)
 
-    async def commit_upload(self, tenant: Tenant, name: str, fmt: str, staging: Staging) -> AdapterRecord:
+    async def commit_upload(self, tenant: Tenant, name: str, fmt: str, staging: Staging,
+                            recipe: Recipe | None = None) -> AdapterRecord:  # fmt: skip
         """Validates the staged files against the base (in a worker thread) and stores them: a new version.
-        A fine-tune is checked, recorded as "compressing" and compressed in the background."""
+        A fine-tune is checked, recorded as "compressing" and compressed in the background (as `recipe` says)."""
         loop = asyncio.get_running_loop()
         spec, rank = self.engine.spec, self.engine.config.max_lora_rank
         delta = await loop.run_in_executor(self.upload_workers, staging.validate, fmt, spec, rank)
         if fmt == "finetune":
-            if self.compressor.waiting(tenant.name) >= self.compressor.per_tenant:  # before a row is made
-                raise TenantBusy(f"{self.compressor.waiting(tenant.name)} of the tenant's fine-tunes wait for "
-                                 f"compression (limit {self.compressor.per_tenant}); retry later")  # fmt: skip
-            record = self.registry.create_pending(tenant.name, name, fmt)
-            try:
-                self.compressor.submit(tenant.name, lambda: self._compress(record, staging))
-            except TenantBusy:
-                self.registry.fail_pending(record.id, "not compressed: too many of the tenant's fine-tunes waited")
-                raise
-            return record
+            return self._submit_compression(tenant, name, lambda record: self._compress(record, staging, recipe or Recipe()),
+                                            on_refused=staging.discard)  # fmt: skip
         record = await loop.run_in_executor(
             self.upload_workers, self.registry.commit_adapter, tenant.name, name, fmt, staging, delta
         )
         await loop.run_in_executor(self.upload_workers, self._collect_replaced, tenant.name, name)
         return record
 
-    def _compress(self, record: AdapterRecord, staging: Staging) -> None:
-        """Background: BitDelta compression of an uploaded fine-tune against the served base."""
+    def recompress(self, tenant: Tenant, name: str, recipe: Recipe) -> AdapterRecord:
+        """A new version of the tenant's fine-tune `name`, compressed again from its stored upload as `recipe`
+        says, in the background (no re-upload; the new version shares the stored upload). NotFound as for a
+        request's model; NotStored unless its current version is a fine-tune whose upload is kept."""
+        current = self.registry.resolve(tenant.name, name)
+        if current is None:
+            raise NotFound(f"adapter {name!r} not found", "name")
+        if current.format != "finetune" or current.source_blob is None:
+            raise NotStored(f"adapter {name!r} version {current.version} is "
+                            + ("not a full fine-tune: only a fine-tune's kept upload can be compressed again"
+                               if current.format != "finetune" else "a fine-tune whose upload is not kept; upload it again"),
+                            "name")  # fmt: skip
+        return self._submit_compression(tenant, name, lambda record: self._recompress(record, current, recipe))
+
+    def _submit_compression(self, tenant: Tenant, name: str, work, on_refused=lambda: None) -> AdapterRecord:
+        """A "compressing" version of `name`, and `work(record)` queued for the compression thread (fair between
+        tenants, at most `per_tenant` of one tenant waiting: TenantBusy beyond, before a row is made)."""
+        if self.compressor.waiting(tenant.name) >= self.compressor.per_tenant:
+            raise TenantBusy(f"{self.compressor.waiting(tenant.name)} of the tenant's fine-tunes wait for "
+                             f"compression (limit {self.compressor.per_tenant}); retry later")  # fmt: skip
+        record = self.registry.create_pending(tenant.name, name, "finetune")
+        try:
+            self.compressor.submit(tenant.name, lambda: work(record))
+        except TenantBusy:
+            self.registry.fail_pending(record.id, "not compressed: too many of the tenant's fine-tunes waited")
+            on_refused()
+            raise
+        return record
+
+    def _compress(self, record: AdapterRecord, staging: Staging, recipe: Recipe) -> None:
+        """Background: an uploaded fine-tune to its 1-bit delta (as `recipe` says), its upload kept losslessly."""
         from registry.checkpoint import Checkpoint  # only the compression thread needs these
-        from registry.compress import compress
         from registry.source_files import encode_upload
+
+        source = None
+
+        def keep_upload(progress) -> Path:
+            nonlocal source
+            source = self.registry.scratch_dir()
+            encode_upload(staging.path, uploaded, Checkpoint(self.engine.base_dir), source,
+                          base_fingerprint=self.engine.spec.fingerprint, progress=progress)  # fmt: skip
+            return source
+
+        uploaded = staging.files
+        try:
+            self._compress_into(record, staging, staging.path, recipe, keep_upload)
+        finally:
+            if source is not None:
+                shutil.rmtree(source, ignore_errors=True)
+
+    def _recompress(self, record: AdapterRecord, current: AdapterRecord, recipe: Recipe) -> None:
+        """Background: the stored upload of `current` decoded into a scratch folder, compressed as `recipe` says."""
+        from registry.checkpoint import Checkpoint
+        from registry.source_files import CheckpointTensors
+
+        staging, finetune = None, None
+        try:
+            staging, finetune = self.registry.stage(), self.registry.scratch_dir()
+            source = self.registry.source_path(current)
+            assert source is not None
+            files = downloads.finetune_files(source, CheckpointTensors(Checkpoint(self.engine.base_dir)),
+                                             self.engine.spec.fingerprint)  # fmt: skip
+            try:
+                for f in files:  # streamed to disk, one chunk at a time; each file checked against its sha256
+                    with open(finetune / f.name, "wb") as out:
+                        for chunk in f.chunks:
+                            out.write(chunk)
+            finally:
+                downloads.close_all(files)
+        except Exception as e:
+            self._compression_failed(record, e, staging)
+            if finetune is not None:
+                shutil.rmtree(finetune, ignore_errors=True)
+            return
+        try:
+            self._compress_into(record, staging, finetune, recipe, lambda progress: current.source_blob)
+        finally:
+            shutil.rmtree(finetune, ignore_errors=True)
+
+    def _compress_into(self, record: AdapterRecord, staging: Staging, finetune: Path, recipe: Recipe, keep) -> None:
+        """The 1-bit delta of the fine-tune in `finetune` written into `staging`, its fidelity measured when the
+        recipe has calibration text, `keep(progress)` (the source to store: a folder or a stored blob's name), then
+        the version completed; on any error it ends failed with a message for the tenant, never "compressing"."""
+        from registry.compress import CompressOptions, compress
 
         reported = [0.0]
 
@@ -242,29 +317,51 @@ class Adapters:
                 reported[0] = fraction
                 self.registry.set_progress(record.id, min(fraction, 0.99))
 
-        source = None
         try:
-            uploaded = staging.files
             out = staging.path / "delta.bitdelta.safetensors"
+            distill_text, held_out = recipe.split()
+            distill = self._distill_config(recipe) if recipe.distill_steps else None
             # Half the work is the compression, half keeping the upload itself, losslessly, for downloads.
-            compress(self.engine.base_dir, staging.path, out, progress=lambda f: progress(0.5 * f))
-            source = self.registry.scratch_dir()
-            encode_upload(staging.path, uploaded, Checkpoint(self.engine.base_dir), source,
-                          base_fingerprint=self.engine.spec.fingerprint, progress=lambda f: progress(0.5 + 0.5 * f))  # fmt: skip
+            compress(self.engine.base_dir, finetune, out, CompressOptions(scale=recipe.scale), distill=distill,
+                     calibration_text=distill_text, progress=lambda f: progress(0.5 * f))  # fmt: skip
+            fidelity = self._fidelity(finetune, out, held_out, recipe) if held_out else None
+            source = keep(lambda f: progress(0.5 + 0.5 * f))
             delta = load_delta(out, self.engine.spec)
             staging.keep_only(out)
-            self.registry.complete_pending(record.id, staging, delta, source=source)
+            self.registry.complete_pending(record.id, staging, delta, source=source, fidelity=fidelity)
             self._collect_replaced(record.tenant, record.name)
             self.metrics.uploads.labels("finetune", "ready").inc()
         except Exception as e:  # the record must end failed, never stay "compressing"
-            log.warning("compression of %s failed: %s", record.id, e)
-            # The tenant sees the typed errors' own messages, never a server path or a stack trace.
-            message = e.message if isinstance(e, (DeltaError, RegistryError)) else "compression failed (internal error)"
-            self.registry.fail_pending(record.id, message)
+            self._compression_failed(record, e, staging)
+
+    def _compression_failed(self, record: AdapterRecord, e: Exception, staging: Staging | None) -> None:
+        log.warning("compression of %s failed: %s", record.id, e)
+        # The tenant sees the typed errors' own messages, never a server path or a stack trace.
+        message = e.message if isinstance(e, (DeltaError, RegistryError)) else "compression failed (internal error)"
+        self.registry.fail_pending(record.id, message)
+        if staging is not None:
             staging.discard()
-            if source is not None:
-                shutil.rmtree(source, ignore_errors=True)
-            self.metrics.uploads.labels("finetune", "failed").inc()
+        self.metrics.uploads.labels("finetune", "failed").inc()
+
+    def _distill_config(self, recipe: Recipe):
+        from registry.distill import DistillConfig
+
+        return DistillConfig(steps=recipe.distill_steps, device=self.engine.device.type)
+
+    def _fidelity(self, finetune: Path, delta_file: Path, held_out: str, recipe: Recipe) -> str:
+        """How close the 1-bit delta comes to the fine-tune on the held-out part of the tenant's calibration
+        text (serving.evaluation, through the serving model): JSON text for the catalog."""
+        import json
+
+        from serving.evaluation import evaluate
+
+        report = evaluate(self.engine.base_dir, finetune, held_out, delta_path=delta_file,
+                          device=self.engine.device.type, max_tokens=FIDELITY_MAX_TOKENS)  # fmt: skip
+        served = report.form("bitdelta_distilled")
+        return json.dumps({"gain_kept": served.gain_kept, "top1_agreement": served.top1_agreement,
+                           "perplexity": served.perplexity, "finetune_perplexity": report.form("finetune").perplexity,
+                           "base_perplexity": report.form("base").perplexity, "held_out_tokens": report.tokens,
+                           "scale": recipe.scale, "distill_steps": recipe.distill_steps})  # fmt: skip
 
     # ---- downloads ---------------------------------------------------------------------------------
     def download(self, tenant: Tenant, name: str) -> downloads.TarStream:

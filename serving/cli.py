@@ -83,6 +83,7 @@ def _add_adapters_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("path", type=Path)
     a.add_argument("--name", required=True)
     a.add_argument("--format", required=True, choices=FORMATS)
+    _add_recipe_flags(a)
     _add_client_flags(a, "DELTASERVE_API_KEY")
     a = asub.add_parser("ls", help="list your adapters")
     _add_client_flags(a, "DELTASERVE_API_KEY")
@@ -92,11 +93,35 @@ def _add_adapters_parser(sub: argparse._SubParsersAction) -> None:
     a = asub.add_parser("rm", help="delete an adapter (all versions)")
     a.add_argument("name")
     _add_client_flags(a, "DELTASERVE_API_KEY")
+    a = asub.add_parser("recompress", help="a new version of a fine-tune, compressed again from its kept upload")
+    a.add_argument("name")
+    _add_recipe_flags(a)
+    _add_client_flags(a, "DELTASERVE_API_KEY")
     a = asub.add_parser("pull", help="download the files of an adapter's current version as they were uploaded "
                         "(a full fine-tune: its config.json and safetensors files, byte-identical)")  # fmt: skip
     a.add_argument("name")
     a.add_argument("--out", type=Path, required=True, help="folder to write the files into (made if missing)")
     _add_client_flags(a, "DELTASERVE_API_KEY")
+
+
+def _add_recipe_flags(a: argparse.ArgumentParser) -> None:
+    """How the server compresses a full fine-tune (push --format finetune, recompress)."""
+    a.add_argument("--scale", choices=["per-matrix", "per-row"], default=None, help="1-bit scales (server default: per-matrix)")
+    a.add_argument("--distill-steps", type=int, default=None, help="scale-distillation steps on --calibration text")
+    a.add_argument("--calibration", type=Path, default=None, help="UTF-8 text of the tenant's domain: 80 %% distils "
+                   "the scales, the rest measures the version's fidelity (shown by adapters show)")  # fmt: skip
+
+
+def _recipe_of(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """(the form or JSON fields of --scale / --distill-steps, the --calibration text or None)."""
+    fields = {k: v for k, v in (("scale", args.scale), ("distill_steps", args.distill_steps)) if v is not None}
+    text = None
+    if args.calibration is not None:
+        try:
+            text = args.calibration.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--calibration {args.calibration}: {e}") from None
+    return fields, text
 
 
 def _add_usage_parser(sub: argparse._SubParsersAction) -> None:
@@ -435,11 +460,17 @@ def cmd_client(args: argparse.Namespace) -> int:
                 client.call("DELETE", f"/v1/tenants/{args.name}")
             return 0
         if args.action == "push":
-            print(_json.dumps(push(client, args.path, args.name, args.format)))
+            fields, text = _recipe_of(args)
+            print(_json.dumps(push(client, args.path, args.name, args.format, fields, text)))
+        elif args.action == "recompress":
+            fields, text = _recipe_of(args)
+            body = {**fields, **({"calibration_text": text} if text is not None else {})}
+            print(_json.dumps(client.call("POST", f"/v1/adapters/{args.name}/recompress", json=body).json()))
         elif args.action == "ls":
             print(adapter_table(client.call("GET", "/v1/adapters").json()["data"]))
         elif args.action == "show":
             adapter = client.call("GET", f"/v1/adapters/{args.name}").json()
+            adapter["fidelity"] = fidelity_line(adapter.get("fidelity"))
             print("\n".join(f"{k + ':':12} {'-' if v is None else v}" for k, v in adapter.items()))
         elif args.action == "pull":
             for f in pull(client, args.name, args.out):
@@ -449,6 +480,16 @@ def cmd_client(args: argparse.Namespace) -> int:
         return 0
     except ClientError as e:
         raise CliError(str(e)) from None
+
+
+def fidelity_line(f: dict[str, Any] | None) -> str | None:
+    """`adapters show`: a fine-tune version's fidelity on its held-out calibration text, in one line."""
+    if f is None:
+        return None
+    gain = "n/a (the fine-tune does not beat the base there)" if f["gain_kept"] is None else f"{f['gain_kept']:.1%}"
+    return (f"gain kept {gain}, top-1 agreement {f['top1_agreement']:.1%} (ppl {f['perplexity']:.2f}; fine-tune "
+            f"{f['finetune_perplexity']:.2f}, base {f['base_perplexity']:.2f}; {f['held_out_tokens']} held-out tokens; "
+            f"{f['scale']} scales, {f['distill_steps']} distillation steps)")
 
 
 def adapter_table(rows: list[dict[str, Any]]) -> str:

@@ -79,7 +79,9 @@ class _Progress:
         self._f.close()
 
 
-def push(client: Client, path: Path, name: str, fmt: str) -> dict:
+def push(client: Client, path: Path, name: str, fmt: str, fields: dict | None = None,
+         calibration_text: str | None = None) -> dict:  # fmt: skip
+    """Uploads `path`; fields: a fine-tune's scale / distill_steps, calibration_text sent as the `calibration` part."""
     from tqdm import tqdm
 
     files = upload_files(path)
@@ -88,7 +90,10 @@ def push(client: Client, path: Path, name: str, fmt: str) -> dict:
         handles = [_Progress(p, bar) for p in files]
         try:
             parts = [("files", (p.name, h, "application/octet-stream")) for p, h in zip(files, handles)]
-            return client.call("POST", "/v1/adapters", data={"name": name, "format": fmt}, files=parts).json()
+            if calibration_text is not None:
+                parts.append(("calibration", ("calibration.txt", calibration_text.encode("utf-8"), "text/plain")))
+            data = {"name": name, "format": fmt, **{k: str(v) for k, v in (fields or {}).items()}}
+            return client.call("POST", "/v1/adapters", data=data, files=parts).json()
         finally:
             for h in handles:
                 h.close()

@@ -10,13 +10,23 @@ from starlette.concurrency import run_in_threadpool
 
 from registry.errors import NotFound
 from registry.names import validate_name
+from registry.recipe import Recipe
 from registry.upload_formats import FORMATS
 from serving.api.auth import Admin, TenantDep, require_admin
 from serving.api.bodies import parse, read_json
 from serving.api.errors import APIError, refuse_when_draining
 from serving.api.multipart import parse_multipart
 from serving.api.openapi import documented
-from serving.api.schemas import AdapterList, AdapterObject, Status, TenantCreate, TenantCreated, TenantList
+from serving.api.schemas import (
+    MAX_CALIBRATION_BYTES,
+    AdapterList,
+    AdapterObject,
+    Recompress,
+    Status,
+    TenantCreate,
+    TenantCreated,
+    TenantList,
+)
 
 router = APIRouter()
 log = logging.getLogger("deltaserve")
@@ -61,23 +71,57 @@ class _UploadSink:
         self.staging = staging
         self.fields: dict[str, str] = {}
         self._writer = None
+        self.calibration: bytearray | None = None  # a fine-tune's calibration text (a file part, in memory)
+        self._in_calibration = False
 
     def field(self, name: str, value: str) -> None:
-        if name not in ("name", "format"):
-            raise APIError(400, f"Unknown form field `{name}`; expected name, format and files.", param=name)
+        if name not in ("name", "format", "scale", "distill_steps"):
+            raise APIError(400, f"Unknown form field `{name}`; expected name, format, files (and for a fine-tune "
+                           "scale, distill_steps, calibration).", param=name)  # fmt: skip
         self.fields[name] = value
 
     def begin_file(self, field: str, filename: str) -> None:
+        if field == "calibration" and self.calibration is None:
+            self.calibration, self._in_calibration = bytearray(), True
+            return
         if field not in ("files", "file"):
-            raise APIError(400, f"File parts must be sent as `files`, not `{field}`.", param=field)
+            raise APIError(400, f"File parts must be sent as `files` (or one `calibration` text), not `{field}`.",
+                           param=field)  # fmt: skip
         self._writer = self.staging.open_file(filename)
 
     def file_data(self, data: bytes) -> None:
+        if self._in_calibration:
+            self.calibration += data
+            if len(self.calibration) > MAX_CALIBRATION_BYTES:
+                raise APIError(400, f"The calibration text is over {MAX_CALIBRATION_BYTES} bytes.", param="calibration")
+            return
         self._writer.write(data)
 
     def end_file(self) -> None:
+        if self._in_calibration:
+            self._in_calibration = False
+            return
         self._writer.close()
         self._writer = None
+
+    def recipe(self, fmt: str) -> Recipe | None:
+        """The fine-tune's compression settings from the form (None for the other formats: refused if given)."""
+        given = {k: self.fields[k] for k in ("scale", "distill_steps") if k in self.fields}
+        if fmt != "finetune":
+            if given or self.calibration is not None:
+                param = next(iter(given), "calibration")
+                raise APIError(400, f"`{param}` applies to a full fine-tune only.", param=param)
+            return None
+        if "distill_steps" in given:
+            if not given["distill_steps"].isdigit():
+                raise APIError(400, "Form field `distill_steps` must be a whole number.", param="distill_steps")
+            given["distill_steps"] = int(given["distill_steps"])
+        if self.calibration is not None:
+            try:
+                given["calibration_text"] = self.calibration.decode("utf-8")
+            except UnicodeDecodeError:
+                raise APIError(400, "The calibration text must be UTF-8.", param="calibration") from None
+        return parse(Recompress, given).recipe()
 
 
 @router.post(
@@ -106,7 +150,7 @@ async def upload_adapter(request: Request, tenant: TenantDep):
         name = validate_name("adapter", sink.fields["name"])
         if name == backend.model_id:
             raise APIError(400, f"`{name}` is the base model's id; choose another adapter name.", param="name")
-        record = await backend.adapters.commit_upload(tenant, name, fmt, staging)
+        record = await backend.adapters.commit_upload(tenant, name, fmt, staging, sink.recipe(fmt))
     except BaseException:
         staging.discard()
         backend.metrics.uploads.labels(fmt, "refused").inc()
@@ -127,6 +171,16 @@ async def get_adapter(request: Request, name: str, tenant: TenantDep):
     if record is None:
         raise NotFound(f"No adapter named `{name}`.", param="name")
     return AdapterObject.of(record)
+
+
+@router.post("/v1/adapters/{name}/recompress", status_code=202, response_model=AdapterObject,
+             **documented(key="tenant", body=Recompress, errors=(400, 404, 409, 429, 503)))  # fmt: skip
+async def recompress_adapter(request: Request, name: str, tenant: TenantDep):
+    backend = request.app.state.backend
+    refuse_when_draining(backend)
+    recipe = parse(Recompress, await read_json(request)).recipe()
+    record = await run_in_threadpool(backend.adapters.recompress, tenant, name, recipe)
+    return JSONResponse(AdapterObject.of(record), status_code=202)
 
 
 DOWNLOADED = {200: {"description": "The version's files as they were uploaded, in a POSIX tar archive (plain files, no "

@@ -9,12 +9,14 @@ the API documents, kept together so that one module says what the wire format is
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from registry.catalog import STATUSES
 from registry.names import MAX_NAME_LENGTH, NAME_PATTERN
+from registry.recipe import Recipe
 from registry.upload_formats import FORMATS
 from serving.api.errors import APIError
 from serving.engine.sampling_params import (
@@ -290,10 +292,50 @@ class TenantCreate(BaseModel):
     name: Name
 
 
+SCALE_MODES = ("per-matrix", "per-row")  # registry.compress.SCALE_MODES (this module imports no torch)
+MAX_DISTILL_STEPS = 10_000
+MAX_CALIBRATION_BYTES = 1 << 20
+MIN_CALIBRATION_CHARS = 200  # a fifth of it is held out to measure fidelity: a few dozen tokens at least
+
+
+class Recompress(BaseModel):
+    """How to compress a fine-tune again from its kept upload (also the upload's own form fields `scale`,
+    `distill_steps` and its `calibration` file part)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    scale: Literal[SCALE_MODES] = Field("per-matrix", description="one scale per matrix, or one per output row")
+    distill_steps: Annotated[int, Field(ge=0, le=MAX_DISTILL_STEPS)] = Field(
+        0, description="scale-distillation steps on the calibration text (needs it)")
+    calibration_text: Annotated[str, Field(min_length=MIN_CALIBRATION_CHARS, max_length=MAX_CALIBRATION_BYTES)] | None = Field(
+        None, description="text of the tenant's domain: its first 80 % distils the scales, the rest (held out) "
+        "measures the version's fidelity")  # fmt: skip
+
+    def recipe(self) -> Recipe:
+        """The registry's Recipe of these settings; APIError 400 for distillation without calibration text."""
+        if self.distill_steps and self.calibration_text is None:
+            raise APIError(400, "distill_steps needs calibration text to distil on.", param="calibration_text")
+        return Recipe(self.scale, self.distill_steps, self.calibration_text)
+
+
+class Fidelity(BaseModel):
+    """How close a fine-tune's 1-bit version comes to the fine-tune, on held-out calibration text (the
+    definitions of `deltaserve eval`: gain kept = (loss_base - loss_1bit) / (loss_base - loss_finetune))."""
+
+    gain_kept: float | None
+    top1_agreement: float
+    perplexity: float
+    finetune_perplexity: float
+    base_perplexity: float
+    held_out_tokens: int
+    scale: Literal[SCALE_MODES]
+    distill_steps: int
+
+
 class AdapterObject(BaseModel):
     """The contract's adapter object (CONTRACT §2) plus size_bytes, rank and source_bytes: what the adapter routes
     answer. Never the tenant or the blobs (a registry record has them). source_bytes: a full fine-tune's upload as
-    stored losslessly for `GET /v1/adapters/{name}/download` (null for the other formats, or when not kept)."""
+    stored losslessly for `GET /v1/adapters/{name}/download` (null for the other formats, or when not kept).
+    fidelity: a fine-tune version compressed with calibration text: how close it comes (else null)."""
 
     id: str
     name: str
@@ -307,11 +349,14 @@ class AdapterObject(BaseModel):
     size_bytes: int | None
     rank: int | None
     source_bytes: int | None
+    fidelity: Fidelity | None
 
     @classmethod
     def of(cls, record: Any) -> dict[str, Any]:
         """The JSON object of a registry.catalog.AdapterRecord."""
-        return cls.model_validate({f: getattr(record, f) for f in cls.model_fields}).model_dump()
+        fields = {f: getattr(record, f) for f in cls.model_fields if f != "fidelity"}
+        fidelity = json.loads(record.fidelity) if record.fidelity else None
+        return cls.model_validate({**fields, "fidelity": fidelity}).model_dump()
 
 
 class ModelObject(BaseModel):

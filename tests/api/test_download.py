@@ -132,8 +132,9 @@ def test_a_damaged_stored_file_ends_the_download_short_and_pull_writes_nothing(s
     from serving.cli import main
 
     key = srv.new_tenant("damaged")
+    ft = make_finetune(srv.base_dir, tmp_path / "ft", seed=11)  # its own: identical uploads share one stored copy
     with srv.client(key) as c:
-        assert upload(c, "full", "finetune", srv.files["ft"]).status_code == 202
+        assert upload(c, "full", "finetune", ft).status_code == 202
         wait_ready(c, "full")
     record = srv.backend.registry.resolve("damaged", "full")
     container = srv.backend.registry.source_path(record) / "model.safetensors.fmd"
@@ -176,3 +177,100 @@ def test_a_lost_stored_finetune_still_serves_and_its_download_says_why(tmp_path)
             assert "upload the fine-tune again" in r.json()["error"]["message"]
     finally:
         stop_server(live)
+
+
+CALIBRATION = " ".join(["the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun"] * 12)
+
+
+def test_an_upload_with_calibration_text_is_distilled_and_records_its_fidelity(srv):
+    ft = srv.files["ft"]
+    key = srv.new_tenant("calibrated")
+    files = [("files", (p.name, p.read_bytes(), "application/octet-stream"))
+             for p in sorted(ft.iterdir()) if p.suffix in (".json", ".safetensors")]  # fmt: skip
+    files.append(("calibration", ("calib.txt", CALIBRATION.encode(), "text/plain")))
+    with srv.client(key) as c:
+        r = c.post("/v1/adapters", data={"name": "full", "format": "finetune", "scale": "per-row",
+                                         "distill_steps": "2"}, files=files)  # fmt: skip
+        assert r.status_code == 202, r.text
+        a = wait_ready(c, "full")
+        got = members(c.get("/v1/adapters/full/download").content)
+    f = a["fidelity"]
+    assert f["scale"] == "per-row" and f["distill_steps"] == 2 and f["held_out_tokens"] > 10
+    assert 0 <= f["top1_agreement"] <= 1 and f["perplexity"] > 0 and f["finetune_perplexity"] > 0
+    assert f["gain_kept"] is None or f["gain_kept"] < 2
+    assert {n: data for n, (data, _) in got.items()} == {  # the calibration text is not part of the upload
+        p.name: p.read_bytes() for p in ft.iterdir() if p.suffix in (".json", ".safetensors")}  # fmt: skip
+
+
+def test_recompress_makes_a_new_version_from_the_kept_upload(srv):
+    key = srv.new_tenant("recompressor")
+    with srv.client(key) as c:
+        assert upload(c, "full", "finetune", srv.files["ft"]).status_code == 202
+        v1 = wait_ready(c, "full")
+        assert v1["fidelity"] is None  # no calibration text: nothing to measure on
+        r = c.post("/v1/adapters/full/recompress", json={"scale": "per-row", "calibration_text": CALIBRATION})
+        assert r.status_code == 202, r.text
+        assert r.json()["version"] == v1["version"] + 1 and r.json()["status"] == "compressing"
+        v2 = wait_ready(c, "full")
+        assert v2["sha256"] != v1["sha256"] and v2["source_bytes"] == v1["source_bytes"]
+        assert v2["fidelity"]["scale"] == "per-row" and v2["fidelity"]["distill_steps"] == 0
+        body = {"model": "full", "prompt": "The quick", "max_tokens": 4, "temperature": 0}
+        assert c.post("/v1/completions", json=body).status_code == 200
+        got = members(c.get("/v1/adapters/full/download").content)
+    record = srv.backend.registry.resolve("recompressor", "full")
+    assert wait_for(lambda: [v.version for v in srv.backend.registry.list_versions("recompressor", "full")] == [2])
+    assert srv.backend.registry.source_path(record).is_dir()  # shared by both versions, kept for the new one
+    assert {n: d for n, (d, _) in got.items()}["model.safetensors"] == (srv.files["ft"] / "model.safetensors").read_bytes()
+
+
+def wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_recompress_and_upload_settings_are_checked(srv):
+    owner, other = srv.new_tenant("settings-a"), srv.new_tenant("settings-b")
+    with srv.client(owner) as c:
+        assert upload(c, "bot", "lora", srv.files["lora"]).status_code == 201
+        r = c.post("/v1/adapters/bot/recompress", json={})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "not_stored" and "not a full fine-tune" in r.text
+        r = c.post("/v1/adapters/bot/recompress", json={"distill_steps": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "calibration_text"
+        for bad in ({"scale": "per-column"}, {"distill_steps": -1}, {"calibration_text": "too short"}, {"lr": 1}):
+            assert c.post("/v1/adapters/bot/recompress", json=bad).status_code == 400, bad
+        r = c.post("/v1/adapters", data={"name": "x", "format": "lora", "scale": "per-row"},
+                   files=[("files", (p.name, p.read_bytes(), "application/octet-stream"))
+                          for p in sorted(srv.files["lora"].iterdir()) if p.suffix in (".json", ".safetensors")])  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "scale"
+        assert c.get("/v1/adapters/x").status_code == 404  # nothing stored
+    with srv.client(other) as c:
+        r = c.post("/v1/adapters/bot/recompress", json={})
+        assert r.status_code == 404
+
+
+def test_the_cli_pushes_with_calibration_and_recompresses(srv, tmp_path, capsys):
+    import json
+
+    from serving.cli import main
+
+    key = srv.new_tenant("cli-recipes")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIBRATION)
+    flags = ["--url", srv.url, "--key", key]
+    assert main(["adapters", "push", str(srv.files["ft"]), "--name", "full", "--format", "finetune",
+                 "--scale", "per-row", "--calibration", str(calib), *flags]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["status"] == "compressing"
+    with srv.client(key) as c:
+        assert wait_ready(c, "full")["fidelity"]["scale"] == "per-row"
+    assert main(["adapters", "recompress", "full", "--distill-steps", "1", "--calibration", str(calib), *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 2
+    with srv.client(key) as c:
+        a = wait_ready(c, "full")
+    assert (a["version"], a["fidelity"]["scale"], a["fidelity"]["distill_steps"]) == (2, "per-matrix", 1)
+    assert main(["adapters", "show", "full", *flags]) == 0
+    shown = capsys.readouterr().out
+    assert "fidelity:    gain kept" in shown and "top-1 agreement" in shown and "1 distillation steps" in shown

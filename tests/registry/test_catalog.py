@@ -217,7 +217,7 @@ def test_commit_and_api_object(reg: Registry, assets: Assets) -> None:
     rec = commit(reg, "acme", "support", "lora", assets.lora, assets)
     api = AdapterObject.of(rec)  # the HTTP shape of a record (serving/api/schemas.py)
     assert set(api) == {"id", "name", "format", "version", "sha256", "status", "progress", "error", "created",
-                        "size_bytes", "rank", "source_bytes"}  # fmt: skip
+                        "size_bytes", "rank", "source_bytes", "fidelity"}  # fmt: skip
     assert api["name"] == "support" and api["format"] == "lora" and api["version"] == 1
     assert api["status"] == "ready" and api["progress"] == 1.0 and api["error"] is None and api["rank"] == 4
     assert api["source_bytes"] is None and "source_blob" not in api  # the blob names stay internal

@@ -90,6 +90,7 @@ def test_a_version_2_catalog_gains_the_stored_upload_columns(tmp_path: Path, ass
     db.execute("DROP INDEX adapters_source_blob")
     db.execute("ALTER TABLE adapters DROP COLUMN source_blob")
     db.execute("ALTER TABLE adapters DROP COLUMN source_bytes")
+    db.execute("ALTER TABLE adapters DROP COLUMN fidelity")
     db.execute("PRAGMA user_version=2")
     db.commit()
     db.close()
