@@ -351,13 +351,16 @@ def compress(
     if distill is not None and distill.steps > 0 and not calibration_text:
         raise CompressError("scale distillation needs calibration text (--calibration FILE)")
     pair = check_pair(base_dir, finetune_dir)
-    delta = compress_pair(pair, options, progress=(lambda f: progress(0.8 * f)) if progress else None)
+    distilling = distill is not None and distill.steps > 0
+    share = 0.3 if distilling else 0.8  # of the progress: distillation's steps take most of the time
+    delta = compress_pair(pair, options, progress=(lambda f: progress(share * f)) if progress else None)
     report = None
-    if distill is not None and distill.steps > 0:
+    if distilling:
         from registry.distill import distill_delta
 
-        assert calibration_text is not None
-        report = distill_delta(pair, delta, calibration_text, distill)
+        assert calibration_text is not None and distill is not None
+        report = distill_delta(pair, delta, calibration_text, distill,
+                               progress=(lambda f: progress(share + (0.95 - share) * f)) if progress else None)  # fmt: skip
     sha = write_delta(out, delta)
     if progress is not None:
         progress(1.0)

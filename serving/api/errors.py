@@ -143,7 +143,7 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(to_api_error(e))
 
     for cls in (PromptTooLong, SamplingParamsError, NotFound, NameTaken, InvalidName, UploadTooLarge, DeltaError,
-                TenantBusy, Overloaded, EngineDead, InsufficientStorage):
+                TenantBusy, Overloaded, EngineDead, InsufficientStorage, NotStored):
         app.add_exception_handler(cls, lambda request, e: error_response(to_api_error(e)))
 
 

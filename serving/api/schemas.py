@@ -294,6 +294,7 @@ class TenantCreate(BaseModel):
 
 SCALE_MODES = ("per-matrix", "per-row")  # registry.compress.SCALE_MODES (this module imports no torch)
 MAX_DISTILL_STEPS = 10_000
+DEFAULT_DISTILL_STEPS = 200  # with calibration text and no distill_steps (registry.distill.DistillConfig's default)
 MAX_CALIBRATION_BYTES = 1 << 20
 MIN_CALIBRATION_CHARS = 200  # a fifth of it is held out to measure fidelity: a few dozen tokens at least
 
@@ -304,8 +305,9 @@ class Recompress(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     scale: Literal[SCALE_MODES] = Field("per-matrix", description="one scale per matrix, or one per output row")
-    distill_steps: Annotated[int, Field(ge=0, le=MAX_DISTILL_STEPS)] = Field(
-        0, description="scale-distillation steps on the calibration text (needs it)")
+    distill_steps: Annotated[int, Field(ge=0, le=MAX_DISTILL_STEPS)] | None = Field(
+        None, description=f"scale-distillation steps on the calibration text (needs it; default: "
+        f"{DEFAULT_DISTILL_STEPS} with calibration text, else 0)")  # fmt: skip
     calibration_text: Annotated[str, Field(min_length=MIN_CALIBRATION_CHARS, max_length=MAX_CALIBRATION_BYTES)] | None = Field(
         None, description="text of the tenant's domain: its first 80 % distils the scales, the rest (held out) "
         "measures the version's fidelity")  # fmt: skip
@@ -314,7 +316,10 @@ class Recompress(BaseModel):
         """The registry's Recipe of these settings; APIError 400 for distillation without calibration text."""
         if self.distill_steps and self.calibration_text is None:
             raise APIError(400, "distill_steps needs calibration text to distil on.", param="calibration_text")
-        return Recipe(self.scale, self.distill_steps, self.calibration_text)
+        steps = self.distill_steps
+        if steps is None:
+            steps = DEFAULT_DISTILL_STEPS if self.calibration_text is not None else 0
+        return Recipe(self.scale, steps, self.calibration_text)
 
 
 class Fidelity(BaseModel):
