@@ -87,6 +87,7 @@ def finetune_files(source: Path, base: fmdelta.BaseTensors, base_fingerprint: st
     """A fine-tune's uploaded files from its source blob (registry.source_files). FMDeltaError when the blob is
     unreadable or was stored against another base than `base_fingerprint` (nothing is sent then)."""
     from registry.source_files import CONTAINER_SUFFIX, read_manifest  # torch (the base's checkpoint): not at import
+
     stored_base, files = read_manifest(source)
     if stored_base != base_fingerprint:
         raise fmdelta.FMDeltaError(f"the fine-tune was stored against base {stored_base}, and this server serves "

@@ -62,6 +62,20 @@ def files(tmp_path_factory):
     return root, base, lora, bd
 
 
+class SlowFile:
+    """A file sent by a client on a slow link: `chunk` bytes per read, `pause` seconds apart, so that an upload is
+    still arriving when the server dies; `received` is set at the first read."""
+
+    def __init__(self, path: Path, received: threading.Event, pause: float, chunk: int):
+        self.f = open(path, "rb")  # noqa: SIM115
+        self.received, self.pause, self.chunk = received, pause, chunk
+
+    def read(self, n=-1):
+        self.received.set()
+        time.sleep(self.pause)
+        return self.f.read(self.chunk)
+
+
 def completion(client: httpx.Client, model: str, **kw) -> httpx.Response:
     body = {"model": model, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0, **kw}
     return client.post("/v1/completions", json=body)
@@ -94,20 +108,12 @@ def test_cli_clients_drain_and_crash_recovery(files, tmp_path):
         big.write_bytes(bd.read_bytes()[:8] + b"{" + b" " * (8 << 20))
         received = threading.Event()
 
-        class SlowFile:  # a client on a slow link: the upload is still arriving when the server dies
-            def __init__(self):
-                self.f = open(big, "rb")  # noqa: SIM115
-
-            def read(self, n=-1):
-                received.set()
-                time.sleep(0.02)
-                return self.f.read(64 << 10)
-
         def slow_upload():
             try:
                 with server.client(key) as c:
                     c.post("/v1/adapters", data={"name": "half", "format": "bitdelta"},
-                           files=[("files", ("big.safetensors", SlowFile(), "application/octet-stream"))])
+                           files=[("files", ("big.safetensors", SlowFile(big, received, 0.02, 64 << 10),
+                                             "application/octet-stream"))])  # fmt: skip
             except httpx.HTTPError:
                 pass
 
@@ -181,23 +187,14 @@ def test_a_stored_finetune_pulls_byte_identical_after_kill_9_during_an_upload_an
 
         # kill -9 while a second fine-tune streams in, under another name
         received = threading.Event()
-        weights = ft / "model.safetensors"
-
-        class SlowFile:
-            def __init__(self):
-                self.f = open(weights, "rb")  # noqa: SIM115
-
-            def read(self, n=-1):
-                received.set()
-                time.sleep(0.05)
-                return self.f.read(16 << 10)
+        weights = SlowFile(ft / "model.safetensors", received, 0.05, 16 << 10)
 
         def slow_upload():
             try:
                 with server.client(env["DELTASERVE_API_KEY"]) as c:
                     c.post("/v1/adapters", data={"name": "half", "format": "finetune"},
                            files=[("files", ("config.json", (ft / "config.json").read_bytes(), "application/json")),
-                                  ("files", ("model.safetensors", SlowFile(), "application/octet-stream"))])
+                                  ("files", ("model.safetensors", weights, "application/octet-stream"))])
             except httpx.HTTPError:
                 pass
 
