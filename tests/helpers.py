@@ -289,17 +289,3 @@ def fill_disk(folder: Path) -> Path:
                 while True:
                     f.write(b"\0" * size)
     return filler
-
-
-def make_finetune(base: Path, out: Path, seed: int) -> Path:
-    """A fine-tune of `base` saved as transformers saves one (config.json, generation_config.json, model.safetensors)."""
-    import torch
-
-    torch.manual_seed(seed)
-    ft = hf_model(base)
-    with torch.no_grad():
-        for name, p in ft.named_parameters():
-            if "proj" in name:
-                p.add_(1e-3 * torch.randn_like(p))  # small steps: most bits equal the base's
-    ft.save_pretrained(out)
-    return out

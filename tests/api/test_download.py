@@ -14,7 +14,7 @@ import pytest
 
 from tests.api.conftest import start_server, stop_server
 from tests.api.helpers import upload
-from tests.helpers import make_bitdelta, make_finetune, make_lora, make_model_dir
+from tests.helpers import make_bitdelta, make_lora, make_model_dir, save_finetune
 
 
 def sha(path: Path) -> str:
@@ -45,7 +45,7 @@ def srv(tmp_path_factory):
     root = tmp_path_factory.mktemp("download")
     base = make_model_dir(root / "base", arch="llama")
     live = start_server(root, base, max_upload_mb=4)
-    live.files["ft"] = make_finetune(base, root / "ft", seed=3)
+    live.files["ft"] = save_finetune(base, root / "ft", seed=3, touch=lambda n: "proj" in n, std=1e-3)
     live.files["lora"], _ = make_lora(base, root / "lora", r=4, seed=1)
     live.files["bd"], _ = make_bitdelta(base, root / "bd.safetensors", seed=2, per_row=True, replace=False)
     live.files["root"] = root
@@ -132,7 +132,8 @@ def test_a_damaged_stored_file_ends_the_download_short_and_pull_writes_nothing(s
     from serving.cli import main
 
     key = srv.new_tenant("damaged")
-    ft = make_finetune(srv.base_dir, tmp_path / "ft", seed=11)  # its own: identical uploads share one stored copy
+    # its own fine-tune: identical uploads share one stored copy, which this test damages
+    ft = save_finetune(srv.base_dir, tmp_path / "ft", seed=11, touch=lambda n: "proj" in n, std=1e-3)
     with srv.client(key) as c:
         assert upload(c, "full", "finetune", ft).status_code == 202
         wait_ready(c, "full")
@@ -153,7 +154,7 @@ def test_a_lost_stored_finetune_still_serves_and_its_download_says_why(tmp_path)
     import shutil
 
     base = make_model_dir(tmp_path / "base", arch="llama")
-    ft = make_finetune(base, tmp_path / "ft", seed=5)
+    ft = save_finetune(base, tmp_path / "ft", seed=5, touch=lambda n: "proj" in n, std=1e-3)
     live = start_server(tmp_path, base, max_upload_mb=4)
     try:
         key = live.new_tenant("acme")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import ADMIN_KEY, free_port
-from tests.helpers import make_bitdelta, make_finetune, make_lora, make_model_dir
+from tests.helpers import make_bitdelta, make_lora, make_model_dir, save_finetune
 
 
 def deltaserve(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -162,7 +162,7 @@ def test_cli_clients_drain_and_crash_recovery(files, tmp_path):
 
 def test_a_stored_finetune_pulls_byte_identical_after_kill_9_during_an_upload_and_a_restart(files, tmp_path):
     root, base, _, _ = files
-    ft = make_finetune(base, tmp_path / "ft", seed=7)
+    ft = save_finetune(base, tmp_path / "ft", seed=7, touch=lambda n: "proj" in n, std=1e-3)
     uploaded = {p.name: p.read_bytes() for p in ft.iterdir() if p.suffix in (".json", ".safetensors")}
     registry = tmp_path / "registry"
 

@@ -164,3 +164,33 @@ def test_tensors_the_base_lacks_or_has_otherwise_are_stored_as_they_are(tmp_path
     out = tmp_path / "odd.fmd"
     encode_file(path, base, out, base_fingerprint="f")
     assert b"".join(decode_file(out, base)) == path.read_bytes()
+
+
+def test_encoding_and_decoding_a_file_hold_a_few_frames_not_the_file(tmp_path, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(fmdelta, "CHUNK_BYTES", 1 << 20)
+    gen = torch.Generator().manual_seed(0)
+    base_w = torch.randn(2048, 2048, generator=gen)  # 16 MiB of float32
+    (tmp_path / "base").mkdir()
+    save_file({"w": base_w}, tmp_path / "base" / "model.safetensors")
+    (tmp_path / "base" / "config.json").write_text("{}")
+    ft = tmp_path / "ft.safetensors"
+    save_file({"w": base_w + 1e-3 * torch.randn(2048, 2048, generator=gen)}, ft)
+    del base_w
+    base = Checkpoint(tmp_path / "base")
+    out = tmp_path / "ft.fmd"
+    tracemalloc.start()
+    try:
+        digest = encode_file(ft, base, out, base_fingerprint="sha256:b")
+        encoding_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        h, n = hashlib.sha256(), 0
+        for chunk in decode_file(out, base, base_fingerprint="sha256:b"):
+            h.update(chunk)
+            n += len(chunk)
+        decoding_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert h.hexdigest() == digest and n == ft.stat().st_size > 16 * 2**20
+    assert encoding_peak < 12 * 2**20 and decoding_peak < 12 * 2**20, (encoding_peak, decoding_peak)  # file: 16 MiB
