@@ -293,3 +293,24 @@ def test_every_registry_error_has_its_own_handler(srv):
         assert upload(c, "bot", "lora", srv.files["lora"]).status_code == 201
         for _ in range(3):  # one connection: each 409 leaves it open
             assert c.post("/v1/adapters/bot/recompress", json={}).status_code == 409
+
+
+def test_a_client_gone_mid_download_gives_its_slot_back(srv, monkeypatch):
+    from registry import downloads
+    from serving.adapters import MAX_DOWNLOADS_PER_TENANT
+
+    def slow(f):  # a stored file read slowly: the client leaves while the server still streams
+        with f:
+            while chunk := f.read(1024):
+                time.sleep(0.01)
+                yield chunk
+
+    monkeypatch.setattr(downloads, "_plain", slow)
+    key = srv.new_tenant("leaver")
+    with srv.client(key) as c:
+        assert upload(c, "bot", "lora", srv.files["lora"]).status_code == 201
+    for _ in range(MAX_DOWNLOADS_PER_TENANT + 2):  # more than the limit: each one left gave its slot back
+        with srv.client(key) as c, c.stream("GET", "/v1/adapters/bot/download") as r:
+            assert r.status_code == 200
+            next(r.iter_raw())
+        assert wait_for(lambda: not srv.backend.adapters._downloads), srv.backend.adapters._downloads
