@@ -5,6 +5,7 @@ in float32, with 32 decode rows shared by 1, 8 and 32 distinct tenants, median w
   base_mkl        x @ W.T through F.linear (MKL)
   base_onednn     the same with the weight prepacked for oneDNN (what the engine runs on CPU)
   bitdelta        our compiled 1-bit kernel (deltakernels/csrc/bitdelta_cpu.cpp), the delta alone
+  bitdelta_generic  the same kernel forced onto its portable code (only where this CPU takes AVX-512 or AVX2)
   bitdelta_ref    the torch reference (per distinct slot: unpack, matmul)
   lora_r16        our compiled LoRA at rank 16, shrink and expand in one pass (deltakernels/csrc/lora_cpu.cpp)
   lora_r16_ref    the torch references
@@ -50,7 +51,7 @@ def median_ms(fn, copies: int, iters: int) -> float:
 
 
 def bench_projection(in_f: int, out_f: int, bw: float, iters: int) -> list[dict]:
-    from deltakernels import select_delta_ops
+    from deltakernels import cpu_kernels, select_delta_ops
     from deltakernels.bitdelta import interleave_signs, packed_width
     from deltakernels.segments import build_slot_tiles
 
@@ -72,6 +73,16 @@ def bench_projection(in_f: int, out_f: int, bw: float, iters: int) -> list[dict]
     x = torch.randn(ROWS, in_f, generator=gen)
     y = torch.zeros(ROWS, out_f)
     buf = torch.zeros(ROWS, RANK)
+    module = cpu_kernels()
+    isa = module.isa()
+
+    def generic(op, *args):  # the same kernel on its portable path, beside the path this CPU takes
+        module.set_isa("generic")
+        try:
+            op(*args)
+        finally:
+            module.set_isa("auto")
+
     def cases_for(n_tenants: int) -> dict:
         tiles = build_slot_tiles([i % n_tenants for i in range(ROWS)], [1] * ROWS)
         return {
@@ -80,6 +91,8 @@ def bench_projection(in_f: int, out_f: int, bw: float, iters: int) -> list[dict]
                             out_f * in_f * 4),  # fmt: skip
             "bitdelta": (lambda c: cpu.bitdelta_apply(y, x, blocked[c], scales, tiles),
                          n_tenants * out_f * (packed_width(in_f) + 4)),  # fmt: skip
+            **({"bitdelta_generic": (lambda c: generic(cpu.bitdelta_apply, y, x, blocked[c], scales, tiles),
+                                     n_tenants * out_f * (packed_width(in_f) + 4))} if isa != "generic" else {}),  # fmt: skip
             "bitdelta_ref": (lambda c: ref.bitdelta_apply(y, x, signs[c], scales, tiles),
                              n_tenants * out_f * (packed_width(in_f) + 4)),  # fmt: skip
             "lora_r16": (lambda c: cpu.lora_apply(y, x, a[c], bt[c], scaling, ranks, tiles, buf),

@@ -6,8 +6,8 @@ uses the torch references, and one log line says why. The build goes to a cache 
 the sources, the flags and the torch version, so an edited source or another torch never loads a stale build:
 `$DELTASERVE_KERNEL_CACHE`, else `~/.cache/deltaserve/kernels`. `DELTASERVE_CPU_KERNELS=0` turns them off.
 
-The code is compiled for the baseline x86-64 (or any other) ISA; the AVX-512 paths are compiled per function
-and chosen at run time (`isa()`), so a build also runs on a machine without AVX-512, on the portable paths.
+The code is compiled for the baseline x86-64 (or any other) ISA; the AVX-512 and AVX2 paths are compiled per
+function and chosen at run time (`isa()`), so a build also runs on a machine without them, on the portable paths.
 """
 
 from __future__ import annotations

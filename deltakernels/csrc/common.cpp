@@ -16,30 +16,58 @@ bool cpu_has_avx512() {
 #endif
 }
 
-namespace {
-// -1: not decided yet; 0: portable code; 1: AVX-512. Read once per kernel call.
-std::atomic<int> isa_choice{-1};
-}  // namespace
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
 
-bool use_avx512() {
+namespace {
+enum Isa : int { kUndecided = -1, kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+std::atomic<int> isa_choice{kUndecided};  // read once per kernel call
+
+int best_isa() { return cpu_has_avx512() ? kAvx512 : (cpu_has_avx2() ? kAvx2 : kGeneric); }
+
+int active_isa() {
   int v = isa_choice.load(std::memory_order_relaxed);
-  if (v < 0) {
+  if (v == kUndecided) {
     const char* forced = std::getenv("DELTASERVE_CPU_ISA");
-    v = (forced != nullptr && std::string(forced) == "generic") ? 0 : (cpu_has_avx512() ? 1 : 0);
+    const std::string f = forced != nullptr ? forced : "";
+    v = best_isa();
+    if (f == "generic") v = kGeneric;
+    if (f == "avx2" && v > kAvx2) v = kAvx2;
     isa_choice.store(v, std::memory_order_relaxed);
   }
-  return v == 1;
+  return v;
+}
+}  // namespace
+
+bool use_avx512() { return active_isa() == kAvx512; }
+bool use_avx2() { return active_isa() == kAvx2; }
+
+const char* isa_name() {
+  switch (active_isa()) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "generic";
+  }
 }
 
 void set_isa(const std::string& name) {
   if (name == "generic") {
-    isa_choice.store(0);
+    isa_choice.store(kGeneric);
+  } else if (name == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), "this CPU has no AVX2 + FMA");
+    isa_choice.store(kAvx2);
   } else if (name == "avx512") {
     TORCH_CHECK(cpu_has_avx512(), "this CPU has no AVX-512 (F, BW, VL)");
-    isa_choice.store(1);
+    isa_choice.store(kAvx512);
   } else {
-    TORCH_CHECK(name == "auto", "isa must be auto, avx512 or generic, got ", name);
-    isa_choice.store(-1);
+    TORCH_CHECK(name == "auto", "isa must be auto, avx512, avx2 or generic, got ", name);
+    isa_choice.store(kUndecided);
   }
 }
 

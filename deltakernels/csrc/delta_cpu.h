@@ -58,11 +58,15 @@ inline void dispatch_float(c10::ScalarType dtype, const char* what, F&& f) {
   }
 }
 
-// True when the kernels take their AVX-512 paths: by default when this CPU has AVX-512 F + BW + VL;
-// DELTASERVE_CPU_ISA=generic, or set_isa("generic"), forces the portable code (the tests run both).
+// The code path the kernels take: by default the best this CPU has (AVX-512 F + BW + VL, else AVX2 + FMA, else
+// the portable code); DELTASERVE_CPU_ISA=avx2 or =generic, or set_isa(...), forces a lower one (the tests run
+// every path the CPU has). Only the 1-bit kernel has an AVX2 path; the LoRA kernels' is the portable code.
 bool use_avx512();
+bool use_avx2();
 bool cpu_has_avx512();
-void set_isa(const std::string& name);  // "auto", "avx512" or "generic"
+bool cpu_has_avx2();
+const char* isa_name();                 // "avx512", "avx2" or "generic"
+void set_isa(const std::string& name);  // "auto", "avx512", "avx2" or "generic"
 
 // Gathers rows order[start:end] of x (any float dtype) into float32 rows of `width` >= in columns, zero-padded.
 void gather_rows_f32(const torch::Tensor& x, const int32_t* order, int64_t start, int64_t end, int64_t width,

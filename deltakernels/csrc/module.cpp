@@ -17,7 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_shrink", &deltaserve::lora_shrink_cpu, "LoRA shrink over slot segments (CPU)");
   m.def("lora_expand", &deltaserve::lora_expand_cpu, "LoRA expand over slot segments (CPU)");
   m.def("lora_apply", &deltaserve::lora_apply_cpu, "LoRA shrink then expand over slot segments, one pass (CPU)");
-  m.def("isa", [] { return deltaserve::use_avx512() ? "avx512" : "generic"; }, "the code path the kernels take");
+  m.def("isa", [] { return std::string(deltaserve::isa_name()); }, "the code path the kernels take");
   m.def("has_avx512", &deltaserve::cpu_has_avx512, "whether this CPU has AVX-512 F + BW + VL");
-  m.def("set_isa", &deltaserve::set_isa, "force the code path: auto, avx512 or generic (tests)");
+  m.def("has_avx2", &deltaserve::cpu_has_avx2, "whether this CPU has AVX2 + FMA");
+  m.def("set_isa", &deltaserve::set_isa, "force the code path: auto, avx512, avx2 or generic (tests)");
 }

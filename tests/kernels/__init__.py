@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from deltakernels import DeltaOps, cpu_kernels, select_delta_ops
@@ -97,12 +98,13 @@ def assert_untouched(after: torch.Tensor, before: torch.Tensor, row_slots: list[
 
 # The CPU-side backends every kernel test runs: the Triton kernels (interpreted here), the compiled CPU kernels on
 # this CPU's best path and on their portable path, and the torch references.
-BACKENDS = ("triton", "cpu", "cpu-generic", "torch")
+BACKENDS = ("triton", "cpu", "cpu-avx2", "cpu-generic", "torch")
 
 
 @contextmanager
 def backend_ops(backend: str) -> Iterator[DeltaOps]:
-    """The DeltaOps of a test backend; "cpu-generic" forces the compiled kernels' portable code meanwhile."""
+    """The DeltaOps of a test backend; "cpu-avx2" and "cpu-generic" force that code path of the compiled kernels
+    meanwhile ("cpu-avx2" skips on a CPU without AVX2; "cpu" is the best path this CPU has)."""
     if not backend.startswith("cpu"):
         yield select_delta_ops(backend)
         return
@@ -111,9 +113,12 @@ def backend_ops(backend: str) -> Iterator[DeltaOps]:
         yield ops
         return
     module = cpu_kernels()
-    module.set_isa("generic")
+    isa = backend.removeprefix("cpu-")
+    if isa == "avx2" and not module.has_avx2():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    module.set_isa(isa)
     try:
-        assert module.isa() == "generic"
+        assert module.isa() == isa
         yield ops
     finally:
         module.set_isa("auto")

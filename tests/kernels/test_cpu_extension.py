@@ -78,12 +78,13 @@ def test_the_kernels_report_their_code_path() -> None:
     from deltakernels import cpu_kernels
 
     module = cpu_kernels()
-    assert module.isa() in ("avx512", "generic")
-    module.set_isa("generic")
-    try:
-        assert module.isa() == "generic"
-    finally:
-        module.set_isa("auto")
-    assert module.isa() == ("avx512" if module.has_avx512() else "generic")
-    with pytest.raises(RuntimeError, match="isa must be auto, avx512 or generic"):
+    assert module.isa() in ("avx512", "avx2", "generic")
+    for isa in ("generic", "avx2") if module.has_avx2() else ("generic",):
+        module.set_isa(isa)
+        try:
+            assert module.isa() == isa
+        finally:
+            module.set_isa("auto")
+    assert module.isa() == ("avx512" if module.has_avx512() else "avx2" if module.has_avx2() else "generic")
+    with pytest.raises(RuntimeError, match="isa must be auto, avx512, avx2 or generic"):
         module.set_isa("sse2")
