@@ -8,6 +8,7 @@ in float32, with 32 decode rows shared by 1, 8 and 32 distinct tenants, median w
   bitdelta_generic  the same kernel forced onto its portable code (only where this CPU takes AVX-512 or AVX2)
   bitdelta_ref    the torch reference (per distinct slot: unpack, matmul)
   lora_r16        our compiled LoRA at rank 16, shrink and expand in one pass (deltakernels/csrc/lora_cpu.cpp)
+  lora_r16_generic  the same forced onto its portable code (only where this CPU takes AVX-512 or AVX2)
   lora_r16_ref    the torch references
 Each measurement cycles through enough copies of the weights and slot pools to exceed the last-level cache, so
 the bytes come from memory as in a model's step. Floor = bytes it must read / read bandwidth measured here
@@ -97,6 +98,8 @@ def bench_projection(in_f: int, out_f: int, bw: float, iters: int) -> list[dict]
                              n_tenants * out_f * (packed_width(in_f) + 4)),  # fmt: skip
             "lora_r16": (lambda c: cpu.lora_apply(y, x, a[c], bt[c], scaling, ranks, tiles, buf),
                          n_tenants * RANK * (in_f + out_f) * 4),  # fmt: skip
+            **({"lora_r16_generic": (lambda c: generic(cpu.lora_apply, y, x, a[c], bt[c], scaling, ranks, tiles, buf),
+                                     n_tenants * RANK * (in_f + out_f) * 4)} if isa != "generic" else {}),  # fmt: skip
             "lora_r16_ref": (lambda c: (ref.lora_shrink(buf, x, a[c], ranks, tiles),
                                         ref.lora_expand(y, buf, bt[c], scaling, ranks, tiles)),
                              n_tenants * RANK * (in_f + out_f) * 4),  # fmt: skip

@@ -60,7 +60,7 @@ inline void dispatch_float(c10::ScalarType dtype, const char* what, F&& f) {
 
 // The code path the kernels take: by default the best this CPU has (AVX-512 F + BW + VL, else AVX2 + FMA, else
 // the portable code); DELTASERVE_CPU_ISA=avx2 or =generic, or set_isa(...), forces a lower one (the tests run
-// every path the CPU has). Only the 1-bit kernel has an AVX2 path; the LoRA kernels' is the portable code.
+// every path the CPU has). The AVX2 paths: the 1-bit kernel, and LoRA's shrink for float32 weights.
 bool use_avx512();
 bool use_avx2();
 bool cpu_has_avx512();
