@@ -65,13 +65,25 @@ void block_generic(const Problem& p, const uint8_t* blk, int64_t r0, int64_t nr,
 }
 
 #if defined(__x86_64__)
+// v[j][b] = +1 when bit j of b is set, else -1: column j's sign in each of a table's 16 sums (both SIMD builders).
+struct SignPatterns {
+  alignas(64) float v[4][16];
+  SignPatterns() {
+    for (int j = 0; j < 4; ++j)
+      for (int b = 0; b < 16; ++b) v[j][b] = ((b >> j) & 1) ? 1.0f : -1.0f;
+  }
+};
+
+const SignPatterns& sign_patterns() {
+  static const SignPatterns patterns;
+  return patterns;
+}
+
 // AVX2 (no 16-lane permute): a table T[g] is two 8-float halves; a nibble's low 3 bits pick a lane of both
 // (vpermps ymm) and its bit 3 chooses the half (vblendvps on that bit moved to the sign): 8 outputs per
 // 3 instructions instead of 16 per one, still 4 columns per lookup and the signs never unpacked.
 __attribute__((target("avx2,fma"))) void build_tables_avx2(const float* x, int64_t G, float* T) {
-  alignas(32) float pat[4][16];
-  for (int j = 0; j < 4; ++j)
-    for (int b = 0; b < 16; ++b) pat[j][b] = ((b >> j) & 1) ? 1.0f : -1.0f;
+  const auto& pat = sign_patterns().v;
   for (int h = 0; h < 2; ++h) {
     const __m256 p0 = _mm256_load_ps(pat[0] + 8 * h), p1 = _mm256_load_ps(pat[1] + 8 * h),
                  p2 = _mm256_load_ps(pat[2] + 8 * h), p3 = _mm256_load_ps(pat[3] + 8 * h);
@@ -116,10 +128,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Problem& p, const uint
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void build_tables_avx512(const float* x, int64_t G, float* T) {
-  // lane b of P[j] is +1 when bit j of b is set, else -1
-  alignas(64) float pat[4][16];
-  for (int j = 0; j < 4; ++j)
-    for (int b = 0; b < 16; ++b) pat[j][b] = ((b >> j) & 1) ? 1.0f : -1.0f;
+  const auto& pat = sign_patterns().v;
   const __m512 p0 = _mm512_load_ps(pat[0]), p1 = _mm512_load_ps(pat[1]), p2 = _mm512_load_ps(pat[2]),
                p3 = _mm512_load_ps(pat[3]);
   for (int64_t g = 0; g < G; ++g) {

@@ -76,6 +76,18 @@ class SlowFile:
         return self.f.read(self.chunk)
 
 
+def kill_9_during(server: ServerProcess, upload, received: threading.Event, registry: Path) -> None:
+    """Runs upload() in a thread and kills the server with SIGKILL once part of the body is on its disk."""
+    t = threading.Thread(target=upload)
+    t.start()
+    assert received.wait(30)
+    time.sleep(0.5)  # part of the body is on the server's disk
+    assert any((registry / "tmp").iterdir())
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(30)
+    t.join(30)
+
+
 def completion(client: httpx.Client, model: str, **kw) -> httpx.Response:
     body = {"model": model, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0, **kw}
     return client.post("/v1/completions", json=body)
@@ -117,14 +129,7 @@ def test_cli_clients_drain_and_crash_recovery(files, tmp_path):
             except httpx.HTTPError:
                 pass
 
-        t = threading.Thread(target=slow_upload)
-        t.start()
-        assert received.wait(30)
-        time.sleep(0.5)  # part of the body is on the server's disk
-        assert any((registry / "tmp").iterdir())
-        server.proc.send_signal(signal.SIGKILL)
-        server.proc.wait(30)
-        t.join(30)
+        kill_9_during(server, slow_upload, received, registry)
     finally:
         server.stop()
 
@@ -198,14 +203,7 @@ def test_a_stored_finetune_pulls_byte_identical_after_kill_9_during_an_upload_an
             except httpx.HTTPError:
                 pass
 
-        t = threading.Thread(target=slow_upload)
-        t.start()
-        assert received.wait(30)
-        time.sleep(0.5)
-        assert any((registry / "tmp").iterdir())
-        server.proc.send_signal(signal.SIGKILL)
-        server.proc.wait(30)
-        t.join(30)
+        kill_9_during(server, slow_upload, received, registry)
     finally:
         server.stop()
 
