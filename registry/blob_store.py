@@ -1,7 +1,7 @@
 """The content-addressed blob store of a registry: the stored deltas' data, one blob per distinct content.
 
 Layout of `root` (the registry's blobs/):
-    <kind>/<h2>/<sha256>   <kind> is "lora" (a directory holding adapter_config.json and
+    <kind>/<h2>/<sha256>   <kind> is "lora" or "ia3" (a PEFT directory holding adapter_config.json and
                            adapter_model.safetensors), "bitdelta" (one file) or "source" (a fine-tune's uploaded
                            files stored losslessly: a directory of registry.source_files containers and their
                            manifest.json); <sha256> is the delta's identity (registry.deltas: `Delta.sha256`), or
@@ -24,19 +24,19 @@ from pathlib import Path
 
 from registry.errors import InsufficientStorage, is_disk_full
 from registry.fsync import fsync_dir
-from registry.upload_formats import LORA_CONFIG, LORA_WEIGHTS
+from registry.upload_formats import LORA_CONFIG, LORA_WEIGHTS, PEFT_FORMATS
 from registry.uploads import Staging
 
-KINDS = ("lora", "bitdelta", "source")
-_BLOB_RE = re.compile(r"(lora|bitdelta|source)/([0-9a-f]{2})/([0-9a-f]{64})")
+KINDS = ("lora", "ia3", "bitdelta", "source")
+_BLOB_RE = re.compile(r"(lora|ia3|bitdelta|source)/([0-9a-f]{2})/([0-9a-f]{64})")
 
 
 def content_sha256(kind: str, path: str | os.PathLike[str]) -> str:
     """The identity of stored delta data, computed from disk exactly as registry.deltas defines it:
-    "bitdelta": sha256 of the file's bytes; "lora" (a directory): sha256 of
+    "bitdelta": sha256 of the file's bytes; "lora" and "ia3" (a PEFT directory): sha256 of
     u64le(len(adapter_config.json)) + adapter_config.json + adapter_model.safetensors; "source" (a directory):
     sha256 of its manifest.json."""
-    from registry.lora_format import lora_sha256  # torch: not for the API process's imports
+    from registry.peft_dir import adapter_sha256  # torch: not for the API process's imports
     from registry.safetensors_io import sha256_file
 
     path = Path(path)
@@ -46,8 +46,8 @@ def content_sha256(kind: str, path: str | os.PathLike[str]) -> str:
         from registry.source_files import source_sha256
 
         return source_sha256(path)
-    if kind == "lora":
-        return lora_sha256((path / LORA_CONFIG).read_bytes(), path / LORA_WEIGHTS)
+    if kind in PEFT_FORMATS:
+        return adapter_sha256((path / LORA_CONFIG).read_bytes(), path / LORA_WEIGHTS)
     raise ValueError(f"unknown delta kind {kind!r}")
 
 

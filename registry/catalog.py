@@ -67,21 +67,15 @@ INTERRUPTED = "interrupted by a restart; upload again"
 MISSING_BLOB = "the stored adapter data is missing; upload again"
 MAX_ERROR_LENGTH = 4000
 RESERVE_BYTES = 16 << 20  # given up on a full disk so that deletes (SQLite's journal) can still be written
-_SCHEMA_VERSION = 3  # 2: the usage table; 3: a fine-tune's stored upload (older catalogs gain both when opened)
-_READABLE_VERSIONS = (0, 1, 2, _SCHEMA_VERSION)  # 0: a new file
+_SCHEMA_VERSION = 4  # 2: the usage table; 3: a fine-tune's stored upload; 4: the "ia3" format (older catalogs
+_READABLE_VERSIONS = (0, 1, 2, 3, _SCHEMA_VERSION)  # gain all when opened). 0: a new file
 _V3_COLUMNS = (("source_blob", "TEXT"), ("source_bytes", "INTEGER"), ("fidelity", "TEXT"))  # schema 3
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
-    name     TEXT PRIMARY KEY,
-    key_hash TEXT NOT NULL UNIQUE,
-    created  INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS adapters (
+_ADAPTERS_COLUMNS_SQL = """
     id         TEXT PRIMARY KEY,
     tenant     TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
     name       TEXT NOT NULL,
-    format     TEXT NOT NULL CHECK (format IN ('lora', 'bitdelta', 'finetune')),
+    format     TEXT NOT NULL CHECK (format IN ('lora', 'ia3', 'bitdelta', 'finetune')),
     version    INTEGER NOT NULL CHECK (version >= 1),
     sha256     TEXT,
     status     TEXT NOT NULL CHECK (status IN ('ready', 'compressing', 'failed')),
@@ -96,7 +90,14 @@ CREATE TABLE IF NOT EXISTS adapters (
     fidelity     TEXT,
     UNIQUE (tenant, name, version),
     CHECK ((status = 'ready') = (blob IS NOT NULL))
+"""
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    name     TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    created  INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS adapters (""" + _ADAPTERS_COLUMNS_SQL + """);
 CREATE INDEX IF NOT EXISTS adapters_blob ON adapters(blob);
 CREATE INDEX IF NOT EXISTS adapters_source_blob ON adapters(source_blob);
 """ + usage_table.SCHEMA
@@ -122,7 +123,7 @@ class AdapterRecord:
     """One version of a tenant's adapter.
 
     id:        opaque, random ("ad-" + 24 hex digits), unique across tenants.
-    format:    as uploaded: "lora", "bitdelta" or "finetune" (stored as a 1-bit delta once compressed).
+    format:    as uploaded: "lora", "ia3", "bitdelta" or "finetune" (stored as a 1-bit delta once compressed).
     version:   1, 2, ... per (tenant, name); a new upload of a name gets the previous max + 1.
     sha256:    the delta's identity (bare hex), None until the data is stored.
     status:    "ready" (blob stored), "compressing" (background fine-tune compression), "failed".
@@ -153,7 +154,7 @@ class AdapterRecord:
 
     @property
     def kind(self) -> str:
-        """The stored delta's kind, which loader reads the blob: "lora" or "bitdelta"."""
+        """The stored delta's kind, which loader reads the blob: "lora", "ia3" or "bitdelta"."""
         return blob_kind(self.format)
 
 
@@ -175,9 +176,9 @@ def _blobs_of(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list
 
 
 def blob_kind(format: str) -> str:
-    """The kind of stored delta an upload format becomes: "lora" -> "lora", "bitdelta" and "finetune"
+    """The kind of stored delta an upload format becomes: "lora" -> "lora", "ia3" -> "ia3", "bitdelta" and "finetune"
     (compressed to a 1-bit delta) -> "bitdelta"."""
-    return "lora" if check_format(format) == "lora" else "bitdelta"
+    return "bitdelta" if check_format(format) in ("bitdelta", "finetune") else format
 
 
 def _now() -> int:
@@ -258,9 +259,33 @@ class Registry:
             for column, sql_type in _V3_COLUMNS:
                 if column not in have:
                     db.execute(f"ALTER TABLE adapters ADD COLUMN {column} {sql_type}")
+        if version in (1, 2, 3):
+            Registry._widen_format_check(db)
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         return db
+
+    @staticmethod
+    def _widen_format_check(db: sqlite3.Connection) -> None:
+        """Schema 4 allows format 'ia3': SQLite cannot change a CHECK in place, so the adapters table is
+        rebuilt in one transaction (SQLite's documented procedure: new table, copy, drop, rename); every row
+        and column stays as it was. Foreign keys are off meanwhile so that the drop cascades nowhere."""
+        db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("CREATE TABLE adapters_v4 (" + _ADAPTERS_COLUMNS_SQL + ")")
+                columns = ", ".join(row[1] for row in db.execute("PRAGMA table_info(adapters)"))
+                db.execute(f"INSERT INTO adapters_v4 ({columns}) SELECT {columns} FROM adapters")
+                db.execute("DROP TABLE adapters")
+                db.execute("ALTER TABLE adapters_v4 RENAME TO adapters")
+                db.execute("PRAGMA user_version=4")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            db.execute("PRAGMA foreign_keys=ON")
 
     def _recover(self) -> None:
         with self._lock, self._tx() as db:
@@ -547,7 +572,7 @@ class Registry:
     def commit_adapter(self, tenant: str, name: str, format: str, staging: Staging, delta: Delta) -> AdapterRecord:
         """Stores a validated upload as the next version of `tenant`'s adapter `name`, status "ready".
 
-        format: "lora" or "bitdelta" (a "finetune" goes through create_pending / complete_pending).
+        format: "lora", "ia3" or "bitdelta" (a "finetune" goes through create_pending / complete_pending).
         staging: holds what `delta` was loaded from (Staging.validate); its data is checked against
         delta.sha256, moved into the blob store (an identical blob is reused), and the staging is
         discarded. The catalog row is inserted last, in a transaction: version = previous max + 1.
@@ -723,7 +748,7 @@ class Registry:
         return self.reserve.run(collect)
 
     def blob_path(self, record: AdapterRecord) -> Path:
-        """Where a ready version's data is: a LoRA directory (kind "lora") or a 1-bit delta file
+        """Where a ready version's data is: a PEFT directory (kind "lora" or "ia3") or a 1-bit delta file
         (kind "bitdelta"), for registry.loading.load_delta. ValueError if it has no data (not ready)."""
         if record.blob is None:
             raise ValueError(f"adapter {record.name} version {record.version} is {record.status}: it has no data")

@@ -2,7 +2,8 @@
 
 All tensors live on the CPU; the slot pool copies them into preallocated GPU slots.
 A delta is immutable and identified by the sha256 of its content (bare hex, no prefix), never by a path:
-a 1-bit file's bytes; for a LoRA, u64le(len(config)) + adapter_config.json bytes + weights file bytes.
+a 1-bit file's bytes; for a PEFT directory (LoRA, IA3), u64le(len(config)) + adapter_config.json bytes + weights
+file bytes.
 Only the base fingerprint carries a "sha256:" prefix.
 """
 
@@ -98,4 +99,56 @@ class BitDelta:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-Delta = LoraDelta | BitDelta
+@dataclass(frozen=True)
+class Ia3Delta:
+    """A PEFT (IA)^3 adapter: learned vectors that scale activations. For each target projection P:
+      P not feedforward (keys, values, ...):  y = (x @ W_P.T + b_P) * l_P          (l_P [out])
+      P feedforward (the MLP's down_proj):    y = (x * l_P) @ W_P.T + b_P          (l_P [in])
+    which is W_P' = W_P * l_P[:, None] (and b_P' = b_P * l_P), resp. W_P' = W_P * l_P[None, :]: PEFT's merge.
+
+    vectors:     module path -> l_P, float32.   feedforward: the module paths whose l_P scales the input.
+    """
+
+    sha256: str
+    vectors: dict[str, torch.Tensor]
+    feedforward: frozenset[str]
+    owner: str = ""  # the tenant that loaded it ("" offline): part of its slot key
+    kind: str = field(default="ia3", init=False)
+
+    @property
+    def key(self) -> str:
+        """Identity in the host tier and the GPU slots (delta_key)."""
+        return delta_key(self.owner, self.kind, self.sha256)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.vectors.values())
+
+
+Delta = LoraDelta | BitDelta | Ia3Delta
+DELTA_KINDS = ("bitdelta", "lora", "ia3")
+"""The delta kinds, each with its own slot space (registry.slot_pool)."""
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Deltas of one tenant served together as their weighted merge (model soups; a subject and a style):
+        W = W_base + sum_k weight_k * (W_k - W_base)
+    for every tensor, never materialised: each part sits in its own kind's slot as when served alone, and the
+    layers add each part's weighted change per row (serving.models.tenant_layers). Parts: (delta, weight)."""
+
+    parts: tuple[tuple[Delta, float], ...]
+    kind: str = field(default="composed", init=False)
+
+    @property
+    def owner(self) -> str:
+        return self.parts[0][0].owner
+
+    @property
+    def key(self) -> str:
+        """Names the combination (statistics only: it holds no slot of its own)."""
+        return "+".join(f"{d.key}*{w!r}" for d, w in self.parts)
+
+
+Served = Delta | Composition
+"""What a request runs on besides the base."""

@@ -99,7 +99,7 @@ def finetune_files(source: Path, base: fmdelta.BaseTensors, base_fingerprint: st
     ])  # fmt: skip
 
 
-def lora_files(blob: Path) -> list[StoredFile]:
+def peft_files(blob: Path) -> list[StoredFile]:
     return _all_or_none([lambda: plain_file(LORA_CONFIG, blob / LORA_CONFIG),
                          lambda: plain_file(LORA_WEIGHTS, blob / LORA_WEIGHTS)])  # fmt: skip
 

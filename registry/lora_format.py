@@ -10,18 +10,14 @@ Every PEFT option that changes what the adapter computes and that deltaserve doe
 refused by name (AdapterMismatch), as is any option this module does not know that is set to a
 non-default value. Pickle weights (`adapter_model.bin`) are refused (UnsupportedFormat), never loaded.
 
-Identity: LoraDelta.sha256 is the hex sha256 (no prefix) of
-    u64-little-endian(len(config bytes)) || config bytes || weights file bytes
-so that both files, and where one ends, are covered.
+Identity: LoraDelta.sha256 is the adapter directory's (registry.peft_dir.adapter_sha256).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,12 +25,16 @@ from typing import Any
 import torch
 
 from registry.deltas import BaseSpec, LoraDelta
-from registry.errors import AdapterMismatch, PickleRefused, UnsupportedFormat, is_pickle_name
-from registry.safetensors_io import check_finite, load_tensors, read_header, sha256_file
+from registry.errors import AdapterMismatch
+from registry.peft_dir import (
+    KEY_PREFIX,
+    WEIGHTS_FILE,
+    adapter_sha256,
+    check_files,
+    read_config,
+)
+from registry.safetensors_io import check_finite, load_tensors, read_header
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
 PROJECTION_NAMES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 EMBEDDING_NAMES = frozenset({"embed_tokens", "lm_head"})
 _SUFFIX_A = ".lora_A.weight"
@@ -71,7 +71,6 @@ _HANDLED_OPTIONS = frozenset(
 # Initialisations after which the saved adapter is still relative to the unmodified base.
 _SAFE_INITS: tuple[object, ...] = (True, False, "gaussian", "eva", "orthogonal")
 _PATTERN_RE = re.compile(r"[A-Za-z0-9_.]{1,300}")
-MAX_CONFIG_BYTES = 256 << 10  # an adapter_config.json is a few KB; anything near this is no real config
 MAX_PATTERN_KEYS = 1024  # rank_pattern / alpha_pattern keys: one per projection of a 140-layer model fits
 
 
@@ -220,24 +219,6 @@ def _module_of_key(key: str, spec: BaseSpec) -> tuple[str, str]:
     return module, which
 
 
-def _check_files(path: Path) -> tuple[Path, Path]:
-    if not path.is_dir():
-        raise UnsupportedFormat(f"LoRA adapter {path} does not exist or is not a directory", param=str(path))
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not config_path.is_file():
-        raise UnsupportedFormat(f"LoRA adapter directory has no {CONFIG_FILE}", param=CONFIG_FILE)
-    if not weights_path.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if is_pickle_name(p.name))
-        if pickles:
-            raise PickleRefused(
-                f"LoRA adapter weights are a pickle file ({', '.join(pickles)}); pickle files are never loaded: "
-                f"save the adapter as {WEIGHTS_FILE} (save_pretrained(..., safe_serialization=True))",
-                param=pickles[0],
-            )
-        raise UnsupportedFormat(f"LoRA adapter directory has no {WEIGHTS_FILE}", param=WEIGHTS_FILE)
-    return config_path, weights_path
-
-
 def load_lora_dir(path: str | os.PathLike[str], spec: BaseSpec, max_rank: int | None = None) -> LoraDelta:
     """Validates a PEFT LoRA directory against the base and loads it.
 
@@ -252,7 +233,7 @@ def load_lora_dir(path: str | os.PathLike[str], spec: BaseSpec, max_rank: int | 
     lora_A/lora_B of a projection of the base, a module with A or B missing, a rank above max_rank,
     a wrong shape (expected and actual named), a non-float dtype, NaN/Inf, or no weights at all.
     """
-    config_path, weights_path = _check_files(Path(path))
+    config_path, weights_path = check_files(Path(path), "LoRA adapter")
     config_bytes, opts = _read_config(config_path)
     header, _ = read_header(weights_path)
     if not header:
@@ -284,17 +265,7 @@ def load_lora_dir(path: str | os.PathLike[str], spec: BaseSpec, max_rank: int | 
 
 def _read_config(config_path: Path) -> tuple[bytes, dict]:
     """adapter_config.json's bytes (part of the identity) and its parsed options."""
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise UnsupportedFormat(
-            f"{CONFIG_FILE} is {config_path.stat().st_size} bytes, over the limit of {MAX_CONFIG_BYTES}", param=CONFIG_FILE
-        )
-    config_bytes = config_path.read_bytes()
-    try:
-        config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UnsupportedFormat(f"{CONFIG_FILE} is not valid JSON: {e}", param=CONFIG_FILE) from e
-    if not isinstance(config, dict):
-        raise UnsupportedFormat(f"{CONFIG_FILE} must hold a JSON object", param=CONFIG_FILE)
+    config_bytes, config = read_config(config_path)
     return config_bytes, _parse_config(config)
 
 
@@ -322,6 +293,4 @@ def _check_module(module: str, pair: dict[str, str], header, opts: dict, spec: B
     return r_m
 
 
-def lora_sha256(config_bytes: bytes, weights_path: str | os.PathLike[str]) -> str:
-    """A LoRA's identity (module docstring): sha256 of u64le(len(config)) + config + the weights file's bytes."""
-    return sha256_file(weights_path, prefix=struct.pack("<Q", len(config_bytes)) + config_bytes)
+lora_sha256 = adapter_sha256  # a LoRA's identity: registry.peft_dir's, as for every PEFT directory

@@ -1,7 +1,7 @@
 """GPU slots for tenants' deltas: allocated once at start-up; loading a delta into a slot is a copy.
 
-Two independent slot spaces, one per kind (a row carries a 1-bit slot and a LoRA slot, each -1 when
-unused), so no index ever means two things. A slot holding a delta that a running request uses is
+Independent slot spaces, one per kind (a row carries a 1-bit slot, a LoRA slot and an (IA)^3 slot, each -1
+when unused), so no index ever means two things. A slot holding a delta that a running request uses is
 pinned; when a new delta needs a slot and none is free, the least recently used unpinned slot is
 reused.
 
@@ -11,6 +11,9 @@ Per projection P (module path as in the HF state dict):
          delta leaves P alone)
   LoRA:  a [S_lora, r_max, in], bt [S_lora, r_max, out] (B transposed; ranks below r_max zero-padded),
          scaling [S_lora] float32, ranks [S_lora] int32
+  (IA)^3: ia3_in [S_ia3 + 1, in], ia3_out [S_ia3 + 1, out] float32: each slot's input (feedforward) and output
+         scaling vectors, 1 where its delta leaves them alone; the last row is all ones, the row of "no (IA)^3
+         delta" (`ia3_ones_slot`), so one gather serves a batch mixing (IA)^3 rows and others
 Replacements (1-bit files may replace any other base tensor exactly, CONTRACT §4): one pool per replaced
 tensor name, [S_bd, *shape], created the first time a delta replaces that name; the rows of slots whose
 delta does not replace it hold the base tensor, so a row's lookup never needs to know which slots replace.
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from formats.signs import ROWS, SignLayout
-from registry.deltas import BitDelta, Delta, LoraDelta
+from registry.deltas import DELTA_KINDS, BitDelta, Composition, Delta, Ia3Delta, LoraDelta
 from registry.errors import AdapterMismatch
 from registry.host_tier import TierObserver
 
@@ -41,6 +44,8 @@ class ProjectionPools:
     lora_bt: torch.Tensor | None = None
     lora_scaling: torch.Tensor | None = None
     lora_ranks: torch.Tensor | None = None
+    ia3_in: torch.Tensor | None = None
+    ia3_out: torch.Tensor | None = None
 
 
 @dataclass
@@ -99,7 +104,7 @@ class _SlotTable:
 
 
 class SlotPool:
-    """Preallocated GPU slots for 1-bit and LoRA deltas, with pinning and LRU reuse."""
+    """Preallocated GPU slots for 1-bit, LoRA and (IA)^3 deltas, with pinning and LRU reuse."""
 
     def __init__(
         self,
@@ -113,16 +118,18 @@ class SlotPool:
         device: torch.device | str,
         sign_layout: SignLayout = ROWS,
         observer: TierObserver | None = None,
+        ia3_slots: int = 0,
     ):
         """projections: module path -> (out, in). base_tensors: every tensor of the served model by
         state-dict name (on `device`): the source of replacement pools' base rows (a CPU linear weight may be
         oneDNN-packed: it is unpacked when a replacement pool needs its rows). sign_layout: how the
         1-bit kernels that will read the pool want the packed signs (DeltaOps.sign_layout). observer(event,
         seconds): "hit", "miss", "load" (with the host time of the copies) and "evict", as the host tier's."""
-        if bitdelta_slots < 0 or lora_slots < 0 or max_lora_rank < 1:
+        if bitdelta_slots < 0 or lora_slots < 0 or ia3_slots < 0 or max_lora_rank < 1:
             raise ValueError("slot counts must be >= 0 and max_lora_rank >= 1")
         self.num_bitdelta_slots = bitdelta_slots
         self.num_lora_slots = lora_slots
+        self.num_ia3_slots = ia3_slots
         self.max_lora_rank = max_lora_rank
         self.sign_layout = sign_layout
         self._base = base_tensors
@@ -138,12 +145,21 @@ class SlotPool:
                 p.lora_bt = torch.zeros(lora_slots, max_lora_rank, out_f, dtype=dtype, device=device)
                 p.lora_scaling = torch.zeros(lora_slots, dtype=torch.float32, device=device)
                 p.lora_ranks = torch.zeros(lora_slots, dtype=torch.int32, device=device)
+            if ia3_slots:
+                p.ia3_in = torch.ones(ia3_slots + 1, in_f, dtype=torch.float32, device=device)
+                p.ia3_out = torch.ones(ia3_slots + 1, out_f, dtype=torch.float32, device=device)
             self._projections[path] = p
         self._replacements: dict[str, Replacement] = {}
-        self._tables = {"bitdelta": _SlotTable(bitdelta_slots), "lora": _SlotTable(lora_slots)}
+        counts = {"bitdelta": bitdelta_slots, "lora": lora_slots, "ia3": ia3_slots}
+        self._tables = {kind: _SlotTable(counts[kind]) for kind in DELTA_KINDS}
         self.observer: TierObserver = observer or (lambda event, seconds: None)
 
     # ---- what the layers read -------------------------------------------------------------------
+    @property
+    def ia3_ones_slot(self) -> int:
+        """The row of the (IA)^3 pools that scales by 1: where rows without an (IA)^3 delta look."""
+        return self.num_ia3_slots
+
     def projection(self, path: str) -> ProjectionPools | None:
         return self._projections.get(path)
 
@@ -159,8 +175,12 @@ class SlotPool:
         return any(rep.replaced_slots.intersection(bitdelta_slots) for rep in self._replacements.values())
 
     # ---- checks ------------------------------------------------------------------------------------
-    def check_servable(self, delta: Delta) -> None:
-        """Raises AdapterMismatch if this pool cannot hold `delta` (independent of what is loaded)."""
+    def check_servable(self, delta: Delta | Composition) -> None:
+        """Raises AdapterMismatch if this pool cannot hold `delta` (independent of what is loaded); for a
+        composition, if it cannot hold all its parts at once."""
+        if isinstance(delta, Composition):
+            self._check_composition(delta)
+            return
         if isinstance(delta, LoraDelta):
             if not self.num_lora_slots:
                 raise AdapterMismatch("this server has no LoRA slots (lora_slots=0)")
@@ -171,6 +191,18 @@ class SlotPool:
             for path in delta.weights:
                 if path not in self._projections:
                     raise AdapterMismatch(f"LoRA targets {path!r}, which is not a projection of the base", param=path)
+            return
+        if isinstance(delta, Ia3Delta):
+            if not self.num_ia3_slots:
+                raise AdapterMismatch("this server has no (IA)^3 slots (ia3_slots=0)")
+            for path, vector in delta.vectors.items():
+                p = self._projections.get(path)
+                if p is None:
+                    raise AdapterMismatch(f"(IA)^3 targets {path!r}, which is not a projection of the base", param=path)
+                size = p.in_features if path in delta.feedforward else p.out_features
+                if vector.shape != (size,):
+                    raise AdapterMismatch(f"(IA)^3 vector of {path} has {vector.numel()} entries, expected {size}",
+                                          param=path)  # fmt: skip
             return
         if not self.num_bitdelta_slots:
             raise AdapterMismatch("this server has no 1-bit delta slots (bitdelta_slots=0)")
@@ -190,6 +222,30 @@ class SlotPool:
                     f"replacement {name!r} has shape {tuple(tensor.shape)}, the base has {tuple(base.shape)}",
                     param=name,
                 )
+
+    def _check_composition(self, composition: Composition) -> None:
+        """Every part servable, one tenant's, no more parts of a kind than its slots (it takes them all at
+        once), and no projection scaled on its input by one (IA)^3 part and on its output by another (their
+        weighted merge is not a product of scalings)."""
+        owners = {d.owner for d, _ in composition.parts}
+        if len(owners) != 1:
+            raise AdapterMismatch("a composition's deltas must all be one tenant's", param="adapters")
+        for d, _ in composition.parts:
+            self.check_servable(d)
+        counts = {"bitdelta": self.num_bitdelta_slots, "lora": self.num_lora_slots, "ia3": self.num_ia3_slots}
+        for kind in DELTA_KINDS:
+            n = len({d.key for d, _ in composition.parts if d.kind == kind})
+            if n > counts[kind]:
+                raise AdapterMismatch(f"the composition has {n} deltas of kind {kind}; this server has {counts[kind]} "
+                                      f"{kind} slots", param="adapters")  # fmt: skip
+        roles: dict[str, bool] = {}  # projection -> scales its input
+        for d, _ in composition.parts:
+            if isinstance(d, Ia3Delta):
+                for path in d.vectors:
+                    if roles.setdefault(path, path in d.feedforward) != (path in d.feedforward):
+                        raise AdapterMismatch(
+                            f"(IA)^3 parts scale {path} on its input and on its output: such a composition is not "
+                            "supported", param="adapters")  # fmt: skip
 
     def _dense_base(self, name: str) -> torch.Tensor:
         t = self._base[name]
@@ -222,6 +278,11 @@ class SlotPool:
         """True when a delta of this kind could be loaded now (a slot free, or an unpinned one to reuse)."""
         return self._tables[kind].victim() is not None
 
+    def room(self, kind: str, keeping: frozenset[str] | set[str] = frozenset()) -> int:
+        """How many deltas of this kind could be loaded now without evicting those of the keys in `keeping`."""
+        table = self._tables[kind]
+        return sum(1 for slot in table.lru if table.owner[slot] not in keeping)
+
     def acquire(self, delta: Delta) -> int | None:
         """Pins `delta` in a slot, loading it (a copy) if it is not resident. None when every slot of its
         kind is pinned by other deltas: the caller waits and tries again after some request finishes."""
@@ -241,6 +302,8 @@ class SlotPool:
             with torch.no_grad():  # the pools are plain buffers: copies into them record no autograd history
                 if isinstance(delta, LoraDelta):
                     self._load_lora(slot, delta)
+                elif isinstance(delta, Ia3Delta):
+                    self._load_ia3(slot, delta)
                 else:
                     self._load_bitdelta(slot, delta)
             self.observer("load", time.perf_counter() - t0)
@@ -284,6 +347,16 @@ class SlotPool:
                 self._replacements[name] = rep
             rep.pool[slot].copy_(tensor, non_blocking=True)
             rep.replaced_slots.add(slot)
+
+    def _load_ia3(self, slot: int, delta: Ia3Delta) -> None:
+        for path, p in self._projections.items():
+            assert p.ia3_in is not None and p.ia3_out is not None
+            p.ia3_in[slot].fill_(1.0)
+            p.ia3_out[slot].fill_(1.0)
+            vector = delta.vectors.get(path)
+            if vector is not None:
+                target = p.ia3_in if path in delta.feedforward else p.ia3_out
+                target[slot].copy_(vector, non_blocking=True)
 
     def _load_lora(self, slot: int, delta: LoraDelta) -> None:
         ranks = torch.zeros(len(self._projections), dtype=torch.int32)

@@ -1,5 +1,6 @@
 """What an upload may contain, by format (CONTRACT §2), checked before a byte of a file is written:
-- "lora":     exactly `adapter_config.json` and `adapter_model.safetensors` (a PEFT directory).
+- "lora":     exactly `adapter_config.json` and `adapter_model.safetensors` (a PEFT LoRA directory).
+- "ia3":      the same two files (a PEFT (IA)^3 directory).
 - "bitdelta": one `*.safetensors` file (a deltaserve.bitdelta v1 file, CONTRACT §4).
 - "finetune": `config.json`, `*.safetensors` weight files and optionally `model.safetensors.index.json` (and
               the JSON files of FINETUNE_OPTIONAL).
@@ -14,7 +15,9 @@ from collections.abc import Iterable
 
 from registry.errors import InvalidName, PickleRefused, UnsupportedFormat, is_pickle_name
 
-FORMATS = ("lora", "bitdelta", "finetune")
+FORMATS = ("lora", "ia3", "bitdelta", "finetune")
+PEFT_FORMATS = ("lora", "ia3")
+"""The formats that are a PEFT adapter directory (adapter_config.json and adapter_model.safetensors)."""
 """The upload formats of CONTRACT §2 (the `format` form field)."""
 
 LORA_CONFIG = "adapter_config.json"
@@ -63,6 +66,7 @@ def expected_files(format: str) -> str:
     """What a `format` upload holds, in words (for error messages)."""
     return {
         "lora": f"{LORA_CONFIG} and {LORA_WEIGHTS}",
+        "ia3": f"{LORA_CONFIG} and {LORA_WEIGHTS}",
         "bitdelta": f"one {SAFETENSORS_SUFFIX} file",
         "finetune": f"{FINETUNE_CONFIG}, {SAFETENSORS_SUFFIX} weight files and optionally {FINETUNE_INDEX}",
     }[format]
@@ -90,7 +94,7 @@ def check_file_allowed(format: str, filename: str, present: Iterable[str] = ()) 
     if len(present) >= MAX_FILES:
         raise UnsupportedFormat(f"an upload may have at most {MAX_FILES} files", param=filename)
     is_weights = filename.endswith(SAFETENSORS_SUFFIX)
-    if format == "lora":
+    if format in PEFT_FORMATS:
         ok = filename in (LORA_CONFIG, LORA_WEIGHTS)
     elif format == "bitdelta":
         ok = is_weights

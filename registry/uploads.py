@@ -42,6 +42,7 @@ from registry.upload_formats import (
     LORA_CONFIG,
     LORA_WEIGHTS,
     MAX_FILES,
+    PEFT_FORMATS,
     SAFETENSORS_SUFFIX,
     check_file_allowed,
     check_file_name,
@@ -240,8 +241,9 @@ class Staging:
         """Checks the complete upload against the served base, reading every safetensors header (with
         registry.safetensors_io.read_header) before any tensor data.
 
-        "lora" / "bitdelta": returns the loaded Delta (registry.loading.load_delta: names, shapes, dtypes,
-        finite values, the base fingerprint; LoRA ranks above max_lora_rank refused); its sha256 is the
+        "lora" / "ia3" / "bitdelta": returns the loaded Delta (registry.loading.load_delta: names, shapes,
+        dtypes, finite values, the base fingerprint; LoRA ranks above max_lora_rank refused; a PEFT directory
+        whose peft_type is not the format's refused, param "format"); its sha256 is the
         identity `Registry.commit_adapter` stores it under.
         "finetune": returns None after checking that config.json is a JSON object, that the checkpoint
         opens (registry.checkpoint.Checkpoint: index and shards consistent), that every uploaded weight
@@ -263,7 +265,7 @@ class Staging:
             check_file_allowed(format, n, present)
             present.append(n)
         weights = [n for n in names if n.endswith(SAFETENSORS_SUFFIX)]
-        required = {"lora": [LORA_CONFIG, LORA_WEIGHTS], "bitdelta": [], "finetune": [FINETUNE_CONFIG]}[format]
+        required = [LORA_CONFIG, LORA_WEIGHTS] if format in PEFT_FORMATS else [FINETUNE_CONFIG] if format == "finetune" else []
         for need in required:
             if need not in names:
                 raise UnsupportedFormat(f"a {format} upload needs {expected_files(format)}: {need} is missing", param=need)
@@ -278,8 +280,15 @@ class Staging:
 
         for n in weights:
             read_header(self.path / n)
-        if format == "lora":
-            return load_delta(self.path, spec, max_lora_rank)
+        if format in PEFT_FORMATS:
+            delta = load_delta(self.path, spec, max_lora_rank)
+            if delta.kind != format:
+                raise AdapterMismatch(
+                    f"adapter_config.json says this is {'an (IA)^3' if delta.kind == 'ia3' else 'a LoRA'} adapter: "
+                    f"upload it with format {delta.kind}, not {format}",
+                    param="format",
+                )
+            return delta
         if format == "bitdelta":
             return load_delta(self.path / weights[0], spec)
         self._check_finetune(spec, names, weights)
@@ -311,15 +320,15 @@ class Staging:
     # --- committing (used by Registry) ---------------------------------------------------------------
 
     def payload(self, kind: str) -> Path:
-        """What a commit moves into the blob store for a delta of `kind`: for "lora" the directory itself
+        """What a commit moves into the blob store for a delta of `kind`: for "lora" and "ia3" the directory itself
         (it must hold exactly adapter_config.json and adapter_model.safetensors), for "bitdelta" its one
         file (any name: an upload's or a compression's output). ValueError for any other layout (a bug of
         the caller: validate first)."""
         self._check_open()
         names = self._listing()
-        if kind == "lora":
+        if kind in PEFT_FORMATS:
             if names != sorted([LORA_CONFIG, LORA_WEIGHTS]):
-                raise ValueError(f"a LoRA staging must hold exactly {LORA_CONFIG} and {LORA_WEIGHTS}, it holds {names}")
+                raise ValueError(f"a PEFT adapter staging must hold exactly {LORA_CONFIG} and {LORA_WEIGHTS}, it holds {names}")
             return self.path
         if kind == "bitdelta":
             if len(names) != 1:

@@ -28,6 +28,7 @@ from registry.fmdelta import FMDeltaError
 from registry.host_tier import HostTier, TierObserver
 from registry.loading import load_delta
 from registry.recipe import Recipe
+from registry.upload_formats import PEFT_FORMATS
 from registry.uploads import Staging
 from serving.engine.async_engine import EngineLoop
 from serving.engine.engine import LLMEngine
@@ -393,8 +394,8 @@ class Adapters:
                 del self._downloads[tenant]
 
     def _stored_files(self, record: AdapterRecord) -> list[downloads.StoredFile]:
-        if record.format == "lora":
-            return downloads.lora_files(self.registry.blob_path(record))
+        if record.format in PEFT_FORMATS:
+            return downloads.peft_files(self.registry.blob_path(record))
         if record.format == "bitdelta":
             return downloads.bitdelta_files(self.registry.blob_path(record))
         source = self.registry.source_path(record)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from registry.catalog import Registry, Tenant
+from registry.deltas import DELTA_KINDS
 from serving.adapters import Adapters, ResolvedModel
 from serving.engine.async_engine import EngineLoop
 from serving.engine.engine import LLMEngine, RequestOutput
@@ -70,13 +71,13 @@ class Backend:
         metrics.pending.set_function(lambda: self.loop.num_pending)
         metrics.max_pending.set(self.config.max_pending)
         metrics.engine_up.set_function(lambda: 1 if self.healthy else 0)
-        metrics.slots_in_use.labels("gpu_lora").set_function(lambda: engine.stats().slots_in_use["lora"])
-        metrics.slots_in_use.labels("gpu_bitdelta").set_function(lambda: engine.stats().slots_in_use["bitdelta"])
+        for kind in DELTA_KINDS:
+            metrics.slots_in_use.labels(f"gpu_{kind}").set_function(lambda k=kind: engine.stats().slots_in_use[k])
         metrics.slots_in_use.labels("host").set_function(lambda: self.adapters.host_tier.num_items)
         metrics.host_bytes.set_function(lambda: self.adapters.host_tier.nbytes)
         metrics.host_capacity.set(self.adapters.host_tier.capacity_bytes)
-        for tier, n in (("gpu_lora", engine.config.lora_slots), ("gpu_bitdelta", engine.config.bitdelta_slots)):
-            metrics.slots_total.labels(tier).set(n)
+        for kind in DELTA_KINDS:
+            metrics.slots_total.labels(f"gpu_{kind}").set(getattr(engine.config, f"{kind}_slots"))
 
     # ---- life cycle --------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -84,7 +85,7 @@ class Backend:
         e, c = self.engine, self.engine.config
         return (f"serving {self.model_id} from {e.base_dir} on {e.device} in {str(e.dtype).removeprefix('torch.')}; "
                 f"delta kernels: {e.runner.ops.name}; GPU slots: {c.lora_slots} LoRA (rank <= {c.max_lora_rank}), "
-                f"{c.bitdelta_slots} 1-bit; host tier {self.config.host_cache_bytes >> 20} MB; KV cache "
+                f"{c.bitdelta_slots} 1-bit, {c.ia3_slots} (IA)^3; host tier {self.config.host_cache_bytes >> 20} MB; KV cache "
                 f"{e.blocks.num_blocks} blocks of {e.blocks.block_size} tokens; max_model_len {self.max_model_len}; "
                 f"at most {c.max_num_seqs} sequences and {c.max_num_batched_tokens} tokens per step")  # fmt: skip
 

@@ -5,7 +5,7 @@ servers in one process never share counters. No metric carries an adapter label,
 counters a tenant label: their number is unbounded, and a tenant must not learn about others from /metrics
 (which needs the admin key whenever tenants are named). Labels used, with their bounds: route (the fixed API
 routes), status (HTTP status codes), model_kind (base | lora | bitdelta | none), tier (gpu | host for the
-adapter cache counters; gpu_lora | gpu_bitdelta | host for slots in use, gpu_lora | gpu_bitdelta for capacity), format and outcome of uploads; tenant (the
+adapter cache counters; gpu_lora | gpu_bitdelta | gpu_ia3 | host for slots in use, the gpu_ ones for capacity), format and outcome of uploads; tenant (the
 top N tenants by tokens, N set by --metrics-top-tenants, and `other`: serving.usage) and kind (prompt |
 completion) of the usage counters.
 """
@@ -108,9 +108,9 @@ class Metrics:
             for family in (self.adapter_hits, self.adapter_misses, self.adapter_loads, self.adapter_evictions,
                            self.adapter_load_seconds):
                 family.labels(tier)
-        for tier in ("gpu_lora", "gpu_bitdelta", "host"):
+        for tier in ("gpu_lora", "gpu_bitdelta", "gpu_ia3", "host"):
             self.slots_in_use.labels(tier)
-        for tier in ("gpu_lora", "gpu_bitdelta"):
+        for tier in ("gpu_lora", "gpu_bitdelta", "gpu_ia3"):
             self.slots_total.labels(tier)
         for fmt in FORMATS:  # every upload outcome too (a refused upload's first burst must show in increase())
             for outcome in ("accepted", "refused", *(("ready", "failed") if fmt == "finetune" else ())):

@@ -129,6 +129,22 @@ def make_lora(base_dir: Path, out: Path, r: int, seed: int, rslora: bool = False
     return out, peft_model.merge_and_unload().eval()
 
 
+def make_ia3(base_dir: Path, out: Path, seed: int, targets=("k_proj", "v_proj", "down_proj"),
+             feedforward=("down_proj",)):  # fmt: skip
+    """A PEFT (IA)^3 adapter with random vectors around 1; returns (adapter dir, merged transformers model)."""
+    from peft import IA3Config, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = IA3Config(target_modules=list(targets), feedforward_modules=list(feedforward), init_ia3_weights=False)
+    peft_model = get_peft_model(hf_model(base_dir), cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+    peft_model.save_pretrained(out)
+    return out, peft_model.merge_and_unload().eval()
+
+
 def make_bitdelta(base_dir: Path, out: Path, seed: int, per_row: bool, replace: bool):
     """A 1-bit delta of a random fine-tune; returns (file, transformers model with W + scale * sign)."""
     from registry.bitdelta_format import save_bitdelta_file
@@ -234,7 +250,8 @@ MIXED_PROMPTS = [
 def mixed_tenants(root: Path):
     """The central test's world: a Qwen2 base (untied, q/k/v biases, GQA) and its tenants — LoRA r2, r8 (three
     targets) and rsLoRA r4 saved by peft; 1-bit deltas with per-row and per-matrix scales, and one that also
-    replaces norms, a bias, the embeddings and the lm_head. Returns (base_dir, {name: (file or None, merged HF
+    replaces norms, a bias, the embeddings and the lm_head; (IA)^3 adapters on keys, values (biased: PEFT
+    scales the bias too) and down_proj, and on q, o and two feedforward modules. Returns (base_dir, {name: (file or None, merged HF
     model)})."""
     base_dir = make_model_dir(root / "base", arch="qwen2")
     tenants = {"base": (None, hf_model(base_dir))}
@@ -244,6 +261,9 @@ def mixed_tenants(root: Path):
     tenants["bd-row"] = make_bitdelta(base_dir, root / "bd-row.safetensors", seed=4, per_row=True, replace=False)
     tenants["bd-mat"] = make_bitdelta(base_dir, root / "bd-mat.safetensors", seed=5, per_row=False, replace=False)
     tenants["bd-repl"] = make_bitdelta(base_dir, root / "bd-repl.safetensors", seed=6, per_row=True, replace=True)
+    tenants["ia3-kvd"] = make_ia3(base_dir, root / "ia3-kvd", seed=7)
+    tenants["ia3-qoud"] = make_ia3(base_dir, root / "ia3-qoud", seed=8, targets=("q_proj", "o_proj", "up_proj", "down_proj"),
+                                   feedforward=("up_proj", "down_proj"))  # fmt: skip
     return base_dir, tenants
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from registry.deltas import Delta
+from registry.deltas import Served
 from serving.engine.engine import LLMEngine, RequestOutput
 from serving.engine.errors import EngineDead, Overloaded
 from serving.engine.host_memory import HeapTrimmer
@@ -34,7 +34,7 @@ class _Pending:
     request_id: str
     prompt: list[int]
     params: SamplingParams
-    delta: Delta | None
+    delta: Served | None
     tenant: str
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
@@ -73,7 +73,7 @@ class EngineLoop:
         return self._count
 
     def submit(
-        self, request_id: str, prompt: list[int], params: SamplingParams, delta: Delta | None, tenant: str = ""
+        self, request_id: str, prompt: list[int], params: SamplingParams, delta: Served | None, tenant: str = ""
     ) -> asyncio.Queue:
         """Queues a request of `tenant`; its outputs (RequestOutput, or RequestFailed) arrive on the returned queue."""
         if not self.alive:
@@ -95,7 +95,7 @@ class EngineLoop:
         self._commands.put(("forget", (kind, key)))
 
     async def stream(
-        self, request_id: str, prompt: list[int], params: SamplingParams, delta: Delta | None, tenant: str = ""
+        self, request_id: str, prompt: list[int], params: SamplingParams, delta: Served | None, tenant: str = ""
     ) -> AsyncIterator[RequestOutput]:
         """Submits and yields outputs until the request finishes; aborts it if the consumer stops early."""
         out = self.submit(request_id, prompt, params, delta, tenant)

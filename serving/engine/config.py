@@ -33,6 +33,7 @@ class EngineOptions(BaseModel):
     bitdelta_slots: int = Field(4, ge=0, description="GPU slots for 1-bit deltas")
     lora_slots: int = Field(8, ge=0, description="GPU slots for LoRA adapters")
     max_lora_rank: int = Field(64, ge=1, description="the largest LoRA rank the slots hold")
+    ia3_slots: int = Field(8, ge=0, description="GPU slots for (IA)^3 adapters")
     kernel_backend: KernelBackend = Field("auto", description="the delta kernels (auto: triton on a GPU, cpu on CPU)")
     cuda_graphs: bool = Field(
         False, description="GPU: replay decode steps from CUDA graphs (not yet validated on a GPU; off by default)"

@@ -46,6 +46,7 @@ class GraphKey:
     ctx_blocks: int  # KV blocks every row attends over
     bitdelta: bool
     lora: bool
+    ia3: bool = False
 
 
 @dataclass
@@ -71,8 +72,8 @@ class DecodeGraphs:
 
     def key_for(self, seqs: list[Sequence], deltas_touch_replacements: bool) -> GraphKey | None:
         """The graph of a decode-only step, or None when it must run eagerly."""
-        if not seqs or len(seqs) > self.max_batch or deltas_touch_replacements:
-            return None
+        if not seqs or len(seqs) > self.max_batch or deltas_touch_replacements or any(s.composed for s in seqs):
+            return None  # compositions run eagerly: their extra passes are not part of any graph
         batch = next((b for b in BATCH_BUCKETS if len(seqs) <= b <= self.max_batch), self.max_batch)
         bs = self.runner.block_size
         blocks = max(-(-(s.num_computed + 1) // bs) for s in seqs)
@@ -82,6 +83,7 @@ class DecodeGraphs:
             ctx_blocks=max(ctx_blocks, blocks),
             bitdelta=any(s.bitdelta_slot >= 0 for s in seqs),
             lora=any(s.lora_slot >= 0 for s in seqs),
+            ia3=any(s.ia3_slot >= 0 for s in seqs),
         )
 
     def run(self, seqs: list[Sequence], key: GraphKey) -> torch.Tensor:
@@ -126,8 +128,10 @@ class DecodeGraphs:
             r.device,
             stage,
             pad_tiles_to=key.batch,
+            ia3_slots=[s.ia3_slot for s in seqs] + [-1] * pad,
         )
         assert deltas.bitdelta.empty != key.bitdelta and deltas.lora.empty != key.lora
+        assert (deltas.ia3_row_slot is not None) == key.ia3
         stage.upload()
         if stage.copies != 1:  # a buffer too small would move inputs the graph reads: a bug in the sizing below
             raise RuntimeError(f"the graph inputs of {key} took {stage.copies} transfers")
@@ -138,8 +142,8 @@ class DecodeGraphs:
         return model.compute_logits(model(ids, attn, deltas), deltas)
 
     def _build(self, seqs: list[Sequence], key: GraphKey) -> _Graph:  # pragma: no mutate block (CUDA capture: GPU only)
-        # Every array of the padded step, generously: 16 int64 per row, the block tables, the alignment.
-        capacity = key.batch * (16 * 8 + 8 * key.ctx_blocks) + 64 * 16 + 4096
+        # Every array of the padded step, generously: 17 int64 per row (16, and the (IA)^3 row slots), the block tables, the alignment.
+        capacity = key.batch * (17 * 8 + 8 * key.ctx_blocks) + 64 * 16 + 4096
         # Separate host and device buffers even on a CPU (capture=False): the layout a graph relies on is what runs.
         g = _Graph(StepStaging(self.runner.device, capacity=capacity, separate_buffers=True))
         inputs = self._stage(g.staging, seqs, key)

@@ -18,7 +18,7 @@ import torch
 
 from deltakernels import select_delta_ops
 from registry.checkpoint import Checkpoint
-from registry.deltas import BaseSpec, Delta
+from registry.deltas import DELTA_KINDS, BaseSpec, Delta, Served
 from registry.fingerprint import base_spec
 from registry.host_tier import TierObserver
 from registry.magnitudes import measure as measure_magnitudes
@@ -110,6 +110,7 @@ class LLMEngine:
             bitdelta_slots=config.bitdelta_slots,
             lora_slots=config.lora_slots,
             max_lora_rank=config.max_lora_rank,
+            ia3_slots=config.ia3_slots,
             dtype=self.dtype,
             device=self.device,
             sign_layout=ops.sign_layout,
@@ -172,10 +173,11 @@ class LLMEngine:
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams,
-        delta: Delta | None = None,
+        delta: Served | None = None,
         tenant: str = "",
     ) -> None:
-        """Queues a request of `tenant` (the scheduler shares the batch fairly among tenants).
+        """Queues a request of `tenant` (the scheduler shares the batch fairly among tenants) on the base, one
+        delta, or a composition of several (registry.deltas.Composition: their weighted merge).
         Raises SamplingParamsError / PromptTooLong / DeltaError for bad input."""
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -253,8 +255,8 @@ class LLMEngine:
             num_waiting=sum(len(q) for q in queues),
             num_running=len(running),
             kv_usage=self.blocks.usage,
-            slots_in_use={kind: self.slots.num_resident(kind) for kind in ("lora", "bitdelta")},
-            distinct_deltas_running=len({s.delta.key for s in running if s.delta is not None}),
+            slots_in_use={kind: self.slots.num_resident(kind) for kind in DELTA_KINDS},
+            distinct_deltas_running=len({d.key for s in running for d, _ in s.parts}),
             num_preemptions=self.scheduler.num_preemptions,
         )
 
@@ -321,7 +323,7 @@ class LLMEngine:
 
     # ---- offline ----------------------------------------------------------------------------------
     def generate(
-        self, requests: Iterable[tuple[str | list[int], SamplingParams, Delta | None]]
+        self, requests: Iterable[tuple[str | list[int], SamplingParams, Served | None]]
     ) -> list[Completion]:
         """Runs all requests together (mixed batches) to completion; results in input order."""
         ids = []

@@ -18,7 +18,7 @@ from registry.slot_pool import SlotPool
 from serving.engine.cuda_graphs import DecodeGraphs
 from serving.engine.sampler import RowSampling, Sampler, make_generator
 from serving.engine.scheduler import ScheduledSeq
-from serving.engine.sequence import TokenLogprob
+from serving.engine.sequence import Sequence, TokenLogprob
 from serving.engine.staging import StepStaging
 from serving.engine.structured import StructuredOutputs
 from serving.models.attention import build_attention_batch
@@ -88,8 +88,12 @@ class ModelRunner:
         c = model.config
         return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
 
-    def _delta_batch(self, bd_slots: Seq[int], lora_slots: Seq[int], lens: Seq[int], stage: StepStaging) -> DeltaBatch:
-        return DeltaBatch.build(self.ops, self.slots, bd_slots, lora_slots, lens, self.lora_scratch, self.device, stage)
+    def _delta_batch(self, seqs: Seq[Sequence], lens: Seq[int], stage: StepStaging) -> DeltaBatch:
+        """The deltas of rows laid out sequence after sequence, lens[j] rows for seqs[j]."""
+        bd, lora, ia3 = zip(*(s.row_slots for s in seqs)) if seqs else ((), (), ())
+        composed = [s.weighted_parts for s in seqs] if any(s.composed for s in seqs) else None
+        return DeltaBatch.build(self.ops, self.slots, bd, lora, lens, self.lora_scratch, self.device, stage,
+                                ia3_slots=ia3, composed=composed)  # fmt: skip
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
@@ -133,17 +137,14 @@ class ModelRunner:
             self.model.config.sliding_window,
             stage,
         )
-        bd_slots = [s.bitdelta_slot for s in seqs]
-        lora_slots = [s.lora_slot for s in seqs]
-        token_deltas = self._delta_batch(bd_slots, lora_slots, query_lens, stage)
+        token_deltas = self._delta_batch(seqs, query_lens, stage)
         completing = [i for i, s in enumerate(scheduled) if s.completes]
         decode_only = all(n == 1 for n in query_lens)  # then the last positions are all rows, with the same deltas
         if not decode_only and completing:
             ends = list(itertools.accumulate(query_lens))
             last = stage([ends[i] - 1 for i in completing], torch.int64)
-            seq_deltas = self._delta_batch([bd_slots[i] for i in completing], [lora_slots[i] for i in completing],
-                                           [1] * len(completing), stage)  # fmt: skip
-        scoring = self._prompt_scoring(scheduled, bd_slots, lora_slots, stage)
+            seq_deltas = self._delta_batch([seqs[i] for i in completing], [1] * len(completing), stage)
+        scoring = self._prompt_scoring(scheduled, stage)
         stage.upload()
         hidden = self.model(ids, attn, token_deltas)  # [N, D]
         scored = self._score_prompts(hidden, scoring, len(scheduled)) if scoring is not None else None
@@ -155,7 +156,7 @@ class ModelRunner:
             last_hidden = hidden[last]  # [C, D]
         return self.model.compute_logits(last_hidden, seq_deltas), scored  # [C, V] float32
 
-    def _prompt_scoring(self, scheduled, bd_slots, lora_slots, stage: StepStaging) -> _PromptScoring | None:
+    def _prompt_scoring(self, scheduled, stage: StepStaging) -> _PromptScoring | None:
         """Stages the rows and targets of the prompt tokens this step scores (a chunk's position p scores prompt
         token p + 1); None when no scheduled sequence asks for prompt logprobs."""
         items, rows, targets = [], [], []
@@ -170,8 +171,7 @@ class ModelRunner:
             start += s.num_tokens
         if not items:
             return None
-        deltas = self._delta_batch([bd_slots[i] for i, *_ in items], [lora_slots[i] for i, *_ in items],
-                                   [n for _, _, n, _ in items], stage)  # fmt: skip
+        deltas = self._delta_batch([scheduled[i].seq for i, *_ in items], [n for _, _, n, _ in items], stage)
         k = max(k for *_, k in items)
         return _PromptScoring(items, stage(rows, torch.int64), stage(targets, torch.int64), deltas, k)
 

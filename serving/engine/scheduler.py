@@ -29,7 +29,9 @@ Delta slots: a waiting sequence whose delta finds every slot of its kind pinned 
 sequences behind it go ahead, and waiting for a slot is not waiting for a place in the batch. Slots are loaded
 first come, first served across tenants: a freed slot goes to the oldest waiting sequence whose delta is not
 resident (its "load turn"), whatever its tenant's counter, so a tenant whose delta was evicted waits in line
-rather than behind every newcomer with a lower counter. Nothing crashes.
+rather than behind every newcomer with a lower counter. Nothing crashes. A sequence on several deltas (a
+composition) takes all their slots or none: it is admitted when, for each kind it must load, its first delta
+not resident has that kind's load turn, and gives back what it took when a slot is short.
 """
 
 from __future__ import annotations
@@ -260,22 +262,44 @@ class Scheduler:
             return None
         while queue:
             seq = queue.popleft()
-            if seq.delta is not None and seq.slot < 0:  # a parked sequence still holds its slot
-                loads = not self.slots.is_resident(seq.delta)
-                if loads and self._load_turn.get(seq.delta.kind) != seq.delta.key:
+            if seq.delta is not None and not seq.holds_slots:  # a parked sequence still holds its slots
+                missing = self._first_missing(seq)
+                if any(self._load_turn.get(kind) != key for kind, key in missing.items()):
                     skipped.setdefault(tenant, []).append(seq)  # an older request loads first: it keeps its place
                     continue
-                slot = self.slots.acquire(seq.delta)
-                if slot is None:  # every slot of its kind pinned: it waits, keeping its place
+                if not self._acquire_all(seq):  # a slot of its kind all pinned: it waits, keeping its place
                     skipped.setdefault(tenant, []).append(seq)
                     continue
-                seq.slot = slot
-                if loads:
+                if missing:
                     self._load_turn = self._next_loads()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             return seq
         return None
+
+    def _first_missing(self, seq: Sequence) -> dict[str, str]:
+        """Per delta kind, the key of the sequence's first delta of that kind that is not resident."""
+        missing: dict[str, str] = {}
+        for delta, _ in seq.parts:
+            if not self.slots.is_resident(delta):
+                missing.setdefault(delta.kind, delta.key)
+        return missing
+
+    def _acquire_all(self, seq: Sequence) -> bool:
+        """Pins every delta of the sequence in a slot, or none (False: one kind's slots are all pinned)."""
+        if seq.composed:  # enough slots for all its parts, or loading one would only evict another of them
+            keys = {delta.key for delta, _ in seq.parts}
+            for kind in {delta.kind for delta, _ in seq.parts}:
+                needed = len({d.key for d, _ in seq.parts if d.kind == kind and not self.slots.is_resident(d)})
+                if needed > self.slots.room(kind, keeping=keys):
+                    return False
+        for i, (delta, _) in enumerate(seq.parts):
+            slot = self.slots.acquire(delta)
+            if slot is None:
+                self._release_slot(seq)
+                return False
+            seq.slots[i] = slot
+        return True
 
     def _admittable(self, queue: deque[Sequence]) -> bool:
         """True when some sequence of this queue could join the batch now (see _could_run)."""
@@ -284,22 +308,23 @@ class Scheduler:
     def _could_run(self, seq: Sequence) -> bool:
         """A waiting sequence with no delta, holding its slot (parked), whose delta is resident, or whose turn it
         is to load one where there is room. Waiting for a delta slot is not waiting for a place in the batch."""
-        if seq.delta is None or seq.slot >= 0 or self.slots.is_resident(seq.delta):
+        if seq.delta is None or seq.holds_slots:
             return True
-        return self._load_turn.get(seq.delta.kind) == seq.delta.key and self.slots.has_room(seq.delta.kind)
+        missing = self._first_missing(seq)
+        return all(self._load_turn.get(kind) == key and self.slots.has_room(kind) for kind, key in missing.items())
 
     def _next_loads(self) -> dict[str, str]:
         """Per delta kind, the delta of the oldest waiting sequence whose delta is not resident: the next one a
         freed slot goes to."""
-        oldest: dict[str, Sequence] = {}
+        oldest: dict[str, tuple[int, str]] = {}  # kind -> (arrival, delta key)
         for queue in self.queues.values():
             for seq in queue:
-                if seq.delta is None or seq.slot >= 0 or self.slots.is_resident(seq.delta):
+                if seq.delta is None or seq.holds_slots:
                     continue
-                kind = seq.delta.kind
-                if kind not in oldest or seq.arrival < oldest[kind].arrival:
-                    oldest[kind] = seq
-        return {kind: seq.delta.key for kind, seq in oldest.items()}  # type: ignore[union-attr]
+                for kind, key in self._first_missing(seq).items():
+                    if kind not in oldest or seq.arrival < oldest[kind][0]:
+                        oldest[kind] = (seq.arrival, key)
+        return {kind: key for kind, (_, key) in oldest.items()}
 
     def _unadmit(self, seq: Sequence) -> None:
         """An admitted sequence that found no KV blocks: back at the head of its queue (a new one gives its
@@ -365,6 +390,7 @@ class Scheduler:
         self.queues.setdefault(seq.tenant, deque()).appendleft(seq)
 
     def _release_slot(self, seq: Sequence) -> None:
-        if seq.delta is not None and seq.slot >= 0:
-            self.slots.release(seq.delta)
-            seq.slot = -1
+        for i, (delta, _) in enumerate(seq.parts):
+            if seq.slots[i] >= 0:
+                self.slots.release(delta)
+                seq.slots[i] = -1

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from registry.deltas import Delta
+from registry.deltas import Composition, Delta, Served
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.sampling_params import SamplingParams
 
@@ -31,7 +31,7 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    delta: Delta | None = None
+    delta: Served | None = None  # a delta, or several of its tenant's with weights (a Composition)
     detokenizer: IncrementalDetokenizer | None = None
     tenant: str = ""  # whose request: the scheduler's fair shares are per tenant
     end_token_ids: frozenset[int] = frozenset()  # tokens that end it: stop_token_ids, and EOS unless ignored
@@ -42,7 +42,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     num_computed: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)
-    slot: int = -1  # GPU slot of `delta` while pinned (its kind's slot space), else -1
+    slots: list[int] = field(default_factory=list)  # per part: its GPU slot while pinned (its kind's space), else -1
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     # with params.prompt_logprobs: entry j is prompt token j + 1's (filled as the prompt is computed), else None
@@ -51,6 +51,8 @@ class Sequence:
     arrival: int = 0  # order of arrival at the scheduler: whose delta is loaded next when slots are short
 
     def __post_init__(self) -> None:
+        if not self.slots:
+            self.slots = [-1] * len(self.parts)
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -73,10 +75,50 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
+    # ---- its deltas and their slots ----------------------------------------------------------------------
+    @property
+    def parts(self) -> tuple[tuple[Delta, float], ...]:
+        """(delta, weight) of each delta it runs on: one of weight 1, a composition's, or none."""
+        if self.delta is None:
+            return ()
+        return self.delta.parts if isinstance(self.delta, Composition) else ((self.delta, 1.0),)
+
+    @property
+    def composed(self) -> bool:
+        """True when its rows add weighted changes (a Composition) rather than run one delta as it is."""
+        return isinstance(self.delta, Composition)
+
+    @property
+    def holds_slots(self) -> bool:
+        """True while its deltas are pinned in their slots (all are acquired and released together)."""
+        return any(s >= 0 for s in self.slots)
+
+    def _plain_slot(self, kind: str) -> int:
+        if self.delta is None or self.composed or self.delta.kind != kind:
+            return -1
+        return self.slots[0]
+
     @property
     def bitdelta_slot(self) -> int:
-        return self.slot if self.delta is not None and self.delta.kind == "bitdelta" else -1
+        return self._plain_slot("bitdelta")
 
     @property
     def lora_slot(self) -> int:
-        return self.slot if self.delta is not None and self.delta.kind == "lora" else -1
+        return self._plain_slot("lora")
+
+    @property
+    def ia3_slot(self) -> int:
+        return self._plain_slot("ia3")
+
+    @property
+    def row_slots(self) -> tuple[int, int, int]:
+        """(1-bit, LoRA, (IA)^3) slot of its rows when it runs one delta as it is, -1 where none (all -1 for a
+        composition, whose parts are `weighted_parts`): what DeltaBatch.build takes per sequence."""
+        return self.bitdelta_slot, self.lora_slot, self.ia3_slot
+
+    @property
+    def weighted_parts(self) -> list[tuple[str, int, float]]:
+        """A composition's parts as (kind, slot, weight), [] otherwise: DeltaBatch.build's `composed`."""
+        if not self.composed:
+            return []
+        return [(d.kind, slot, w) for (d, w), slot in zip(self.parts, self.slots)]

@@ -4,11 +4,16 @@ The model code builds its projections, norms and embeddings from these classes a
 `DeltaBatch` down; it holds no tenancy logic itself. With `deltas=None` they are the plain layers.
 
 Per row i (a token, or a sequence's last position for the lm_head):
-  TenantLinear:    y[i] = x[i] @ W.T + b   (one GEMM for all rows)
+  TenantLinear:    y[i] = ((x[i] * l_in[a]) @ W.T + b) * l_out[a]   (one GEMM for all rows; a = row i's (IA)^3
+                                                   slot, whose vectors are 1 where its delta leaves them alone)
                         + scale[s] * (x[i] @ sign[s].T)          if row i has 1-bit slot s
                         + scaling[l] * (x[i] @ A[l].T) @ B[l].T  if row i has LoRA slot l
                    where a 1-bit delta replaces W or b exactly, row i uses its tenant's tensor instead.
   TenantRMSNorm / TenantEmbedding: row i uses its tenant's replaced weight if there is one.
+A row on a composition (registry.deltas.Composition: parts k with weights w_k) computes the weighted merge
+W + sum_k w_k (W_k - W) without forming it: l_in/l_out = 1 + sum_k w_k (l_k - 1), each 1-bit or LoRA part reads
+w_k * x (every change is linear in x), and a replaced tensor R_k adds w_k (R_k - base). The parts go through
+the kernels in extra passes (DeltaBatch.passes), the same slots and pools as when served alone.
 
 On the CPU the engine repacks the base weights of the linears once (pack_cpu_weights): oneDNN's blocked layout
 runs the decode-sized GEMMs about 3x faster than the default (MKL) path on the CPUs we measured.
@@ -25,23 +30,74 @@ from torch import nn
 
 from deltakernels import DeltaOps
 from deltakernels.segments import SlotTiles, Stage, build_slot_tiles, copy_stage
-from registry.slot_pool import SlotPool
+from registry.slot_pool import ProjectionPools, Replacement, SlotPool
+
+
+@dataclass(frozen=True)
+class DeltaPass:
+    """At most one delta of each kind per row: what one call of each delta kernel applies.
+
+    bitdelta / lora:     rows grouped by slot (deltakernels.segments), for the delta kernels.
+    bitdelta_row_slot:   [N] int64, each row's 1-bit slot (-1 = none), for replaced tensors.
+    ia3_row_slot:        [N] int64, each row's (IA)^3 slot (the pools' row of ones for none); None when no row
+                         has one in this pass (the layers then skip the scaling altogether).
+    weight:              None for the first pass: each row runs its one delta as it is (a replaced tensor is
+                         the row's tensor). [N, 1] float32 for a composition's parts: row i adds weight[i] times
+                         its part's change (a replaced tensor R adds weight * (R - base)).
+    """
+
+    bitdelta: SlotTiles
+    lora: SlotTiles
+    bitdelta_row_slot: torch.Tensor
+    ia3_row_slot: torch.Tensor | None
+    weight: torch.Tensor | None
+
+    @classmethod
+    def build(cls, pools: SlotPool, slots: Sequence[tuple[int, int, int]], lens: Sequence[int], device: torch.device,
+              stage: Stage, pad_tiles_to: int | None, weights: Sequence[float] | None = None) -> DeltaPass:  # fmt: skip
+        """slots[j]: sequence j's (1-bit, LoRA, (IA)^3) slot, -1 = none; weights[j] its weight (None: the first
+        pass)."""
+        bd = [s[0] for s in slots]
+        bd_rows: list[int] = []
+        for slot, n in zip(bd, lens):
+            bd_rows.extend([slot] * n)
+        ia3_rows = None
+        if any(s[2] >= 0 for s in slots):
+            ones, rows = pools.ia3_ones_slot, []
+            for s, n in zip(slots, lens):
+                rows.extend([s[2] if s[2] >= 0 else ones] * n)
+            ia3_rows = stage(rows, torch.int64)
+        weight = None
+        if weights is not None:
+            w_rows: list[float] = []
+            for w, n in zip(weights, lens):
+                w_rows.extend([w] * n)
+            weight = stage(w_rows, torch.float32).view(-1, 1)
+        return cls(
+            bitdelta=build_slot_tiles(bd, lens, device, stage, pad_tiles_to),
+            lora=build_slot_tiles([s[1] for s in slots], lens, device, stage, pad_tiles_to),
+            bitdelta_row_slot=stage(bd_rows, torch.int64),
+            ia3_row_slot=ia3_rows,
+            weight=weight,
+        )
+
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """What this pass's deltas read: x, or x times each row's weight (every delta is linear in x)."""
+        return x if self.weight is None else (x * self.weight).to(x.dtype)
 
 
 @dataclass(frozen=True)
 class DeltaBatch:
-    """Which delta each row of the layer inputs uses; built once per step by the model runner.
+    """Which deltas each row of the layer inputs uses; built once per step by the model runner.
 
-    bitdelta / lora:     rows grouped by slot (deltakernels.segments), for the delta kernels.
-    bitdelta_row_slot:   [N] int64, each row's 1-bit slot (-1 = none), for replaced tensors.
-    lora_buf:            [N, r_max] float32 scratch for the LoRA shrink (a view of a buffer owned by the runner).
+    passes:    the first holds every row's one delta run as it is; a composition's k-th part is in pass k + 1
+               (with its weight), so that each pass has at most one delta of each kind per row.
+    lora_buf:  [N, r_max] float32 scratch for the LoRA shrink (a view of a buffer owned by the runner).
     """
 
     ops: DeltaOps
     pools: SlotPool
-    bitdelta: SlotTiles
-    lora: SlotTiles
-    bitdelta_row_slot: torch.Tensor
+    passes: tuple[DeltaPass, ...]
     lora_buf: torch.Tensor
 
     @classmethod
@@ -56,42 +112,82 @@ class DeltaBatch:
         device: torch.device,
         stage: Stage | None = None,
         pad_tiles_to: int | None = None,
+        ia3_slots: Sequence[int] | None = None,
+        composed: Sequence[Sequence[tuple[str, int, float]]] | None = None,
     ) -> DeltaBatch:
         """For rows laid out sequence after sequence: sequence j owns lens[j] consecutive rows and uses 1-bit
-        slot bitdelta_slots[j] and LoRA slot lora_slots[j] (-1 = none). lora_buf: scratch of at least
-        [sum(lens), r_max] float32, owned by the caller (allocated once). stage: how the host arrays reach
-        the device (the engine's one transfer per step; default one copy each). pad_tiles_to: fixed-size tile
-        arrays for a CUDA graph (deltakernels.segments.build_slot_tiles)."""
+        slot bitdelta_slots[j], LoRA slot lora_slots[j] and (IA)^3 slot ia3_slots[j] (-1 = none; ia3_slots
+        None: none at all), and the parts (kind, slot, weight) of composed[j] (a composition's; [] for none).
+        lora_buf: scratch of at least [sum(lens), r_max] float32, owned by the caller (allocated once). stage: how
+        the host arrays reach the device (the engine's one transfer per step; default one copy each).
+        pad_tiles_to: fixed-size tile arrays for a CUDA graph (deltakernels.segments.build_slot_tiles)."""
         stage = stage or copy_stage(device)
-        row_slot: list[int] = []
-        for slot, n in zip(bitdelta_slots, lens):
-            row_slot.extend([slot] * n)
-        return cls(
-            ops=ops,
-            pools=pools,
-            bitdelta=build_slot_tiles(bitdelta_slots, lens, device, stage, pad_tiles_to),
-            lora=build_slot_tiles(lora_slots, lens, device, stage, pad_tiles_to),
-            bitdelta_row_slot=stage(row_slot, torch.int64),
-            lora_buf=lora_buf[: len(row_slot)],
-        )
+        ia3 = ia3_slots if ia3_slots is not None else [-1] * len(lens)
+        passes = [DeltaPass.build(pools, list(zip(bitdelta_slots, lora_slots, ia3)), lens, device, stage, pad_tiles_to)]
+        for k in range(max((len(parts) for parts in composed or ()), default=0)):
+            slots, weights = [], []
+            for parts in composed:  # type: ignore[union-attr]
+                kind, slot, weight = parts[k] if k < len(parts) else ("", -1, 0.0)
+                slots.append(tuple(slot if kind == name else -1 for name in ("bitdelta", "lora", "ia3")))
+                weights.append(weight)
+            passes.append(DeltaPass.build(pools, slots, lens, device, stage, pad_tiles_to, weights))
+        return cls(ops=ops, pools=pools, passes=tuple(passes), lora_buf=lora_buf[: sum(lens)])
+
+    # The first pass: what a batch without compositions is (the CUDA graphs' and most tests' view).
+    @property
+    def bitdelta(self) -> SlotTiles:
+        return self.passes[0].bitdelta
 
     @property
-    def touches_replacements(self) -> bool:
-        """True when a row of this batch uses a delta that replaces some base tensor (host-side decisions follow)."""
-        if self.bitdelta.empty or not self.pools.has_replacements:
-            return False
-        return self.pools.replaces_any(self.bitdelta.slots)
+    def lora(self) -> SlotTiles:
+        return self.passes[0].lora
+
+    @property
+    def bitdelta_row_slot(self) -> torch.Tensor:
+        return self.passes[0].bitdelta_row_slot
+
+    @property
+    def ia3_row_slot(self) -> torch.Tensor | None:
+        return self.passes[0].ia3_row_slot
+
+    def _replacing_passes(self, rep: Replacement | None) -> list[DeltaPass]:
+        if rep is None:
+            return []
+        return [p for p in self.passes if not p.bitdelta.empty and rep.replaced_slots.intersection(p.bitdelta.slots)]
 
     def gather_rows(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        """[N, *base.shape]: each row's copy of tensor `name` (its tenant's replacement, else the base);
-        None when no resident delta replaces `name` (the caller uses the base for every row)."""
-        rep = self.pools.replacement(name) if not self.bitdelta.empty else None
-        if rep is None or not rep.replaced_slots.intersection(self.bitdelta.slots):
-            return None
-        slot = self.bitdelta_row_slot
-        rows = rep.pool[slot.clamp(min=0)]
-        has = (slot >= 0).view(-1, *([1] * base.dim()))
-        return torch.where(has, rows, base)
+        """[N, *base.shape]: each row's copy of tensor `name` (its tenant's replacement, else the base; for a
+        composition the base plus each part's weighted change); None when no row's delta replaces `name` (the
+        caller uses the base for every row)."""
+        out = None
+        for p in self._replacing_passes(self.pools.replacement(name)):
+            rep = self.pools.replacement(name)
+            slot = p.bitdelta_row_slot
+            rows = rep.pool[slot.clamp(min=0)]  # type: ignore[union-attr]
+            has = (slot >= 0).view(-1, *([1] * base.dim()))
+            if p.weight is None:  # the first pass
+                out = torch.where(has, rows, base)
+            else:
+                change = torch.where(has, rows - base, 0.0) * p.weight.view(-1, *([1] * base.dim()))
+                out = (base if out is None else out) + change
+        return out
+
+    def ia3_scales(self, pools: ProjectionPools) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Each row's (input, output) scaling of one projection, [N, in] and [N, out] float32: 1 + the weighted
+        sum of its parts' (l - 1); (None, None) when no row has an (IA)^3 delta."""
+        scale_in = scale_out = None
+        if pools.ia3_in is None or pools.ia3_out is None:
+            return None, None
+        for p in self.passes:
+            if p.ia3_row_slot is None:
+                continue
+            l_in, l_out = pools.ia3_in[p.ia3_row_slot], pools.ia3_out[p.ia3_row_slot]
+            if p.weight is None:  # the first pass
+                scale_in, scale_out = l_in, l_out
+            else:
+                scale_in = (l_in - 1.0) * p.weight + (1.0 if scale_in is None else scale_in)
+                scale_out = (l_out - 1.0) * p.weight + (1.0 if scale_out is None else scale_out)
+        return scale_in, scale_out
 
 
 class TenantLinear(nn.Module):
@@ -115,22 +211,34 @@ class TenantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
         # x: [N, in] -> y: [N, out]
-        if self.weight.is_mkldnn:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        pools = deltas.pools.projection(self.path) if deltas is not None else None
+        scale_in, scale_out = deltas.ia3_scales(pools) if pools is not None else (None, None)  # type: ignore[union-attr]
+        # (IA)^3 scales what the base weight reads and gives (PEFT's order: float32 products, cast back); the other
+        # deltas of a row read the unscaled x, as in the weighted merge W + (W * l - W) + ...
+        y = self._base(x if scale_in is None else (x * scale_in).to(x.dtype), self.bias)
         if deltas is None:
             return y
+        if scale_out is not None:
+            y.mul_(scale_out)
         ops = deltas.ops
-        pools = deltas.pools.projection(self.path)
-        if pools is not None and not deltas.bitdelta.empty and pools.signs is not None:
-            ops.bitdelta_apply(y, x, pools.signs, pools.scales, deltas.bitdelta)
-        if pools is not None and not deltas.lora.empty and pools.lora_a is not None:
-            ops.lora_apply(y, x, pools.lora_a, pools.lora_bt, pools.lora_scaling, pools.lora_ranks, deltas.lora,
-                           deltas.lora_buf)  # fmt: skip
-        if deltas.pools.has_replacements and not deltas.bitdelta.empty:
+        for p in deltas.passes if pools is not None else ():
+            xp = None
+            if not p.bitdelta.empty and pools.signs is not None:
+                xp = p.scaled(x)
+                ops.bitdelta_apply(y, xp, pools.signs, pools.scales, p.bitdelta)
+            if not p.lora.empty and pools.lora_a is not None:
+                xp = p.scaled(x) if xp is None else xp
+                ops.lora_apply(y, xp, pools.lora_a, pools.lora_bt, pools.lora_scaling, pools.lora_ranks, p.lora,
+                               deltas.lora_buf)  # fmt: skip
+        if deltas.pools.has_replacements:
             self._apply_replacements(y, x, deltas)
         return y
+
+    def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W.T (+ bias) with the base weight, in whichever layout it is kept."""
+        if self.weight.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
 
     def _apply_replacements(self, y: torch.Tensor, x: torch.Tensor, deltas: DeltaBatch) -> None:
         if self.bias is not None:
@@ -138,19 +246,22 @@ class TenantLinear(nn.Module):
             if bias_rows is not None:
                 y += bias_rows - self.bias
         rep = deltas.pools.replacement(self.weight_name)
-        if rep is None:
-            return
-        tiles = deltas.bitdelta
-        for slot, start, end in tiles.slot_ranges:
-            if slot not in rep.replaced_slots:
-                continue
-            # A whole weight replaced for this tenant: its rows get their own GEMM (rare: lm_head, embeddings).
-            rows = tiles.order[start:end].long()
-            bias = None
-            if self.bias is not None:
-                bias_rep = deltas.pools.replacement(f"{self.path}.bias")
-                bias = bias_rep.pool[slot] if bias_rep is not None else self.bias
-            y[rows] = F.linear(x[rows], rep.pool[slot], bias)
+        for p in deltas._replacing_passes(rep):
+            tiles = p.bitdelta
+            for slot, start, end in tiles.slot_ranges:
+                if slot not in rep.replaced_slots:  # type: ignore[union-attr]
+                    continue
+                # A whole weight replaced for this tenant: its rows get their own GEMM (rare: lm_head, embeddings).
+                rows = tiles.order[start:end].long()
+                weight = rep.pool[slot]  # type: ignore[union-attr]
+                if p.weight is None:
+                    bias = None
+                    if self.bias is not None:
+                        bias_rep = deltas.pools.replacement(f"{self.path}.bias")
+                        bias = bias_rep.pool[slot] if bias_rep is not None else self.bias
+                    y[rows] = F.linear(x[rows], weight, bias)
+                else:  # a composition's part: its weighted change (the bias's came with gather_rows above)
+                    y[rows] += p.weight[rows] * (F.linear(x[rows], weight) - self._base(x[rows], None))
 
 
 def cpu_weight_packing_available() -> bool:
@@ -203,11 +314,16 @@ class TenantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
         # ids: [N] -> [N, D]
         h = F.embedding(ids, self.weight)
-        if deltas is None or deltas.bitdelta.empty:
+        if deltas is None:
             return h
         rep = deltas.pools.replacement(self.name)
-        if rep is None or not rep.replaced_slots.intersection(deltas.bitdelta.slots):
-            return h
-        slot = deltas.bitdelta_row_slot
-        rows = rep.pool[slot.clamp(min=0), ids]
-        return torch.where((slot >= 0).unsqueeze(-1), rows, h)
+        out = h
+        for p in deltas._replacing_passes(rep):
+            slot = p.bitdelta_row_slot
+            rows = rep.pool[slot.clamp(min=0), ids]  # type: ignore[union-attr]
+            has = (slot >= 0).unsqueeze(-1)
+            if p.weight is None:  # the first pass
+                out = torch.where(has, rows, out)
+            else:
+                out = out + torch.where(has, rows - h, 0.0) * p.weight
+        return out

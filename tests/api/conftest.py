@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import make_bitdelta, make_lora, make_model_dir
+from tests.helpers import make_bitdelta, make_ia3, make_lora, make_model_dir
 
 ADMIN_KEY = "test-admin-key-0123456789"
 
@@ -86,6 +86,7 @@ def live(tmp_path_factory):
     base = make_model_dir(root / "base", arch="qwen2")
     srv = start_server(root, base)
     srv.files["lora"], srv.files["lora_merged"] = make_lora(base, root / "lora", r=4, seed=1)
+    srv.files["ia3"], srv.files["ia3_merged"] = make_ia3(base, root / "ia3", seed=3)
     srv.files["bd"], srv.files["bd_merged"] = make_bitdelta(base, root / "bd.safetensors", seed=2, per_row=True,
                                                             replace=True)
     srv.files["root"] = root

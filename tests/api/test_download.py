@@ -14,7 +14,7 @@ import pytest
 
 from tests.api.conftest import start_server, stop_server
 from tests.api.helpers import upload
-from tests.helpers import make_bitdelta, make_lora, make_model_dir, save_finetune
+from tests.helpers import make_bitdelta, make_ia3, make_lora, make_model_dir, save_finetune
 
 
 def sha(path: Path) -> str:
@@ -47,6 +47,7 @@ def srv(tmp_path_factory):
     live = start_server(root, base, max_upload_mb=4)
     live.files["ft"] = save_finetune(base, root / "ft", seed=3, touch=lambda n: "proj" in n, std=1e-3)
     live.files["lora"], _ = make_lora(base, root / "lora", r=4, seed=1)
+    live.files["ia3"], _ = make_ia3(base, root / "ia3", seed=1)
     live.files["bd"], _ = make_bitdelta(base, root / "bd.safetensors", seed=2, per_row=True, replace=False)
     live.files["root"] = root
     yield live
@@ -76,15 +77,18 @@ def test_a_finetune_comes_back_byte_for_byte_through_the_api_and_the_cli(srv, tm
     assert {p.name: sha(p) for p in out.iterdir()} == uploaded  # nothing else (no partial file) is left there
 
 
-def test_lora_and_bitdelta_versions_come_back_as_uploaded(srv):
+def test_lora_ia3_and_bitdelta_versions_come_back_as_uploaded(srv):
     key = srv.new_tenant("plain")
     with srv.client(key) as c:
         assert upload(c, "bot", "lora", srv.files["lora"]).status_code == 201
+        assert upload(c, "terse", "ia3", srv.files["ia3"]).status_code == 201
         assert upload(c, "legal", "bitdelta", srv.files["bd"]).status_code == 201
         lora = members(c.get("/v1/adapters/bot/download").content)
+        ia3 = members(c.get("/v1/adapters/terse/download").content)
         bd = members(c.get("/v1/adapters/legal/download").content)
-    assert {n: data for n, (data, _) in lora.items()} == {
-        p.name: p.read_bytes() for p in srv.files["lora"].iterdir() if p.suffix in (".json", ".safetensors")}  # fmt: skip
+    for got, src in ((lora, srv.files["lora"]), (ia3, srv.files["ia3"])):
+        assert {n: data for n, (data, _) in got.items()} == {
+            p.name: p.read_bytes() for p in src.iterdir() if p.suffix in (".json", ".safetensors")}  # fmt: skip
     assert list(bd) == ["bitdelta.safetensors"] and bd["bitdelta.safetensors"][0] == srv.files["bd"].read_bytes()
 
 

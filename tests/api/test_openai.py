@@ -1,5 +1,5 @@
 """The official `openai` client against the live server: completions and chat, streamed and not, on the base
-and on a LoRA and a 1-bit adapter uploaded over HTTP in the same test. Greedy text equals plain transformers
+and on a LoRA, an (IA)^3 and a 1-bit adapter uploaded over HTTP in the same test. Greedy text equals plain transformers
 on the merged fine-tune and `deltaserve generate`."""
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def tenant(live):
     with live.client(key) as c:
         r = upload(c, "my-lora", "lora", live.files["lora"])
         assert r.status_code == 201, r.text
+        r = upload(c, "my-ia3", "ia3", live.files["ia3"])
+        assert r.status_code == 201 and r.json()["format"] == "ia3", r.text
         r = upload(c, "my-bitdelta", "bitdelta", live.files["bd"])
         assert r.status_code == 201, r.text
         assert r.json()["status"] == "ready" and r.json()["version"] == 1
@@ -41,12 +43,13 @@ def test_openai_client_matches_transformers(live, tenant, capsys):
     client = openai.OpenAI(base_url=live.url + "/v1", api_key=tenant)
     base_id = live.backend.model_id
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {base_id, "my-lora", "my-bitdelta"}
+    assert set(models) == {base_id, "my-lora", "my-ia3", "my-bitdelta"}
     assert models["my-lora"].parent == base_id
     tok = make_tokenizer()
     chat_ids = list(tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False))
-    references = {base_id: hf_model(live.base_dir), "my-lora": live.files["lora_merged"], "my-bitdelta": live.files["bd_merged"]}
-    adapters = {base_id: None, "my-lora": live.files["lora"], "my-bitdelta": live.files["bd"]}
+    references = {base_id: hf_model(live.base_dir), "my-lora": live.files["lora_merged"],
+                  "my-ia3": live.files["ia3_merged"], "my-bitdelta": live.files["bd_merged"]}  # fmt: skip
+    adapters = {base_id: None, "my-lora": live.files["lora"], "my-ia3": live.files["ia3"], "my-bitdelta": live.files["bd"]}
     for model, merged in references.items():
         want = reference(merged, tok(PROMPT).input_ids)
         r = client.completions.create(model=model, prompt=PROMPT, max_tokens=N, temperature=0)

@@ -13,7 +13,7 @@ from serving.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraphs
 from serving.engine.engine import LLMEngine
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampling_params import SamplingParams
-from tests.helpers import make_bitdelta, make_lora, make_model_dir
+from tests.helpers import make_bitdelta, make_ia3, make_lora, make_model_dir
 
 PROMPTS = ["The quick brown fox", "To be", "A journey of a thousand miles begins with a single step", "def main():",
            "All that glitters", "Caf\u00e9 cr\u00e8me"]  # fmt: skip
@@ -26,7 +26,8 @@ def world(tmp_path_factory):
     lora, _ = make_lora(base, root / "lora", r=4, seed=1)
     bd, _ = make_bitdelta(base, root / "bd.safetensors", seed=2, per_row=True, replace=False)
     repl, _ = make_bitdelta(base, root / "repl.safetensors", seed=3, per_row=True, replace=True)
-    return base, {"lora": lora, "bd": bd, "repl": repl}
+    ia3, _ = make_ia3(base, root / "ia3", seed=4)
+    return base, {"lora": lora, "bd": bd, "repl": repl, "ia3": ia3}
 
 
 def _engine(base, graphs: bool) -> LLMEngine:
@@ -56,7 +57,7 @@ def _check_inputs_live_in_the_graph_buffer(graphs: DecodeGraphs) -> None:
 
     def checked(staging, seqs, key):
         ids, attn, deltas = real_stage(staging, seqs, key)
-        arrays = [ids, attn.positions, attn.slot_mapping, deltas.bitdelta_row_slot]
+        arrays = [ids, attn.positions, attn.slot_mapping, deltas.bitdelta_row_slot, deltas.ia3_row_slot]
         arrays += [t for g in attn.groups for t in vars(g).values() if isinstance(t, torch.Tensor)]
         for tiles in (deltas.bitdelta, deltas.lora):
             arrays += [tiles.order, tiles.tile_slot, tiles.tile_start, tiles.tile_rows]
@@ -69,7 +70,7 @@ def _check_inputs_live_in_the_graph_buffer(graphs: DecodeGraphs) -> None:
     graphs._stage = checked
 
 
-@pytest.mark.parametrize("tenants", [("base",), ("base", "lora", "bd"), ("lora", "bd", "repl", "base")])
+@pytest.mark.parametrize("tenants", [("base",), ("base", "lora", "bd", "ia3"), ("lora", "bd", "repl", "base")])
 def test_padded_decode_gives_the_same_tokens(world, tenants) -> None:
     base, files = world
     greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)  # 30 tokens: contexts cross buckets
@@ -98,19 +99,22 @@ def test_padded_decode_gives_the_same_tokens(world, tenants) -> None:
         assert {k.batch for k in keys} == {8}  # 5 rows padded to the bucket of 8
         assert len({k.ctx_blocks for k in keys}) >= 2  # contexts of 5..58 tokens cross the 4- and 8-block buckets
         assert all(k.bitdelta == ("bd" in tenants) and k.lora == ("lora" in tenants) for k in keys)
+        assert all(k.ia3 == ("ia3" in tenants) for k in keys)
 
 
 def test_keys() -> None:
     class Seq:
-        def __init__(self, computed, bd=-1, lora=-1):
-            self.num_computed, self.bitdelta_slot, self.lora_slot = computed, bd, lora
+        def __init__(self, computed, bd=-1, lora=-1, ia3=-1):
+            self.num_computed, self.bitdelta_slot, self.lora_slot, self.ia3_slot = computed, bd, lora, ia3
+            self.composed = False
 
     class Runner:
         block_size = 16
 
     g = DecodeGraphs(Runner(), max_batch=40, max_ctx_blocks=8, capture=False)  # type: ignore[arg-type]
     k = g.key_for([Seq(15), Seq(16, bd=0)], False)
-    assert (k.batch, k.ctx_blocks, k.bitdelta, k.lora) == (2, 2, True, False)  # 17 tokens: 2 blocks
+    assert (k.batch, k.ctx_blocks, k.bitdelta, k.lora, k.ia3) == (2, 2, True, False, False)  # 17 tokens: 2 blocks
+    assert g.key_for([Seq(15), Seq(3, ia3=0)], False).ia3
     assert g.key_for([Seq(40, lora=1)] * 3, False).batch == 4 and g.key_for([Seq(40)] * 3, False).ctx_blocks == 4
     assert g.key_for([Seq(1)] * 33, False).batch == 40  # above the last bucket under the limit: the limit
     assert g.key_for([Seq(1)] * 41, False) is None  # above max_batch: eager

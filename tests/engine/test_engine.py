@@ -224,14 +224,14 @@ def test_stats_report_what_the_engine_holds(world):
     deltas = [load_delta(adapters[0], engine.spec, 8), load_delta(adapters[3], engine.spec, 8)]
     idle = engine.stats()
     assert (idle.num_waiting, idle.num_running, idle.kv_usage, idle.distinct_deltas_running) == (0, 0, 0.0, 0)
-    assert idle.slots_in_use == {"lora": 0, "bitdelta": 0} and idle.num_preemptions == 0
+    assert idle.slots_in_use == {"lora": 0, "bitdelta": 0, "ia3": 0} and idle.num_preemptions == 0
     long = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     for i, delta in enumerate([deltas[0], deltas[1], None]):
         engine.add_request(f"r{i}", PROMPTS[i], long, delta)
     engine.step()
     busy = engine.stats()
     assert busy.num_running == 2 and busy.num_waiting == 1  # max_num_seqs 2: the third waits
-    assert busy.distinct_deltas_running == 2 and busy.slots_in_use == {"lora": 1, "bitdelta": 1}
+    assert busy.distinct_deltas_running == 2 and busy.slots_in_use == {"lora": 1, "bitdelta": 1, "ia3": 0}
     assert 0.0 < busy.kv_usage < 1.0
     assert busy.num_preemptions == engine.scheduler.num_preemptions
 

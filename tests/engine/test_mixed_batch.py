@@ -2,7 +2,8 @@
 transformers running each tenant's merged fine-tune in float32.
 
 Tenants: base rows; LoRA adapters of ranks 2, 8 and 4 (rsLoRA), saved by peft; 1-bit deltas with per-row
-and per-matrix scales, one of which also replaces norm weights, a bias, the embeddings and the lm_head.
+and per-matrix scales, one of which also replaces norm weights, a bias, the embeddings and the lm_head; (IA)^3
+adapters saved by peft (keys, values and down_proj; q, o, up and down with two feedforward modules).
 Prompts of different lengths; requests arrive at different steps.
 """
 
@@ -87,6 +88,8 @@ ROW_SETTINGS = {
     "bd-row": {"logit_bias": {50: 4.0, 60: -100.0, 61: -100.0}},
     "bd-mat": {"repetition_penalty": 1.3, "frequency_penalty": 0.4, "min_tokens": 3},
     "bd-repl": {},
+    "ia3-kvd": {"frequency_penalty": 0.8},
+    "ia3-qoud": {},
 }
 
 

@@ -42,6 +42,9 @@ class FakeSlots:
     def has_room(self, kind):
         return len(self.pins) < self.n
 
+    def room(self, kind, keeping=()):
+        return self.n - len(self.pins)
+
 
 def make(max_num_seqs=8, budget=64, chunk=16, blocks=64, block_size=4, slots=4) -> Scheduler:
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, prefill_chunk=chunk)
@@ -387,7 +390,7 @@ def test_a_parked_sequence_gives_its_blocks_before_a_running_one_is_preempted() 
     while len(b.block_table) < 3:  # b decodes until it needs a third block: a's are taken back for it
         step(s)
     assert b.status is SeqStatus.RUNNING and b.block_table
-    assert not a.block_table and a.num_computed == 0 and a.status is SeqStatus.WAITING and a.slot == -1
+    assert not a.block_table and a.num_computed == 0 and a.status is SeqStatus.WAITING and a.slots == [-1]
     assert s.num_preemptions == 4 and s.slots.pins == {} and s.waiting[0] is a
 
 
@@ -397,7 +400,7 @@ def test_aborting_a_waiting_request_leaves_the_running_ones_pin() -> None:
     s.add(running)
     s.add(waiting)
     step(s)
-    assert running.status is SeqStatus.RUNNING and waiting.slot == -1 and s.slots.pins == {"X": 1}
+    assert running.status is SeqStatus.RUNNING and waiting.slots == [-1] and s.slots.pins == {"X": 1}
     s.finish(waiting, "abort")  # it never held the slot: the running request's pin stays
     assert s.slots.pins == {"X": 1} and not s.waiting
 

@@ -38,7 +38,7 @@ workload = st.fixed_dictionaries({
 
 
 def live_pins(seqs: list[Sequence]) -> Counter:
-    return Counter(s.delta.key for s in seqs if s.delta is not None and s.slot >= 0 and not s.finished)
+    return Counter(s.delta.key for s in seqs if s.delta is not None and s.holds_slots and not s.finished)
 
 
 def check_step(s: Scheduler, out, budget: int, chunk: int, seqs: list[Sequence], decoding: set[int]) -> None:
@@ -54,7 +54,7 @@ def check_step(s: Scheduler, out, budget: int, chunk: int, seqs: list[Sequence],
         # KV blocks for every token computed after this step
         assert len(i.seq.block_table) >= s.blocks.blocks_for(i.seq.num_computed + i.num_tokens)
         if i.seq.delta is not None:
-            assert i.seq.slot >= 0, "runs without its delta's slot"
+            assert i.seq.holds_slots, "runs without its delta's slot"
     scheduled = {id(i.seq) for i in out}
     decodes = sum(i.num_tokens == 1 and id(i.seq) in decoding for i in out)
     for r in s.running:  # decodes first: every running sequence that was decoding got its token, budget allowing

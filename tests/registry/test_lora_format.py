@@ -18,7 +18,8 @@ from registry.checkpoint import Checkpoint
 from registry.deltas import BaseSpec, LoraDelta
 from registry.errors import AdapterMismatch, DeltaError, UnsupportedFormat
 from registry.fingerprint import base_spec
-from registry.lora_format import CONFIG_FILE, WEIGHTS_FILE, load_lora_dir
+from registry.lora_format import load_lora_dir
+from registry.peft_dir import CONFIG_FILE, WEIGHTS_FILE
 from tests.helpers import make_hf_model, make_model_dir, tiny_config
 
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -190,7 +191,8 @@ def test_bad_config_json(adapter: Path, spec: BaseSpec) -> None:
 
 
 def test_config_size_and_pattern_keys_are_bounded(adapter: Path, spec: BaseSpec) -> None:
-    from registry.lora_format import MAX_CONFIG_BYTES, MAX_PATTERN_KEYS
+    from registry.lora_format import MAX_PATTERN_KEYS
+    from registry.peft_dir import MAX_CONFIG_BYTES
 
     edit_config(adapter, rank_pattern={f"layers.{i}.mlp.up_proj": 4 for i in range(MAX_PATTERN_KEYS + 1)})
     assert mismatch(adapter, spec, "rank_pattern", "over the limit").param == "rank_pattern"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deltakernels.bitdelta import BLOCKED16
-from registry.deltas import BitDelta, LoraDelta
+from registry.deltas import BitDelta, Ia3Delta, LoraDelta
 from registry.errors import AdapterMismatch
 from registry.slot_pool import SlotPool
 
@@ -24,12 +24,13 @@ def base_tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def make_pool(*, bitdelta_slots=2, lora_slots=2, max_lora_rank=4, sign_layout=None, events=None) -> SlotPool:
+def make_pool(*, bitdelta_slots=2, lora_slots=2, max_lora_rank=4, sign_layout=None, events=None, ia3_slots=0) -> SlotPool:
     observer = None if events is None else (lambda event, seconds: events.append((event, seconds)))
     extra = {} if sign_layout is None else {"sign_layout": sign_layout}
     return SlotPool(
         PROJECTIONS, base_tensors(), bitdelta_slots=bitdelta_slots, lora_slots=lora_slots,
-        max_lora_rank=max_lora_rank, dtype=torch.float32, device="cpu", observer=observer, **extra,
+        max_lora_rank=max_lora_rank, dtype=torch.float32, device="cpu", observer=observer, ia3_slots=ia3_slots,
+        **extra,
     )
 
 
@@ -105,6 +106,42 @@ def test_a_lora_load_fills_its_slot_zero_padded_and_clears_what_it_does_not_targ
     assert not v.lora_a[slot].any() and not v.lora_bt[slot].any()  # narrow leaves m.v alone
     assert v.lora_ranks[slot] == 0 and v.lora_scaling[slot] == 0.0
     assert q.lora_ranks[other] == 2  # the other slot is untouched
+
+
+def ia3(name: str, *, owner: str = "t", out_paths=("m.q",), in_paths=()) -> Ia3Delta:
+    vectors = {p: torch.rand(PROJECTIONS[p][0]) + 0.5 for p in out_paths}
+    vectors.update({p: torch.rand(PROJECTIONS[p][1]) + 0.5 for p in in_paths})
+    return Ia3Delta(sha256=name, vectors=vectors, feedforward=frozenset(in_paths), owner=owner)
+
+
+def test_ia3_pools_hold_a_row_of_ones_for_rows_without_one_and_a_load_resets_what_it_leaves_alone():
+    pool = make_pool(ia3_slots=1)
+    q, v = pool.projection("m.q"), pool.projection("m.v")
+    assert q.ia3_in.shape == (2, 16) and q.ia3_out.shape == (2, 6) and pool.ia3_ones_slot == 1
+    assert make_pool().projection("m.q").ia3_in is None  # no (IA)^3 slots: no pools
+    first = ia3("first", out_paths=("m.q", "m.v"), in_paths=())
+    slot = pool.acquire(first)
+    assert torch.equal(v.ia3_out[slot], first.vectors["m.v"])
+    pool.release(first)
+    second = ia3("second", out_paths=(), in_paths=("m.q",))  # reuses the one slot, evicting `first`
+    assert pool.acquire(second) == slot
+    assert torch.equal(q.ia3_in[slot], second.vectors["m.q"])
+    assert torch.equal(q.ia3_out[slot], torch.ones(6)) and torch.equal(v.ia3_out[slot], torch.ones(4))  # first's gone
+    assert torch.equal(v.ia3_in[slot], torch.ones(16))
+    assert all(torch.equal(t[pool.ia3_ones_slot], torch.ones_like(t[0])) for t in (q.ia3_in, q.ia3_out, v.ia3_in))
+    assert pool.resident("ia3") == ["t/ia3/second"] and pool.num_resident("lora") == 0
+
+
+def test_an_ia3_delta_that_does_not_fit_is_refused():
+    with pytest.raises(AdapterMismatch, match="no \\(IA\\)\\^3 slots"):
+        make_pool().check_servable(ia3("a"))
+    pool = make_pool(ia3_slots=1)
+    with pytest.raises(AdapterMismatch, match="not a projection"):
+        pool.check_servable(Ia3Delta(sha256="x", vectors={"m.nope": torch.ones(3)}, feedforward=frozenset()))
+    wrong = Ia3Delta(sha256="x", vectors={"m.q": torch.ones(16)}, feedforward=frozenset())  # [in] given for an output
+    with pytest.raises(AdapterMismatch, match="expected 6"):
+        pool.check_servable(wrong)
+    pool.check_servable(ia3("ok", in_paths=("m.v",)))
 
 
 def test_a_bitdelta_load_fills_signs_and_scales_and_zeroes_scales_it_does_not_touch():

@@ -100,5 +100,5 @@ def test_a_version_2_catalog_gains_the_stored_upload_columns(tmp_path: Path, ass
         st, delta, source, _ = pending_parts(reg, assets, assets.bd1)
         assert reg.complete_pending(pending.id, st, delta, source=source).source_bytes > 0
     db = sqlite3.connect(root / "catalog.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()

@@ -16,7 +16,7 @@ from registry.blob_store import content_sha256
 from registry.catalog import Registry
 from registry.deltas import BitDelta, LoraDelta
 from registry.errors import AdapterMismatch, InvalidName, PickleRefused, UnsupportedFormat, UploadTooLarge
-from registry.lora_format import CONFIG_FILE, WEIGHTS_FILE
+from registry.peft_dir import CONFIG_FILE, WEIGHTS_FILE
 from registry.upload_formats import FINETUNE_OPTIONAL, LORA_CONFIG, LORA_WEIGHTS
 from tests.registry.assets import Assets, add_files, chunks, lora_files
 

@@ -93,7 +93,7 @@ def test_a_version_1_catalog_gains_the_usage_table(tmp_path: Path) -> None:
         reg.add_usage({("acme", None, DAY0): UsageCount(1, 1, 1)})
         assert len(_rows(reg)) == 1
     db = sqlite3.connect(root / "catalog.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
 
 
