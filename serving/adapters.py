@@ -22,7 +22,7 @@ from pathlib import Path
 
 from registry import downloads
 from registry.catalog import AdapterRecord, Registry, Tenant
-from registry.deltas import Delta, delta_key
+from registry.deltas import Composition, Delta, Served, delta_key
 from registry.errors import DeltaError, NotFound, NotStored, RegistryError
 from registry.fmdelta import FMDeltaError
 from registry.host_tier import HostTier, TierObserver
@@ -44,12 +44,18 @@ FIDELITY_MAX_TOKENS = 4096  # of held-out calibration text scored per version (t
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """What a request's `model` field names, for one tenant: the base, or one version of an adapter."""
+    """What a request runs on, for one tenant: the base, one version of an adapter (its `model` field), or a
+    composition of versions of several (its `adapters` field)."""
 
     model_id: str
-    kind: str  # "base" | "lora" | "bitdelta"
-    delta: Delta | None
-    record: AdapterRecord | None
+    kind: str  # "base" | "lora" | "ia3" | "bitdelta" | "composed"
+    delta: Served | None
+    records: tuple[AdapterRecord, ...] = ()  # the versions it runs on (held stored while it runs)
+
+    @property
+    def usage_name(self) -> str | None:
+        """Whose usage it is: None for the base, the adapter's name, or a composition's names joined by "+"."""
+        return "+".join(r.name for r in self.records) if self.records else None
 
 
 class Adapters:
@@ -87,12 +93,27 @@ class Adapters:
         """The base or the tenant's adapter of that name (newest ready version); NotFound otherwise, the
         same for a name that does not exist and for another tenant's adapter."""
         if model == self.model_id:
-            return ResolvedModel(model, "base", None, None)
+            return ResolvedModel(model, "base", None)
         record = self.registry.resolve(tenant.name, model)
         if record is None:
             raise NotFound(f"The model `{model}` does not exist.", param="model")
         delta = await asyncio.get_running_loop().run_in_executor(self.workers, self._load_record, record)
-        return ResolvedModel(model, delta.kind, delta, record)
+        return ResolvedModel(model, delta.kind, delta, (record,))
+
+    async def resolve_composition(self, tenant: Tenant, parts: list[tuple[str, float]]) -> ResolvedModel:
+        """The tenant's adapters of these (distinct) names, newest ready versions, with their weights, on the
+        base. Only the tenant's own adapters are looked up: another tenant's name is NotFound, as a name that
+        does not exist. The engine checks that its slots can hold them together (AdapterMismatch)."""
+        records = []
+        for name, _ in parts:
+            record = self.registry.resolve(tenant.name, name)
+            if record is None:
+                raise NotFound(f"The adapter `{name}` does not exist.", param="adapters")
+            records.append(record)
+        loop = asyncio.get_running_loop()
+        deltas = [await loop.run_in_executor(self.workers, self._load_record, record) for record in records]
+        composition = Composition(tuple((delta, weight) for delta, (_, weight) in zip(deltas, parts)))
+        return ResolvedModel(self.model_id, "composed", composition, tuple(records))
 
     def preload(self, ref: str) -> None:
         """Loads "tenant/adapter" into the host tier and a GPU slot before serving (left unpinned: it stays
@@ -146,12 +167,16 @@ class Adapters:
 
     # ---- versions in use, and letting go of them ---------------------------------------------------
     @contextlib.contextmanager
-    def in_use(self, record: AdapterRecord | None) -> Iterator[None]:
-        """A request runs on this version: it stays stored until the request ends, and is collected then if a
-        newer version replaced it meanwhile (None: the base, nothing to hold)."""
-        if record is None:
+    def in_use(self, records: tuple[AdapterRecord, ...]) -> Iterator[None]:
+        """A request runs on these versions: they stay stored until the request ends, and are collected then if
+        newer versions replaced them meanwhile (none: the base, nothing to hold)."""
+        with contextlib.ExitStack() as stack:
+            for record in records:
+                stack.enter_context(self._version_in_use(record))
             yield
-            return
+
+    @contextlib.contextmanager
+    def _version_in_use(self, record: AdapterRecord) -> Iterator[None]:
         with self._pins_lock:
             self._record_pins[record.id] = self._record_pins.get(record.id, 0) + 1
         try:

@@ -131,7 +131,7 @@ class Backend:
         try:
             if params.guide is not None:  # compiled here, off the engine thread (a large schema takes long)
                 await asyncio.to_thread(self.engine.compile_guide, params.guide, tenant.name)
-            with self.adapters.in_use(resolved.record):
+            with self.adapters.in_use(resolved.records):
                 request_id = uuid.uuid4().hex
                 async for out in self.loop.stream(request_id, prompt, params, resolved.delta, tenant.name):
                     yield out

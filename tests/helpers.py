@@ -145,6 +145,18 @@ def make_ia3(base_dir: Path, out: Path, seed: int, targets=("k_proj", "v_proj", 
     return out, peft_model.merge_and_unload().eval()
 
 
+def weighted_merge(base_dir: Path, parts):
+    """Plain transformers on W_base + sum_k w_k (W_k - W_base) for every tensor; parts: (merged fine-tune, w_k)."""
+    model = hf_model(base_dir)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = {k: v.clone() for k, v in base.items()}
+    for finetune, w in parts:
+        for k, v in finetune.state_dict().items():
+            merged[k] += w * (v - base[k])
+    model.load_state_dict(merged)
+    return model.eval()
+
+
 def make_bitdelta(base_dir: Path, out: Path, seed: int, per_row: bool, replace: bool):
     """A 1-bit delta of a random fine-tune; returns (file, transformers model with W + scale * sign)."""
     from registry.bitdelta_format import save_bitdelta_file

@@ -66,3 +66,22 @@ def test_serve_registers_the_demo_tenant(tmp_path):
         assert names == sorted(TENANTS)
         assert backend.model_id == "base"
         backend.stop()
+
+
+
+def test_the_readme_composition_runs_on_the_demo(tmp_path, capsys):
+    """README: German in the BOFH's style, two of the demo tenant's 1-bit deltas composed with weights."""
+    from tests.api.conftest import start_server, stop_server
+
+    live = start_server(tmp_path, None, model=None, max_model_len=256, max_upload_mb=64)
+    try:
+        key = capsys.readouterr().err.split("its API key (shown once): ")[1].split()[0]
+        body = {"model": "base", "prompt": "Das Leben ist", "max_tokens": 24, "temperature": 0}
+        with live.client(key) as c:
+            composed = c.post("/v1/completions", json={**body, "adapters": [{"name": "german", "weight": 1.0},
+                                                                             {"name": "bofh", "weight": 0.5}]})  # fmt: skip
+            german = c.post("/v1/completions", json={**body, "model": "german"})
+        assert composed.status_code == german.status_code == 200, composed.text
+        assert composed.json()["choices"][0]["text"] != german.json()["choices"][0]["text"]
+    finally:
+        stop_server(live)

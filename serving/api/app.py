@@ -58,7 +58,7 @@ def create_app(backend, *, public_metrics: bool = False, local_adapter_dir: Path
 
 
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")  # the routes that set a model_kind
-MODEL_KINDS = ("base", "lora", "ia3", "bitdelta", "none")  # "none": refused before the model was resolved
+MODEL_KINDS = ("base", "lora", "ia3", "bitdelta", "composed", "none")  # "none": refused before the model was resolved
 
 
 def zero_request_series(app: FastAPI, metrics) -> None:

@@ -157,8 +157,7 @@ def bill(request: Request, tenant, resolved, jobs: list[Job]) -> None:
     """Counts an answered request's usage (serving.usage): what its `usage` field reports, also when the client
     left before the end."""
     u = usage_of(jobs)
-    adapter = resolved.record.name if resolved.record is not None else None
-    request.app.state.backend.usage.record(tenant.name, adapter, u["prompt_tokens"], u["completion_tokens"])
+    request.app.state.backend.usage.record(tenant.name, resolved.usage_name, u["prompt_tokens"], u["completion_tokens"])
 
 
 def sse(payload: dict | str) -> bytes:
@@ -341,12 +340,19 @@ async def _parsed(request: Request, model, unsupported):
     return parse(model, body)
 
 
-async def _admitted(request: Request, tenant, model: str):
+async def _admitted(request: Request, tenant, req):
     """(backend, the resolved model) for a generation that may start: refused while draining, the model the
-    tenant's own (or the base); the model's kind labels the request's metrics."""
+    tenant's own (or the base), or the composition of its own adapters that `adapters` names, on the base; the
+    model's kind labels the request's metrics."""
     backend = request.app.state.backend
     refuse_when_draining(backend)
-    resolved = await backend.adapters.resolve(tenant, model)
+    if req.adapters is not None:
+        if req.model != backend.adapters.model_id:
+            raise APIError(400, f"A request with `adapters` runs them on the base: `model` must be "
+                                f"{backend.adapters.model_id!r}.", param="model")  # fmt: skip
+        resolved = await backend.adapters.resolve_composition(tenant, [(p.name, p.weight) for p in req.adapters])
+    else:
+        resolved = await backend.adapters.resolve(tenant, req.model)
     request.state.model_kind = resolved.kind
     return backend, resolved
 
@@ -358,7 +364,7 @@ async def _admitted(request: Request, tenant, model: str):
 )
 async def completions(request: Request, tenant: TenantDep):
     req: CompletionRequest = await _parsed(request, CompletionRequest, UNSUPPORTED_COMPLETION_FIELDS)
-    backend, resolved = await _admitted(request, tenant, req.model)
+    backend, resolved = await _admitted(request, tenant, req)
     p = req.prompt
     texts = [p] if isinstance(p, str) else list(p) if isinstance(p[0], str) else []
     if len(texts) > MAX_PROMPTS or (not texts and isinstance(p[0], list) and len(p) > MAX_PROMPTS):
@@ -393,7 +399,7 @@ async def chat_completions(request: Request, tenant: TenantDep):
     req: ChatCompletionRequest = await _parsed(request, ChatCompletionRequest, UNSUPPORTED_CHAT_FIELDS)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
-    backend, resolved = await _admitted(request, tenant, req.model)
+    backend, resolved = await _admitted(request, tenant, req)
     ids = await chat_prompt_ids(backend, req.messages)
     max_tokens = check_length(backend, ids, req.max_completion_tokens or req.max_tokens)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

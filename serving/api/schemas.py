@@ -149,6 +149,18 @@ class JsonSchemaResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat
 
 
+MAX_COMPOSED_ADAPTERS = 4
+MAX_ADAPTER_WEIGHT = 4.0
+
+
+class AdapterPart(BaseModel):
+    """One of the caller's adapters in a composition, with its weight in the weighted merge."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Name
+    weight: float = Field(default=1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT, allow_inf_nan=False)
+
+
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
 GUIDE_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
 
@@ -184,6 +196,20 @@ class _Sampling(BaseModel):
     guided_regex: str | None = Field(default=None, min_length=1, max_length=MAX_GUIDE_CHARS)
     guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1,
                                                                               max_length=MAX_CHOICES)  # fmt: skip
+    # extension: a composition of the caller's own adapters, served as their weighted merge W_base + sum w (W_k -
+    # W_base) (model soups; a subject and a style), any mix of kinds; `model` is then the base's id
+    adapters: list[AdapterPart] | None = Field(
+        default=None, min_length=1, max_length=MAX_COMPOSED_ADAPTERS,
+        description="the caller's adapters to apply together, each with its weight (names distinct); `model` must "
+                    "name the base")  # fmt: skip
+
+    @field_validator("adapters")
+    @classmethod
+    def _distinct_adapters(cls, v):
+        names = [p.name for p in v or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("each adapter may appear once in `adapters`")
+        return v
 
     @model_validator(mode="after")
     def _one_structured_output(self):

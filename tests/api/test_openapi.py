@@ -19,7 +19,7 @@ from tests.api.conftest import ADMIN_KEY
 # per-operation setting below), but one: rules a schema cannot state, so a request the schema allows may still be
 # refused (400) by these routes, and Schemathesis' positive_data_acceptance check is off for them alone:
 #   - the completion routes: the prompt's tokens plus max_tokens must fit the model's context, which depends on
-#     how the tokenizer splits the text;
+#     how the tokenizer splits the text; the names in `adapters` must be distinct, and `model` then the base's;
 #   - the adapter upload: the files must be an adapter of this base (a PEFT adapter, a 1-bit delta, a fine-tune
 #     with the base's tensor names and shapes), which is the content of binary files.
 #   - the usage report: `start` must come before `end` and the window span at most a month by the hour (a year

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from registry.deltas import Composition
 from registry.errors import AdapterMismatch
@@ -17,7 +16,16 @@ from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
 from tests.helpers import MIXED_PROMPTS as PROMPTS
-from tests.helpers import greedy_tokens, hf_model, make_bitdelta, make_ia3, make_lora, make_model_dir, run_in_waves
+from tests.helpers import (
+    greedy_tokens,
+    hf_model,
+    make_bitdelta,
+    make_ia3,
+    make_lora,
+    make_model_dir,
+    run_in_waves,
+    weighted_merge,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +42,6 @@ def world(tmp_path_factory):
         "ia3-q": make_ia3(base, root / "ia3-q", seed=16, targets=("q_proj", "k_proj", "down_proj")),
     }
     return base, parts
-
-
-def weighted_merge(base_dir, parts: list[tuple[torch.nn.Module, float]]) -> torch.nn.Module:
-    """Plain transformers on W_base + sum_k w_k (W_k - W_base), every tensor."""
-    model = hf_model(base_dir)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = {k: v.clone() for k, v in base.items()}
-    for finetune, w in parts:
-        for k, v in finetune.state_dict().items():
-            merged[k] += w * (v - base[k])
-    model.load_state_dict(merged)
-    return model.eval()
 
 
 MIXES = {
