@@ -77,6 +77,7 @@ NEGLIGIBLE_REL_CHANGE = 1e-3
 _CONFIG_FIELDS = (
     "architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
     "head_dim", "rms_norm_eps", "rope", "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "sliding_window",
+    "qk_norm", "hidden_act", "query_scale", "layer_windows", "local_rope", "final_logit_softcap",
 )  # fmt: skip
 
 

@@ -47,8 +47,20 @@ class BaseSpec:
         return shape[0], shape[1]
 
 
+class _Keyed:
+    """A delta's identity in the host tier and the GPU slots, from its owner, kind and content hash."""
+
+    owner: str
+    kind: str
+    sha256: str
+
+    @property
+    def key(self) -> str:
+        return delta_key(self.owner, self.kind, self.sha256)
+
+
 @dataclass(frozen=True)
-class LoraDelta:
+class LoraDelta(_Keyed):
     """A PEFT LoRA: for each target projection P, W_P' = W_P + scaling * B @ A.
 
     weights: module path -> (A [r, in], B [out, r]), float32.
@@ -62,17 +74,12 @@ class LoraDelta:
     kind: str = field(default="lora", init=False)
 
     @property
-    def key(self) -> str:
-        """Identity in the host tier and the GPU slots (delta_key)."""
-        return delta_key(self.owner, self.kind, self.sha256)
-
-    @property
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
 @dataclass(frozen=True)
-class BitDelta:
+class BitDelta(_Keyed):
     """A 1-bit delta file (CONTRACT §4): W_P' = W_P + scale[:, None] * (2 * bits - 1).
 
     projections:  module path -> (sign uint8 [out, ceil(in/8)], scale float32 [out] or [1]).
@@ -89,18 +96,13 @@ class BitDelta:
     kind: str = field(default="bitdelta", init=False)
 
     @property
-    def key(self) -> str:
-        """Identity in the host tier and the GPU slots (delta_key)."""
-        return delta_key(self.owner, self.kind, self.sha256)
-
-    @property
     def nbytes(self) -> int:
         tensors = [t for pair in self.projections.values() for t in pair] + list(self.replacements.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)
-class Ia3Delta:
+class Ia3Delta(_Keyed):
     """A PEFT (IA)^3 adapter: learned vectors that scale activations. For each target projection P:
       P not feedforward (keys, values, ...):  y = (x @ W_P.T + b_P) * l_P          (l_P [out])
       P feedforward (the MLP's down_proj):    y = (x * l_P) @ W_P.T + b_P          (l_P [in])
@@ -114,11 +116,6 @@ class Ia3Delta:
     feedforward: frozenset[str]
     owner: str = ""  # the tenant that loaded it ("" offline): part of its slot key
     kind: str = field(default="ia3", init=False)
-
-    @property
-    def key(self) -> str:
-        """Identity in the host tier and the GPU slots (delta_key)."""
-        return delta_key(self.owner, self.kind, self.sha256)
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,11 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Gemma3ForCausalLM")
+GEMMA3 = "Gemma3ForCausalLM"  # its own model file (serving/models/gemma3.py); the others are the Llama family's
+SUPPORTED_ACTIVATIONS = {"LlamaForCausalLM": "silu", "MistralForCausalLM": "silu", "Qwen2ForCausalLM": "silu",
+                         "Qwen3ForCausalLM": "silu", GEMMA3: "gelu_pytorch_tanh"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -62,7 +66,14 @@ class ModelConfig:
     qkv_bias: bool = False  # q, k, v projections have biases (Qwen2; Llama with attention_bias)
     o_bias: bool = False  # o_proj has a bias (Llama with attention_bias)
     mlp_bias: bool = False
-    sliding_window: int | None = None  # attend to at most this many previous positions (Mistral)
+    sliding_window: int | None = None  # every layer attends to at most this many previous positions (Mistral)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3)
+    hidden_act: str = "silu"  # the MLP's gate activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU, Gemma 3)
+    query_scale: float | None = None  # attention's score scale; None: head_dim ** -0.5 (Gemma 3: query_pre_attn_scalar)
+    # Gemma 3: which layers use a sliding window (the others attend globally), its size, and their RoPE
+    layer_windows: tuple[int | None, ...] = ()  # per layer; () = every layer `sliding_window`
+    local_rope: RopeConfig | None = None  # RoPE of the sliding-window layers (None: `rope` for all)
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: torch.dtype = torch.float32
@@ -76,9 +87,9 @@ class ModelConfig:
             raise UnsupportedModel(
                 f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModel(f"hidden_act {act!r} is not supported (only 'silu')")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        if act != SUPPORTED_ACTIVATIONS[arch]:
+            raise UnsupportedModel(f"hidden_act {act!r} is not supported for {arch} (only {SUPPORTED_ACTIVATIONS[arch]!r})")
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         head_dim = int(cfg.get("head_dim") or hidden // num_heads)
@@ -86,11 +97,18 @@ class ModelConfig:
         if num_heads % num_kv_heads:
             raise UnsupportedModel(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
 
-        if arch == "Qwen2ForCausalLM":
-            qkv_bias, o_bias = True, False
+        gemma: dict[str, Any] = {}
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            # Qwen2: q/k/v biases always; Qwen3: attention_bias on all four projections, as Llama's
+            qkv_bias = arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False))
+            o_bias = arch == "Qwen3ForCausalLM" and bool(cfg.get("attention_bias", False))
             window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
             if window is not None and int(cfg.get("max_window_layers", 0)) < int(cfg["num_hidden_layers"]):
-                raise UnsupportedModel("Qwen2 sliding window on only some layers (max_window_layers) is not supported")
+                raise UnsupportedModel(f"{arch[:5]} sliding window on only some layers (max_window_layers) is not supported")
+        elif arch == GEMMA3:
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+            window = None
+            gemma = _gemma3_from_hf(cfg, head_dim)
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
             window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
@@ -112,17 +130,53 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            rope=_rope_from_hf(cfg),
+            rope=gemma.pop("rope") if gemma else _rope_from_hf(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=int(window) if window else None,
+            qk_norm=arch in ("Qwen3ForCausalLM", GEMMA3),
+            hidden_act=act,
+            **gemma,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             checkpoint_dtype=checkpoint_dtype,
             name=name,
         )
+
+
+def _gemma3_from_hf(cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """Gemma 3's fields: interleaved sliding-window and global layers (`layer_types`, or the older
+    `sliding_window_pattern`: every n-th layer global), their two RoPEs (transformers 5's `rope_parameters` per
+    layer type, or `rope_theta` + `rope_scaling` global and `rope_local_base_freq` local), the query scale and the
+    final logit soft-cap. Attention soft-capping and bidirectional attention are refused."""
+    for option in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if cfg.get(option):
+            raise UnsupportedModel(f"Gemma 3 with {option}={cfg[option]!r} is not supported")
+    n = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+    if len(types) != n or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise UnsupportedModel(f"layer_types {types!r}: one of full_attention / sliding_attention per layer")
+    window = int(cfg["sliding_window"]) if cfg.get("sliding_window") else None
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:  # transformers 5: one RoPE per layer type
+        rope = _rope_from_hf({"rope_parameters": params["full_attention"]})
+        local = _rope_from_hf({"rope_parameters": params.get("sliding_attention") or params["full_attention"]})
+    else:
+        rope = _rope_from_hf(cfg)
+        local = RopeConfig(theta=float(cfg.get("rope_local_base_freq", 10000.0)))
+    cap = cfg.get("final_logit_softcapping")
+    return {
+        "rope": rope,
+        "layer_windows": tuple(window if t == "sliding_attention" else None for t in types),
+        "local_rope": local,
+        "query_scale": float(cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        "final_logit_softcap": float(cap) if cap else None,
+    }
 
 
 def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:

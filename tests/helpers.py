@@ -47,7 +47,7 @@ def make_tokenizer(vocab_size: int = 320):
 
 def tiny_config(arch: str = "llama", vocab_size: int = 320, **overrides):
     """A transformers config of a tiny model: GQA (4 heads, 2 KV heads), 2 layers."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -68,6 +68,17 @@ def tiny_config(arch: str = "llama", vocab_size: int = 320, **overrides):
         cfg = MistralConfig(**{**common, "tie_word_embeddings": False, "sliding_window": None, **overrides})
     elif arch == "qwen2":
         cfg = Qwen2Config(**{**common, "tie_word_embeddings": False, **overrides})
+    elif arch == "qwen3":  # an explicit head_dim other than hidden / heads; per-head q/k norms
+        cfg = Qwen3Config(**{**common, "head_dim": 24, "tie_word_embeddings": False, **overrides})
+    elif arch == "gemma3":  # global and sliding layers interleaved (a window the test prompts exceed), two RoPE
+        # bases, a query scale other than head_dim's, a final soft-cap
+        cfg = Gemma3TextConfig(**{
+            **common, "num_hidden_layers": 3, "head_dim": 16, "tie_word_embeddings": True, "sliding_window": 6,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "query_pre_attn_scalar": 24,
+            "final_logit_softcapping": 5.0, "architectures": ["Gemma3ForCausalLM"],
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+            **overrides})  # fmt: skip
     else:
         raise ValueError(arch)
     return cfg
@@ -180,10 +191,10 @@ def make_bitdelta(base_dir: Path, out: Path, seed: int, per_row: bool, replace: 
             w += scale[:, None] * unpack_signs(sign, w.shape[1]) if per_row else scale * unpack_signs(sign, w.shape[1])
     if replace:
         names = ["model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.k_proj.bias",
-                 "model.embed_tokens.weight", "lm_head.weight"]
+                 "model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_norm.weight"]
         if merged.config.tie_word_embeddings:
             names.remove("lm_head.weight")  # the same tensor as the embeddings: replaced with them
-        for name in [n for n in names if n in state]:  # the bias exists in Qwen2 only
+        for name in [n for n in names if n in state]:  # the bias exists in Qwen2 only, q_norm in Qwen3 and Gemma 3
             new = state[name] + 0.2 * torch.randn_like(state[name])
             state[name].copy_(new)
             replacements[name] = new.clone()

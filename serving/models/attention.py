@@ -57,11 +57,21 @@ class AttentionGroup:
 
     @cached_property
     def mask(self) -> torch.Tensor:
-        k_pos = torch.arange(self.max_ctx, device=self.ctx.device)
-        mask = (k_pos[None, None, :] <= self.q_pos[:, :, None]) & (k_pos[None, None, :] < self.ctx[:, None, None])
-        if self.window is not None:
-            mask &= k_pos[None, None, :] > self.q_pos[:, :, None] - self.window
-        return mask.unsqueeze(1)
+        return self.mask_for(self.window)
+
+    @cached_property
+    def _masks(self) -> dict[int | None, torch.Tensor]:
+        return {}
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """The mask with another sliding window (models whose layers differ: Gemma 3), computed once per step."""
+        if window not in self._masks:
+            k_pos = torch.arange(self.max_ctx, device=self.ctx.device)
+            mask = (k_pos[None, None, :] <= self.q_pos[:, :, None]) & (k_pos[None, None, :] < self.ctx[:, None, None])
+            if window is not None:
+                mask &= k_pos[None, None, :] > self.q_pos[:, :, None] - window
+            self._masks[window] = mask.unsqueeze(1)
+        return self._masks[window]
 
 
 @dataclass(frozen=True)
@@ -161,10 +171,12 @@ def paged_attention(
     batch: AttentionBatch,
     kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float,
+    window: int | None | str = "batch",
 ) -> torch.Tensor:
     """q: [N, H, D], k, v: [N, Hkv, D] (the step's new tokens, RoPE applied) -> [N, H, D].
 
-    Writes k, v into the cache at `batch.slot_mapping`, then attends each query to its sequence's keys."""
+    Writes k, v into the cache at `batch.slot_mapping`, then attends each query to its sequence's keys, within
+    the batch's sliding window, or this layer's `window` (None: none) when given."""
     n, h, d = q.shape
     hkv = k.shape[1]
     if kv_cache is not None:
@@ -188,7 +200,8 @@ def paged_attention(
         own = g.own_keys  # [B, max_ctx, 1, 1]
         kg, vg = kg.where(own, 0.0), vg.where(own, 0.0)
         o = F.scaled_dot_product_attention(
-            qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask, scale=scale, enable_gqa=h != hkv
+            qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
+            attn_mask=g.mask if window == "batch" else g.mask_for(window), scale=scale, enable_gqa=h != hkv
         )  # [B, H, max_q, D]
         b, max_q = g.token_index.shape
         out[g.valid_rows] = o.transpose(1, 2).reshape(b * max_q, h, d)[g.valid_flat]

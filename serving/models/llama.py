@@ -1,4 +1,5 @@
-"""The Llama-family causal LM (Llama, Mistral, Qwen2): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""The Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3): RMSNorm, RoPE, grouped-query attention, SwiGLU;
+Qwen3's per-head RMSNorm of queries and keys before RoPE.
 
 Module names mirror the Hugging Face state dict, so a checkpoint loads by name. Tenancy lives in the
 layers (serving.models.tenant_layers); this file is the math. Shapes: N = tokens of the step (all
@@ -7,10 +8,13 @@ sequences laid out one after another), D = hidden size, H / Hkv = query / key-va
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from registry.model_config import ModelConfig
+from registry.model_config import ModelConfig, RopeConfig
 from serving.models.attention import AttentionBatch, paged_attention
 from serving.models.tenant_layers import DeltaBatch, TenantEmbedding, TenantLinear, TenantRMSNorm
 
@@ -20,10 +24,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rope: RopeConfig | None = None):
+        """rope: another RoPE than the config's (a model whose layers differ: Gemma 3's local layers)."""
         super().__init__()
-        inv_freq = config.rope.inv_freq(config.head_dim)  # [D/2] float32
+        inv_freq = (rope or config.rope).inv_freq(config.head_dim)  # [D/2] float32
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,17 +50,28 @@ class Attention(nn.Module):
         self.k_proj = TenantLinear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias, f"{prefix}.k_proj")
         self.v_proj = TenantLinear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias, f"{prefix}.v_proj")
         self.o_proj = TenantLinear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, f"{prefix}.o_proj")
-        self.scale = c.head_dim**-0.5
+        self.q_norm = self.k_norm = None
+        if c.qk_norm:
+            self.q_norm = self.norm(c, c.head_dim, f"{prefix}.q_norm.weight")
+            self.k_norm = self.norm(c, c.head_dim, f"{prefix}.k_norm.weight")
+        self.scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5
+        self.window: int | None | str = "batch"  # the attention batch's (a model whose layers differ sets its own)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # bound by the model runner
+
+    @staticmethod
+    def norm(config: ModelConfig, dim: int, name: str) -> TenantRMSNorm:
+        return TenantRMSNorm(dim, config.rms_norm_eps, name)
 
     def forward(self, x, cos, sin, attn: AttentionBatch, deltas: DeltaBatch | None) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x, deltas).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x, deltas).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, deltas).view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q, deltas), self.k_norm(k, deltas)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        o = paged_attention(q, k, v, attn, self.kv_cache, self.scale)  # [N, H, head_dim]
+        o = paged_attention(q, k, v, attn, self.kv_cache, self.scale, self.window)  # [N, H, head_dim]
         return self.o_proj(o.reshape(n, -1), deltas)
 
 
@@ -63,9 +82,10 @@ class MLP(nn.Module):
         self.gate_proj = TenantLinear(d, f, b, f"{prefix}.gate_proj")
         self.up_proj = TenantLinear(d, f, b, f"{prefix}.up_proj")
         self.down_proj = TenantLinear(f, d, b, f"{prefix}.down_proj")
+        self.act = ACTIVATIONS[config.hidden_act]  # SwiGLU, or Gemma's GeGLU
 
     def forward(self, x: torch.Tensor, deltas: DeltaBatch | None) -> torch.Tensor:
-        gate = torch.nn.functional.silu(self.gate_proj(x, deltas))
+        gate = self.act(self.gate_proj(x, deltas))
         return self.down_proj(gate * self.up_proj(x, deltas), deltas)
 
 
@@ -99,12 +119,20 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Backbone(config)
+        self.model = self.make_backbone(config)
         weight_name = "model.embed_tokens.weight" if config.tie_word_embeddings else None
         self.lm_head = TenantLinear(config.hidden_size, config.vocab_size, False, "lm_head", weight_name)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
+
+    @staticmethod
+    def make_backbone(config: ModelConfig) -> nn.Module:
+        return Backbone(config)
+
+    def build_rotary(self, device: torch.device | str) -> None:
+        """The RoPE tables (buffers, not in the checkpoint), on `device`: after a load onto the meta device."""
+        self.rotary = RotaryEmbedding(self.config).to(device)
 
     def projection_paths(self) -> dict[str, tuple[int, int]]:
         """Module path -> (out, in) of every attention and MLP projection: where deltas apply."""

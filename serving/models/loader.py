@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from registry.checkpoint import Checkpoint
-from registry.model_config import ModelConfig, UnsupportedModel
-from serving.models.llama import LlamaForCausalLM, RotaryEmbedding
+from registry.model_config import GEMMA3, ModelConfig, UnsupportedModel
+from serving.models.gemma3 import Gemma3ForCausalLM
+from serving.models.llama import LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,7 +52,7 @@ def load_model_from_checkpoint(
     ckpt: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device | str
 ) -> LlamaForCausalLM:
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = build_model(config)
     expected = dict(model.named_parameters())  # a tied lm_head shares the embedding: listed once
     present = set(ckpt.served_names())
     missing = sorted(set(expected) - present)
@@ -69,5 +70,10 @@ def load_model_from_checkpoint(
         module._parameters[param_name] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(config).to(device)
+    model.build_rotary(device)
     return model.eval()
+
+
+def build_model(config: ModelConfig) -> LlamaForCausalLM:
+    """The model of the config's architecture (its family's model file), with uninitialised weights."""
+    return Gemma3ForCausalLM(config) if config.architecture == GEMMA3 else LlamaForCausalLM(config)

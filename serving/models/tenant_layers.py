@@ -290,19 +290,28 @@ def pack_cpu_weights(model: nn.Module, rows_hint: int) -> int:
 
 
 class TenantRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, name: str):
+    def __init__(self, dim: int, eps: float, name: str, unit_offset: bool = False):
+        """unit_offset: Gemma's form, x * (1 + w) with the product in float32 (Llama's casts, then multiplies by w)."""
         super().__init__()
         self.eps = eps
         self.name = name  # state-dict name of the weight
+        self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor, deltas: DeltaBatch | None = None) -> torch.Tensor:
-        # x: [N, D]; normalised in float32 as in the reference implementations, then cast back.
+        # x: [N, D], or [N, heads, D] (per-head query/key norms); normalised in float32 as in the reference
+        # implementations, then cast back.
         dtype = x.dtype
         h = x.float()
-        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = deltas.gather_rows(self.name, self.weight) if deltas is not None else None
-        return h * (self.weight if weight is None else weight)
+        if weight is None:
+            weight = self.weight
+        elif x.dim() == 3:
+            weight = weight[:, None, :]  # each row's weight, the same for all its heads
+        if self.unit_offset:
+            return (h * (1.0 + weight.float())).to(dtype)
+        return h.to(dtype) * weight
 
 
 class TenantEmbedding(nn.Module):

@@ -34,6 +34,10 @@ CASES = {
     ),
     "mistral-sliding-window": dict(arch="mistral", sliding_window=5),
     "qwen2-bias-sharded": dict(arch="qwen2", max_shard_size="60KB"),
+    "qwen3-qk-norm-head-dim": dict(arch="qwen3"),
+    "qwen3-tied-bias": dict(arch="qwen3", tie_word_embeddings=True, attention_bias=True),
+    "gemma3-interleaved-softcap": dict(arch="gemma3"),
+    "gemma3-untied-no-cap": dict(arch="gemma3", tie_word_embeddings=False, final_logit_softcapping=None),
 }
 
 
