@@ -225,6 +225,7 @@ class World:
     hf_peft: object  # transformers model wrapped by PEFT with every LoRA tenant as a named adapter
     lora: list = field(default_factory=list)  # LoraDelta per LoRA tenant (PEFT adapter f"t{i}")
     bitdelta: list = field(default_factory=list)  # BitDelta per 1-bit tenant
+    ia3: list = field(default_factory=list)  # Ia3Delta per (IA)^3 tenant (keys, values, down_proj: PEFT's Llama targets)
     base_state: dict = field(default_factory=dict)  # projection weights of the base (host copies, for swaps)
 
 
@@ -276,7 +277,7 @@ def engine_for(hf_model, config, device: torch.device, dtype: torch.dtype, n_bit
     spec = BaseSpec("sha256:bench", {n: (tuple(t.shape), t.dtype) for n, t in state.items()},
                     frozenset(model.projection_paths()))  # fmt: skip
     cfg = EngineConfig(device=device.type, dtype=str(dtype).removeprefix("torch."), bitdelta_slots=max(1, n_bitdelta),
-                       lora_slots=max(1, n_lora), max_lora_rank=LORA_RANK, max_model_len=max_len,
+                       lora_slots=max(1, n_lora), ia3_slots=max(1, n_lora), max_lora_rank=LORA_RANK, max_model_len=max_len,
                        max_num_batched_tokens=max(4096, max_len), max_num_seqs=256)  # fmt: skip
     return LLMEngine(model.eval(), None, spec, cfg)
 
@@ -284,7 +285,7 @@ def engine_for(hf_model, config, device: torch.device, dtype: torch.dtype, n_bit
 def build_world(args: argparse.Namespace, n_tenants: int) -> World:
     from peft import LoraConfig, get_peft_model
 
-    from registry.deltas import BitDelta, LoraDelta
+    from registry.deltas import BitDelta, Ia3Delta, LoraDelta
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -331,8 +332,20 @@ def build_world(args: argparse.Namespace, n_tenants: int) -> World:
             projections[path] = (sign, scale)
         bit_deltas.append(BitDelta(sha256=f"bit{i}", base_fingerprint="sha256:bench", projections=projections,
                                    replacements={}))  # fmt: skip
+    # (IA)^3 tenants: vectors around 1 on keys and values (outputs) and down_proj (its input, feedforward).
+    ia3_deltas = []
+    for i in range(n_tenants):
+        vectors, ff = {}, set()
+        for path, (out_f, in_f) in paths.items():
+            if path.endswith(("k_proj", "v_proj")):
+                vectors[path] = 1.0 + 0.1 * torch.randn(out_f, generator=gen)
+            elif path.endswith("down_proj"):
+                vectors[path] = 1.0 + 0.1 * torch.randn(in_f, generator=gen)
+                ff.add(path)
+        ia3_deltas.append(Ia3Delta(sha256=f"ia3{i}", vectors=vectors, feedforward=frozenset(ff)))
     base_state = {p: hf_plain.get_submodule(p).weight.detach().to("cpu", copy=True) for p in paths}
-    return World(device, dtype, shape, config, engine, hf_plain, hf_peft, lora_deltas, bit_deltas, base_state)
+    return World(device, dtype, shape, config, engine, hf_plain, hf_peft, lora_deltas, bit_deltas, ia3_deltas,
+                 base_state)  # fmt: skip
 
 
 # ---- one scenario ------------------------------------------------------------------------------------------
@@ -341,17 +354,24 @@ def build_world(args: argparse.Namespace, n_tenants: int) -> World:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # base | lora | bitdelta | mixed
+    kind: str  # base | lora | bitdelta | ia3 | mixed | composed
     tenants: int
 
     def deltas(self, world: World, batch: int) -> list:
-        """The delta of each request (None = base), tenants round-robin over the rows."""
+        """The delta of each request (None = base), tenants round-robin over the rows. composed: tenant i's
+        LoRA at weight 1 with its 1-bit delta at weight 0.5 (a subject and a style), one Composition per tenant."""
+        from registry.deltas import Composition
+
         if self.kind == "base":
             return [None] * batch
         if self.kind == "lora":
             pool = world.lora[: self.tenants]
         elif self.kind == "bitdelta":
             pool = world.bitdelta[: self.tenants]
+        elif self.kind == "ia3":
+            pool = world.ia3[: self.tenants]
+        elif self.kind == "composed":
+            pool = [Composition(((lo, 1.0), (bd, 0.5))) for lo, bd in zip(world.lora[: self.tenants], world.bitdelta)]
         else:
             half = self.tenants // 2
             pool = world.lora[:half] + world.bitdelta[: self.tenants - half]
@@ -433,18 +453,25 @@ def run_peer(peer: str, world: World, deltas: list, ids: torch.Tensor, new_token
 def merged_weights(world: World, delta) -> dict[str, torch.Tensor]:
     """Host copies of every projection of the merged fine-tune (what a swap copies in)."""
     from deltakernels.bitdelta import unpack_signs
-    from registry.deltas import LoraDelta
+    from registry.deltas import Composition, Ia3Delta, LoraDelta
 
     dev = world.device
     merged = {}
-    for path, w in world.base_state.items():
-        w = w.to(dev, dtype=torch.float32, copy=True)  # never in place: base_state restores the base
-        if isinstance(delta, LoraDelta):
-            a, b = delta.weights[path]
-            w += delta.scaling * (b.to(dev) @ a.to(dev))
-        else:
-            sign, scale = delta.projections[path]
-            w += scale.to(dev)[:, None] * unpack_signs(sign.to(dev), w.shape[1])
+    parts = delta.parts if isinstance(delta, Composition) else ((delta, 1.0),)
+    for path, base in world.base_state.items():
+        base = base.to(dev, dtype=torch.float32, copy=True)  # never in place: base_state restores the base
+        w = base.clone()
+        for d, weight in parts:  # the weighted merge: W + sum_k w_k (W_k - W)
+            if isinstance(d, LoraDelta):
+                a, b = d.weights[path]
+                w += weight * d.scaling * (b.to(dev) @ a.to(dev))
+            elif isinstance(d, Ia3Delta):
+                if path in d.vectors:
+                    v = d.vectors[path].to(dev)
+                    w += weight * base * ((v[None, :] if path in d.feedforward else v[:, None]) - 1.0)
+            else:
+                sign, scale = d.projections[path]
+                w += weight * scale.to(dev)[:, None] * unpack_signs(sign.to(dev), w.shape[1])
         merged[path] = w.to(world.dtype).to("cpu")
         if dev.type == "cuda":
             merged[path] = merged[path].pin_memory()
@@ -481,16 +508,19 @@ def peer_merged_swapped(world: World, deltas: list, ids: torch.Tensor, new_token
 
 def step_bytes(world: World, deltas: list, batch: int, mean_ctx: float) -> dict[str, float]:
     """Bytes one decode step must read: base weights, distinct deltas (as the slot pools hold them), KV cache."""
-    from registry.deltas import LoraDelta
+    from registry.deltas import Composition, Ia3Delta, LoraDelta
 
     model = world.engine.model
     esize = torch.finfo(world.dtype).bits // 8
     base = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     base += batch * world.shape.hidden * esize  # the embedding rows used
-    distinct = {id(d): d for d in deltas if d is not None}.values()
+    parts = [p for d in deltas if d is not None for p, _ in (d.parts if isinstance(d, Composition) else ((d, 1.0),))]
+    distinct = {id(d): d for d in parts}.values()
     delta = 0
     for d in distinct:
-        if isinstance(d, LoraDelta):
+        if isinstance(d, Ia3Delta):
+            delta += sum(4 * v.numel() for v in d.vectors.values())
+        elif isinstance(d, LoraDelta):
             delta += sum(LORA_RANK * (a.shape[1] + b.shape[0]) * esize for a, b in d.weights.values())
         else:
             delta += sum(sign.numel() + 4 * sign.shape[0] for sign, _ in d.projections.values())
@@ -509,6 +539,8 @@ def scenarios(quick: bool, gpu: bool) -> list[Scenario]:
     out += [Scenario(f"lora-{t}", "lora", t) for t in counts]
     out += [Scenario(f"bitdelta-{t}", "bitdelta", t) for t in counts]
     out += [Scenario(f"mixed-{t}", "mixed", t) for t in mixed]
+    out += [Scenario(f"ia3-{t}", "ia3", t) for t in counts]
+    out += [Scenario(f"composed-{t}", "composed", t) for t in counts]
     return out
 
 
