@@ -10,6 +10,7 @@ from registry.loading import load_delta
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
 from serving.engine.sampling_params import SamplingParams
+from tests.engine.test_families import family  # noqa: F401, F811 (a fixture: Qwen3 and Gemma 3 with their tenants)
 from tests.helpers import MIXED_PROMPTS, greedy_tokens, mixed_tenants, run_in_waves
 
 pytestmark = pytest.mark.gpu
@@ -80,3 +81,26 @@ def test_server_on_cuda_with_the_openai_client(world, tmp_path) -> None:
             assert r.choices[0].text == live.backend.engine.tokenizer.decode(want, skip_special_tokens=True), model
     finally:
         stop_server(live)
+
+
+def test_new_families_every_kind_and_a_composition_on_cuda(family) -> None:  # noqa: F811
+    """tests/engine/test_families.py's mixed batch (Qwen3, Gemma 3: LoRA r4/r16, 1-bit, (IA)^3, a composition)
+    on the GPU with the Triton kernels, float32: the greedy tokens of transformers on each merged fine-tune."""
+    import dataclasses
+
+    from registry.deltas import Composition
+    from tests.engine.test_families import SOUP
+    from tests.helpers import weighted_merge
+
+    arch, base, tenants = family
+    cfg = EngineConfig(device="cuda", dtype="float32", kernel_backend="triton", bitdelta_slots=2, lora_slots=2,
+                       ia3_slots=1, max_lora_rank=16, max_model_len=128, max_num_batched_tokens=256)  # fmt: skip
+    engine = LLMEngine.from_model_dir(base, cfg)
+    deltas = {n: dataclasses.replace(load_delta(p, engine.spec, 16), owner="t") if p else None
+              for n, (p, _) in tenants.items()}  # fmt: skip
+    deltas["soup"] = Composition(tuple((deltas[n], w) for n, w in SOUP))
+    refs = {n: m for n, (_, m) in tenants.items()} | {"soup": weighted_merge(base, [(tenants[n][1], w) for n, w in SOUP])}
+    requests = _requests(deltas)
+    got = run_in_waves(engine, requests, deltas, SamplingParams(max_tokens=10, temperature=0.0))
+    for rid, name, prompt in requests:
+        assert got[rid] == greedy_tokens(refs[name], engine.tokenizer, prompt, 10), f"{arch} {rid}"
