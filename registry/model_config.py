@@ -102,9 +102,7 @@ class ModelConfig:
             # Qwen2: q/k/v biases always; Qwen3: attention_bias on all four projections, as Llama's
             qkv_bias = arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False))
             o_bias = arch == "Qwen3ForCausalLM" and bool(cfg.get("attention_bias", False))
-            window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
-            if window is not None and int(cfg.get("max_window_layers", 0)) < int(cfg["num_hidden_layers"]):
-                raise UnsupportedModel(f"{arch[:5]} sliding window on only some layers (max_window_layers) is not supported")
+            window = _qwen_window(cfg)
         elif arch == GEMMA3:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
             window = None
@@ -146,6 +144,23 @@ class ModelConfig:
         )
 
 
+def _qwen_window(cfg: dict[str, Any]) -> int | None:
+    """Qwen2/Qwen3's window, as transformers reads it: layers i >= max_window_layers slide when use_sliding_window
+    (or as `layer_types` lists them). deltaserve serves none or all sliding; a mix is refused."""
+    n = int(cfg["num_hidden_layers"])
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    types = cfg.get("layer_types")
+    if types is None:
+        first = int(cfg.get("max_window_layers", n)) if window else n
+        types = ["sliding_attention" if window and i >= first else "full_attention" for i in range(n)]
+    if set(types) == {"full_attention"}:
+        return None
+    if set(types) == {"sliding_attention"} and window:
+        return int(window)
+    raise UnsupportedModel("a sliding window on only some layers (max_window_layers / layer_types) is not supported "
+                           "for this architecture")
+
+
 def _gemma3_from_hf(cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
     """Gemma 3's fields: interleaved sliding-window and global layers (`layer_types`, or the older
     `sliding_window_pattern`: every n-th layer global), their two RoPEs (transformers 5's `rope_parameters` per
@@ -162,6 +177,8 @@ def _gemma3_from_hf(cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
     if len(types) != n or not set(types) <= {"full_attention", "sliding_attention"}:
         raise UnsupportedModel(f"layer_types {types!r}: one of full_attention / sliding_attention per layer")
     window = int(cfg["sliding_window"]) if cfg.get("sliding_window") else None
+    if window is None and "sliding_attention" in types:
+        raise UnsupportedModel("Gemma 3 with sliding_attention layers needs a sliding_window")
     params = cfg.get("rope_parameters") or {}
     if "full_attention" in params:  # transformers 5: one RoPE per layer type
         rope = _rope_from_hf({"rope_parameters": params["full_attention"]})

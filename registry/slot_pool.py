@@ -46,6 +46,9 @@ class ProjectionPools:
     lora_ranks: torch.Tensor | None = None
     ia3_in: torch.Tensor | None = None
     ia3_out: torch.Tensor | None = None
+    # host: the slots whose (IA)^3 delta scales this projection's input / output (others hold ones there)
+    ia3_in_slots: set[int] = field(default_factory=set)
+    ia3_out_slots: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -150,6 +153,7 @@ class SlotPool:
                 p.ia3_out = torch.ones(ia3_slots + 1, out_f, dtype=torch.float32, device=device)
             self._projections[path] = p
         self._replacements: dict[str, Replacement] = {}
+        self.ia3_layout = 0  # changes whenever a projection starts or stops being scaled by some slot's (IA)^3 delta
         counts = {"bitdelta": bitdelta_slots, "lora": lora_slots, "ia3": ia3_slots}
         self._tables = {kind: _SlotTable(counts[kind]) for kind in DELTA_KINDS}
         self.observer: TierObserver = observer or (lambda event, seconds: None)
@@ -351,12 +355,18 @@ class SlotPool:
     def _load_ia3(self, slot: int, delta: Ia3Delta) -> None:
         for path, p in self._projections.items():
             assert p.ia3_in is not None and p.ia3_out is not None
+            before = (bool(p.ia3_in_slots), bool(p.ia3_out_slots))
             p.ia3_in[slot].fill_(1.0)
             p.ia3_out[slot].fill_(1.0)
+            p.ia3_in_slots.discard(slot)
+            p.ia3_out_slots.discard(slot)
             vector = delta.vectors.get(path)
             if vector is not None:
-                target = p.ia3_in if path in delta.feedforward else p.ia3_out
-                target[slot].copy_(vector, non_blocking=True)
+                feedforward = path in delta.feedforward
+                (p.ia3_in if feedforward else p.ia3_out)[slot].copy_(vector, non_blocking=True)
+                (p.ia3_in_slots if feedforward else p.ia3_out_slots).add(slot)
+            if (bool(p.ia3_in_slots), bool(p.ia3_out_slots)) != before:
+                self.ia3_layout += 1
 
     def _load_lora(self, slot: int, delta: LoraDelta) -> None:
         ranks = torch.zeros(len(self._projections), dtype=torch.int32)

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from registry.errors import InvalidName, PickleRefused, UnsupportedFormat, is_pickle_name
 
 FORMATS = ("lora", "ia3", "bitdelta", "finetune")
+"""The upload formats of CONTRACT §2 (the `format` form field)."""
 PEFT_FORMATS = ("lora", "ia3")
 """The formats that are a PEFT adapter directory (adapter_config.json and adapter_model.safetensors)."""
-"""The upload formats of CONTRACT §2 (the `format` form field)."""
 
 LORA_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"

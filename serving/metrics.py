@@ -4,7 +4,7 @@ A `Metrics` object owns its own CollectorRegistry (no module-level singleton), s
 servers in one process never share counters. No metric carries an adapter label, and only the opt-in usage
 counters a tenant label: their number is unbounded, and a tenant must not learn about others from /metrics
 (which needs the admin key whenever tenants are named). Labels used, with their bounds: route (the fixed API
-routes), status (HTTP status codes), model_kind (base | lora | bitdelta | none), tier (gpu | host for the
+routes), status (HTTP status codes), model_kind (base | lora | ia3 | bitdelta | composed | none), tier (gpu | host for the
 adapter cache counters; gpu_lora | gpu_bitdelta | gpu_ia3 | host for slots in use, the gpu_ ones for capacity), format and outcome of uploads; tenant (the
 top N tenants by tokens, N set by --metrics-top-tenants, and `other`: serving.usage) and kind (prompt |
 completion) of the usage counters.

@@ -91,6 +91,16 @@ def _copy_into(staging, folder: Path) -> None:
                 dst.write(chunk)
 
 
+def _peft_type(folder) -> object:
+    from registry.errors import DeltaError
+    from registry.peft_dir import peft_type
+
+    try:
+        return peft_type(folder)
+    except DeltaError:
+        return None  # the upload's own validation says what is wrong
+
+
 @router.post(
     "/v1/load_lora_adapter",
     response_class=PlainTextResponse,
@@ -112,6 +122,9 @@ async def load_lora_adapter(request: Request, caller: TenantOrAdmin):
         raise APIError(409, f"The tenant already has an adapter `{name}` (load_inplace: true replaces it).",
                        param="lora_name")  # fmt: skip
     folder = resolve_local_dir(request.app.state.local_adapter_dir, req.lora_path)
+    if (folder / "adapter_config.json").is_file() and _peft_type(folder) == "IA3":
+        raise APIError(400, "`lora_path` holds an (IA)^3 adapter, not a LoRA: upload it with POST /v1/adapters "
+                            "(format ia3).", param="lora_path", code="adapter_mismatch")  # fmt: skip
     staging = backend.adapters.stage(tenant)
     try:
         await asyncio.get_running_loop().run_in_executor(None, _copy_into, staging, folder)

@@ -46,7 +46,7 @@ class GraphKey:
     ctx_blocks: int  # KV blocks every row attends over
     bitdelta: bool
     lora: bool
-    ia3: bool = False
+    ia3: int = 0  # 0: no (IA)^3 row; else 1 + the slot pool's ia3_layout (which projections it scales)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class DecodeGraphs:
             ctx_blocks=max(ctx_blocks, blocks),
             bitdelta=any(s.bitdelta_slot >= 0 for s in seqs),
             lora=any(s.lora_slot >= 0 for s in seqs),
-            ia3=any(s.ia3_slot >= 0 for s in seqs),
+            ia3=1 + self.runner.slots.ia3_layout if any(s.ia3_slot >= 0 for s in seqs) else 0,
         )
 
     def run(self, seqs: list[Sequence], key: GraphKey) -> torch.Tensor:
@@ -131,7 +131,7 @@ class DecodeGraphs:
             ia3_slots=[s.ia3_slot for s in seqs] + [-1] * pad,
         )
         assert deltas.bitdelta.empty != key.bitdelta and deltas.lora.empty != key.lora
-        assert (deltas.ia3_row_slot is not None) == key.ia3
+        assert (deltas.ia3_row_slot is not None) == bool(key.ia3)
         stage.upload()
         if stage.copies != 1:  # a buffer too small would move inputs the graph reads: a bug in the sizing below
             raise RuntimeError(f"the graph inputs of {key} took {stage.copies} transfers")

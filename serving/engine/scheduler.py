@@ -285,15 +285,26 @@ class Scheduler:
                 missing.setdefault(delta.kind, delta.key)
         return missing
 
+    def _fits(self, seq: Sequence) -> bool:
+        """True when every delta of the sequence that is not resident could be loaded now without evicting
+        another of its deltas (a composition may need several slots of one kind at once)."""
+        if not seq.composed:
+            return seq.delta is None or self.slots.is_resident(seq.delta) or self.slots.has_room(seq.delta.kind)
+        keys = {delta.key for delta, _ in seq.parts}
+        for kind in {delta.kind for delta, _ in seq.parts}:
+            needed = len({d.key for d, _ in seq.parts if d.kind == kind and not self.slots.is_resident(d)})
+            if needed and needed > self.slots.room(kind, keeping=keys):
+                return False
+        return True
+
     def _acquire_all(self, seq: Sequence) -> bool:
         """Pins every delta of the sequence in a slot, or none (False: one kind's slots are all pinned)."""
-        if seq.composed:  # enough slots for all its parts, or loading one would only evict another of them
-            keys = {delta.key for delta, _ in seq.parts}
-            for kind in {delta.kind for delta, _ in seq.parts}:
-                needed = len({d.key for d, _ in seq.parts if d.kind == kind and not self.slots.is_resident(d)})
-                if needed > self.slots.room(kind, keeping=keys):
-                    return False
-        for i, (delta, _) in enumerate(seq.parts):
+        if seq.composed and not self._fits(seq):  # loading one part would only evict another of them
+            return False
+        # the resident parts pinned first, so that loading the others cannot evict them
+        order = sorted(range(len(seq.parts)), key=lambda i: not self.slots.is_resident(seq.parts[i][0]))
+        for i in order:
+            delta = seq.parts[i][0]
             slot = self.slots.acquire(delta)
             if slot is None:
                 self._release_slot(seq)
@@ -311,20 +322,24 @@ class Scheduler:
         if seq.delta is None or seq.holds_slots:
             return True
         missing = self._first_missing(seq)
-        return all(self._load_turn.get(kind) == key and self.slots.has_room(kind) for kind, key in missing.items())
+        return all(self._load_turn.get(kind) == key for kind, key in missing.items()) and self._fits(seq)
 
     def _next_loads(self) -> dict[str, str]:
         """Per delta kind, the delta of the oldest waiting sequence whose delta is not resident: the next one a
-        freed slot goes to."""
-        oldest: dict[str, tuple[int, str]] = {}  # kind -> (arrival, delta key)
+        freed slot goes to. A composition that needs more slots of a kind than it could have now does not hold
+        the turn meanwhile (it would hold every cold load of that kind behind it): the oldest that fits has it,
+        and the oldest of all only when none fits."""
+        oldest: dict[str, tuple[bool, int, str]] = {}  # kind -> (does not fit, arrival, delta key)
         for queue in self.queues.values():
             for seq in queue:
                 if seq.delta is None or seq.holds_slots:
                     continue
-                for kind, key in self._first_missing(seq).items():
-                    if kind not in oldest or seq.arrival < oldest[kind][0]:
-                        oldest[kind] = (seq.arrival, key)
-        return {kind: key for kind, (_, key) in oldest.items()}
+                missing = self._first_missing(seq)
+                rank = not self._fits(seq) if missing else False
+                for kind, key in missing.items():
+                    if kind not in oldest or (rank, seq.arrival) < oldest[kind][:2]:
+                        oldest[kind] = (rank, seq.arrival, key)
+        return {kind: key for kind, (_, _, key) in oldest.items()}
 
     def _unadmit(self, seq: Sequence) -> None:
         """An admitted sequence that found no KV blocks: back at the head of its queue (a new one gives its

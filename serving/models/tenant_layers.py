@@ -168,26 +168,31 @@ class DeltaBatch:
             if p.weight is None:  # the first pass
                 out = torch.where(has, rows, base)
             else:
-                change = torch.where(has, rows - base, 0.0) * p.weight.view(-1, *([1] * base.dim()))
+                # the weight is float32: the change comes back in the tensor's dtype (bf16 stays bf16)
+                change = (torch.where(has, rows - base, 0.0) * p.weight.view(-1, *([1] * base.dim()))).to(base.dtype)
                 out = (base if out is None else out) + change
         return out
 
     def ia3_scales(self, pools: ProjectionPools) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Each row's (input, output) scaling of one projection, [N, in] and [N, out] float32: 1 + the weighted
-        sum of its parts' (l - 1); (None, None) when no row has an (IA)^3 delta."""
-        scale_in = scale_out = None
+        sum of its parts' (l - 1); None for a side that no row scales: no row has an (IA)^3 delta, or no slot's
+        delta scales that side of this projection (all ones there: nothing to gather or multiply)."""
         if pools.ia3_in is None or pools.ia3_out is None:
             return None, None
+        return (self._ia3_scale(pools.ia3_in) if pools.ia3_in_slots else None,
+                self._ia3_scale(pools.ia3_out) if pools.ia3_out_slots else None)  # fmt: skip
+
+    def _ia3_scale(self, pool: torch.Tensor) -> torch.Tensor | None:
+        scale = None
         for p in self.passes:
             if p.ia3_row_slot is None:
                 continue
-            l_in, l_out = pools.ia3_in[p.ia3_row_slot], pools.ia3_out[p.ia3_row_slot]
+            vectors = pool[p.ia3_row_slot]
             if p.weight is None:  # the first pass
-                scale_in, scale_out = l_in, l_out
+                scale = vectors
             else:
-                scale_in = (l_in - 1.0) * p.weight + (1.0 if scale_in is None else scale_in)
-                scale_out = (l_out - 1.0) * p.weight + (1.0 if scale_out is None else scale_out)
-        return scale_in, scale_out
+                scale = (vectors - 1.0) * p.weight + (1.0 if scale is None else scale)
+        return scale
 
 
 class TenantLinear(nn.Module):
@@ -334,5 +339,5 @@ class TenantEmbedding(nn.Module):
             if p.weight is None:  # the first pass
                 out = torch.where(has, rows, out)
             else:
-                out = out + torch.where(has, rows - h, 0.0) * p.weight
+                out = out + (torch.where(has, rows - h, 0.0) * p.weight).to(h.dtype)
         return out

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from tests.api.conftest import start_server, stop_server
-from tests.helpers import make_lora, make_model_dir
+from tests.helpers import make_ia3, make_lora, make_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,7 @@ def world(tmp_path_factory):
     allowed = root / "allowed"
     allowed.mkdir()
     make_lora(base, allowed / "support", r=2, seed=7)
+    make_ia3(base, allowed / "terse", seed=9)
     (allowed / "support" / "training_args.bin").write_bytes(b"\x80\x04 a pickle: never read")
     outside, _ = make_lora(base, root / "outside", r=2, seed=8)
     os.symlink(outside, allowed / "link-out")
@@ -108,6 +109,13 @@ def test_the_admin_names_the_tenant_and_a_missing_one_is_404(world):
         r = admin.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "support", "tenant": "ghost"})
         assert r.status_code == 404
         assert admin.post("/v1/unload_lora_adapter", json={"lora_name": "x", "tenant": "ghost"}).status_code == 404
+
+
+def test_an_ia3_folder_is_refused_by_the_lora_route_naming_lora_path(world):
+    with world.client() as admin:
+        r = admin.post("/v1/load_lora_adapter", json={"lora_name": "t", "lora_path": "terse", "tenant": "acme"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "lora_path" and "format ia3" in r.json()["error"]["message"]
 
 
 def test_loading_by_path_is_off_without_the_flag(tmp_path):

@@ -54,8 +54,8 @@ MIXES = {
 }
 
 
-def _engine(base, backend: str, **slots) -> LLMEngine:
-    cfg = EngineConfig(device="cpu", dtype="float32", kernel_backend=backend, max_lora_rank=8, max_model_len=128,
+def _engine(base, backend: str, dtype: str = "float32", **slots) -> LLMEngine:
+    cfg = EngineConfig(device="cpu", dtype=dtype, kernel_backend=backend, max_lora_rank=8, max_model_len=128,
                        max_num_batched_tokens=256, **{"bitdelta_slots": 2, "lora_slots": 3, "ia3_slots": 2, **slots})
     return LLMEngine.from_model_dir(base, cfg)
 
@@ -127,3 +127,44 @@ def test_a_composition_waits_for_all_its_slots_and_takes_none_meanwhile(world) -
         for out in engine.step():
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert len(outputs["busy"]) == 6 and len(outputs["soup"]) == 3  # it ran once `busy` gave its slot back
+    assert all(p == 0 for table in engine.slots._tables.values() for p in table.pins)  # and nothing stays pinned
+
+
+def test_a_composition_that_cannot_fit_holds_no_other_tenants_cold_load(world) -> None:
+    """Two LoRA slots, one kept pinned by a steady stream on a resident LoRA: a two-LoRA composition cannot fit
+    meanwhile, and must not keep the load turn from a single cold LoRA that can."""
+    base, parts = world
+    engine = _engine(base, "torch", lora_slots=2)
+    d = {name: dataclasses.replace(load_delta(path, engine.spec, 8), owner="acme") for name, (path, _) in parts.items()}
+    steady, _ = make_lora(base, base.parent / "lora-steady", r=2, seed=19)
+    steady = dataclasses.replace(load_delta(steady, engine.spec, 8), owner="a")
+    cold, _ = make_lora(base, base.parent / "lora-cold", r=2, seed=20)
+    cold = dataclasses.replace(load_delta(cold, engine.spec, 8), owner="c")
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    n = 0
+
+    def stream() -> None:  # tenant a: a new request on its LoRA every step, so one always runs on it
+        nonlocal n
+        engine.add_request(f"a{n}", "The quick brown fox", params, steady, tenant="a")
+        n += 1
+
+    stream()
+    engine.step()
+    engine.add_request("soup", "To be", params, _compose(d, MIXES["two-loras"]), tenant="b")
+    engine.add_request("cold", "All that glitters", params, cold, tenant="c")
+    done: set[str] = set()
+    for _ in range(30):
+        stream()
+        done |= {out.request_id for out in engine.step() if out.finished}
+    assert "cold" in done  # it loaded into the free slot although the composition waits
+
+
+def test_a_composition_with_replacements_runs_in_bfloat16(world) -> None:
+    """The parts' weights are float32: their weighted changes to replaced norms and embeddings come back in the
+    model's dtype, or the next GEMM would mix dtypes and stop the engine."""
+    base, parts = world
+    engine = _engine(base, "torch", dtype="bfloat16")
+    d = {name: dataclasses.replace(load_delta(path, engine.spec, 8), owner="acme") for name, (path, _) in parts.items()}
+    out = engine.generate([("To be", SamplingParams(max_tokens=4, ignore_eos=True), _compose(d, MIXES["repl+ia3+lora"])),
+                           ("To be", SamplingParams(max_tokens=4, ignore_eos=True), d["bd-repl"])])  # fmt: skip
+    assert [len(o.token_ids) for o in out] == [4, 4]

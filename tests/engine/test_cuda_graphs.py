@@ -99,7 +99,7 @@ def test_padded_decode_gives_the_same_tokens(world, tenants) -> None:
         assert {k.batch for k in keys} == {8}  # 5 rows padded to the bucket of 8
         assert len({k.ctx_blocks for k in keys}) >= 2  # contexts of 5..58 tokens cross the 4- and 8-block buckets
         assert all(k.bitdelta == ("bd" in tenants) and k.lora == ("lora" in tenants) for k in keys)
-        assert all(k.ia3 == ("ia3" in tenants) for k in keys)
+        assert all(bool(k.ia3) == ("ia3" in tenants) for k in keys)
 
 
 def test_keys() -> None:
@@ -111,10 +111,15 @@ def test_keys() -> None:
     class Runner:
         block_size = 16
 
+        class slots:
+            ia3_layout = 3
+
     g = DecodeGraphs(Runner(), max_batch=40, max_ctx_blocks=8, capture=False)  # type: ignore[arg-type]
     k = g.key_for([Seq(15), Seq(16, bd=0)], False)
-    assert (k.batch, k.ctx_blocks, k.bitdelta, k.lora, k.ia3) == (2, 2, True, False, False)  # 17 tokens: 2 blocks
-    assert g.key_for([Seq(15), Seq(3, ia3=0)], False).ia3
+    assert (k.batch, k.ctx_blocks, k.bitdelta, k.lora, k.ia3) == (2, 2, True, False, 0)  # 17 tokens: 2 blocks
+    assert g.key_for([Seq(15), Seq(3, ia3=0)], False).ia3 == 4  # which projections (IA)^3 scales: part of the key
+    Runner.slots.ia3_layout = 4
+    assert g.key_for([Seq(15), Seq(3, ia3=0)], False).ia3 == 5
     assert g.key_for([Seq(40, lora=1)] * 3, False).batch == 4 and g.key_for([Seq(40)] * 3, False).ctx_blocks == 4
     assert g.key_for([Seq(1)] * 33, False).batch == 40  # above the last bucket under the limit: the limit
     assert g.key_for([Seq(1)] * 41, False) is None  # above max_batch: eager

@@ -8,6 +8,7 @@ from collections import Counter
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from registry.deltas import Composition
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.sampling_params import SamplingParams
@@ -15,7 +16,9 @@ from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import SeqStatus, Sequence
 from tests.engine.test_scheduler import FakeDelta, FakeSlots
 
-TENANT_DELTAS = {"a": None, "b": FakeDelta("b"), "c": FakeDelta("c", "bitdelta"), "d": FakeDelta("d")}
+# "e" runs a composition of two LoRAs (two slots at once) where the pool has two slots or more, else one delta
+TENANT_DELTAS = {"a": None, "b": FakeDelta("b"), "c": FakeDelta("c", "bitdelta"), "d": FakeDelta("d"),
+                 "e": Composition(((FakeDelta("e1"), 1.0), (FakeDelta("e2"), 0.5)))}  # fmt: skip
 BLOCK_SIZE = 4
 MAX_PROMPT, MAX_NEW = 30, 6
 
@@ -38,7 +41,7 @@ workload = st.fixed_dictionaries({
 
 
 def live_pins(seqs: list[Sequence]) -> Counter:
-    return Counter(s.delta.key for s in seqs if s.delta is not None and s.holds_slots and not s.finished)
+    return Counter(d.key for s in seqs if s.holds_slots and not s.finished for d, _ in s.parts)
 
 
 def check_step(s: Scheduler, out, budget: int, chunk: int, seqs: list[Sequence], decoding: set[int]) -> None:
@@ -93,7 +96,8 @@ def test_random_workloads_keep_every_invariant_and_finish(w) -> None:
     cfg = EngineConfig(max_num_seqs=w["max_num_seqs"], max_num_batched_tokens=budget, prefill_chunk=w["chunk"],
                        fair_scheduling=w["fair"])  # fmt: skip
     s = Scheduler(cfg, BlockManager(w["blocks"], BLOCK_SIZE), FakeSlots(w["slots"]))
-    seqs = [Sequence(f"r{i}", list(range(1, n + 1)), SamplingParams(max_tokens=m), TENANT_DELTAS[t], tenant=t)
+    deltas = dict(TENANT_DELTAS) if w["slots"] >= 2 else {**TENANT_DELTAS, "e": FakeDelta("e1")}
+    seqs = [Sequence(f"r{i}", list(range(1, n + 1)), SamplingParams(max_tokens=m), deltas[t], tenant=t)
             for i, (t, n, m, _) in enumerate(w["requests"])]  # fmt: skip
     arrive = {i: at for i, (*_, at) in enumerate(w["requests"])}
     aborts = {step: i for step, i in w["aborts"] if i < len(seqs)}

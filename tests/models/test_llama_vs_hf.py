@@ -34,6 +34,8 @@ CASES = {
     ),
     "mistral-sliding-window": dict(arch="mistral", sliding_window=5),
     "qwen2-bias-sharded": dict(arch="qwen2", max_shard_size="60KB"),
+    "qwen2-all-layers-sliding": dict(arch="qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=0),
+    "qwen2-window-on-no-layer": dict(arch="qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=2),
     "qwen3-qk-norm-head-dim": dict(arch="qwen3"),
     "qwen3-tied-bias": dict(arch="qwen3", tie_word_embeddings=True, attention_bias=True),
     "gemma3-interleaved-softcap": dict(arch="gemma3"),
@@ -103,6 +105,15 @@ def test_unsupported_architecture_is_refused(tmp_path):
         ModelConfig.from_hf({**cfg, "architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(UnsupportedModel, match="gelu"):
         ModelConfig.from_hf({**cfg, "architectures": ["LlamaForCausalLM"], "hidden_act": "gelu"})
+    qwen = {**cfg, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 4}
+    with pytest.raises(UnsupportedModel, match="only some layers"):  # layer 1 of 2 slides, layer 0 does not
+        ModelConfig.from_hf({**qwen, "max_window_layers": 1})
+    gemma = {**cfg, "architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu_pytorch_tanh"}
+    for option, value in (("attn_logit_softcapping", 50.0), ("use_bidirectional_attention", True)):
+        with pytest.raises(UnsupportedModel, match=option):
+            ModelConfig.from_hf({**gemma, option: value})
+    with pytest.raises(UnsupportedModel, match="sliding_window"):  # sliding layers without a window
+        ModelConfig.from_hf({**gemma, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": None})
 
 
 def test_half_precision_loads(tmp_path):

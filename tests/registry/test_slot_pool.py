@@ -129,7 +129,13 @@ def test_ia3_pools_hold_a_row_of_ones_for_rows_without_one_and_a_load_resets_wha
     assert torch.equal(q.ia3_out[slot], torch.ones(6)) and torch.equal(v.ia3_out[slot], torch.ones(4))  # first's gone
     assert torch.equal(v.ia3_in[slot], torch.ones(16))
     assert all(torch.equal(t[pool.ia3_ones_slot], torch.ones_like(t[0])) for t in (q.ia3_in, q.ia3_out, v.ia3_in))
-    assert pool.resident("ia3") == ["t/ia3/second"] and pool.num_resident("lora") == 0
+    # which slots scale which side of which projection, and a layout number that changes with it (CUDA graph keys)
+    assert (q.ia3_in_slots, q.ia3_out_slots, v.ia3_in_slots, v.ia3_out_slots) == ({slot}, set(), set(), set())
+    layout = pool.ia3_layout
+    pool.release(second)
+    pool.acquire(ia3("third", out_paths=(), in_paths=("m.q",)))  # the same sides scaled: the same layout
+    assert pool.ia3_layout == layout
+    assert pool.resident("ia3") == ["t/ia3/third"] and pool.num_resident("lora") == 0
 
 
 def test_an_ia3_delta_that_does_not_fit_is_refused():
