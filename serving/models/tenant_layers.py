@@ -30,6 +30,7 @@ from torch import nn
 
 from deltakernels import DeltaOps
 from deltakernels.segments import SlotTiles, Stage, build_slot_tiles, copy_stage
+from registry.deltas import DELTA_KINDS
 from registry.slot_pool import ProjectionPools, Replacement, SlotPool
 
 
@@ -128,7 +129,7 @@ class DeltaBatch:
             slots, weights = [], []
             for parts in composed:  # type: ignore[union-attr]
                 kind, slot, weight = parts[k] if k < len(parts) else ("", -1, 0.0)
-                slots.append(tuple(slot if kind == name else -1 for name in ("bitdelta", "lora", "ia3")))
+                slots.append(tuple(slot if kind == name else -1 for name in DELTA_KINDS))  # (1-bit, LoRA, (IA)^3)
                 weights.append(weight)
             passes.append(DeltaPass.build(pools, slots, lens, device, stage, pad_tiles_to, weights))
         return cls(ops=ops, pools=pools, passes=tuple(passes), lora_buf=lora_buf[: sum(lens)])
@@ -150,7 +151,8 @@ class DeltaBatch:
     def ia3_row_slot(self) -> torch.Tensor | None:
         return self.passes[0].ia3_row_slot
 
-    def _replacing_passes(self, rep: Replacement | None) -> list[DeltaPass]:
+    def replacing_passes(self, rep: Replacement | None) -> list[DeltaPass]:
+        """The passes in which some row's 1-bit delta replaces the tensor of `rep` (none when rep is None)."""
         if rep is None:
             return []
         return [p for p in self.passes if not p.bitdelta.empty and rep.replaced_slots.intersection(p.bitdelta.slots)]
@@ -160,8 +162,8 @@ class DeltaBatch:
         composition the base plus each part's weighted change); None when no row's delta replaces `name` (the
         caller uses the base for every row)."""
         out = None
-        for p in self._replacing_passes(self.pools.replacement(name)):
-            rep = self.pools.replacement(name)
+        rep = self.pools.replacement(name)
+        for p in self.replacing_passes(rep):
             slot = p.bitdelta_row_slot
             rows = rep.pool[slot.clamp(min=0)]  # type: ignore[union-attr]
             has = (slot >= 0).view(-1, *([1] * base.dim()))
@@ -251,7 +253,7 @@ class TenantLinear(nn.Module):
             if bias_rows is not None:
                 y += bias_rows - self.bias
         rep = deltas.pools.replacement(self.weight_name)
-        for p in deltas._replacing_passes(rep):
+        for p in deltas.replacing_passes(rep):
             tiles = p.bitdelta
             for slot, start, end in tiles.slot_ranges:
                 if slot not in rep.replaced_slots:  # type: ignore[union-attr]
@@ -332,7 +334,7 @@ class TenantEmbedding(nn.Module):
             return h
         rep = deltas.pools.replacement(self.name)
         out = h
-        for p in deltas._replacing_passes(rep):
+        for p in deltas.replacing_passes(rep):
             slot = p.bitdelta_row_slot
             rows = rep.pool[slot.clamp(min=0), ids]  # type: ignore[union-attr]
             has = (slot >= 0).unsqueeze(-1)
