@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import shutil
 import threading
@@ -19,21 +18,20 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from registry import downloads
 from registry.catalog import AdapterRecord, Registry, Tenant
-from registry.deltas import Composition, Delta, Served, delta_key
+from registry.deltas import Served
 from registry.errors import DeltaError, NotFound, NotStored, RegistryError
 from registry.fmdelta import FMDeltaError
-from registry.host_tier import HostTier, TierObserver
 from registry.loading import load_delta
 from registry.recipe import Recipe
 from registry.upload_formats import PEFT_FORMATS
 from registry.uploads import Staging
-from serving.engine.async_engine import EngineLoop
-from serving.engine.engine import LLMEngine
 from serving.engine.errors import TenantBusy
 from serving.fair_queue import FairWorkQueue
+from serving.generation import Generation, record_key
 from serving.metrics import Metrics
 
 log = logging.getLogger("deltaserve")
@@ -49,7 +47,7 @@ class ResolvedModel:
 
     model_id: str
     kind: str  # "base" | "lora" | "ia3" | "bitdelta" | "composed"
-    delta: Served | None
+    delta: Served | Any | None  # what the generation runs it on (serving.generation.Generation.served_for)
     records: tuple[AdapterRecord, ...] = ()  # the versions it runs on (held stored while it runs)
 
     @property
@@ -60,20 +58,18 @@ class ResolvedModel:
 
 class Adapters:
     def __init__(
-        self, engine: LLMEngine, registry: Registry, loop: EngineLoop, metrics: Metrics, *, model_id: str,
-        host_cache_bytes: int, max_upload_bytes: int, compressions_per_tenant: int, host_observer: TierObserver,
+        self, generation: Generation, registry: Registry, metrics: Metrics, *, model_id: str, max_upload_bytes: int,
+        compressions_per_tenant: int,
     ):  # fmt: skip
-        """loop: the engine thread, which owns the GPU slots (deltas are let go of through it). model_id: the
-        base's name in the API.
-        compressions_per_tenant: fine-tunes of one tenant waiting for compression; beyond: 429."""
-        self.engine = engine
+        """generation: where requests run (it loads their deltas, and lets go of them). model_id: the base's name
+        in the API. compressions_per_tenant: fine-tunes of one tenant waiting for compression; beyond: 429."""
+        self.generation = generation
+        self.base = generation.base
         self.registry = registry
-        self.loop = loop
         self.metrics = metrics
         self.model_id = model_id
         self.started = int(time.time())  # the base's `created`: when this server started serving it
         self.max_upload_bytes = max_upload_bytes
-        self.host_tier = HostTier(host_cache_bytes, host_observer)
         # Loading a requested delta from disk (the request path) and validating uploads run in pools of their own,
         # so that uploads, however many or heavy, never make another tenant's request wait for a worker.
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltaserve-io")
@@ -97,8 +93,8 @@ class Adapters:
         record = self.registry.resolve(tenant.name, model)
         if record is None:
             raise NotFound(f"The model `{model}` does not exist.", param="model")
-        delta = await asyncio.get_running_loop().run_in_executor(self.workers, self._load_record, record)
-        return ResolvedModel(model, delta.kind, delta, (record,))
+        served = await asyncio.get_running_loop().run_in_executor(self.workers, self.generation.served_for, record)
+        return ResolvedModel(model, record.kind, served, (record,))
 
     async def resolve_composition(self, tenant: Tenant, parts: list[tuple[str, float]]) -> ResolvedModel:
         """The tenant's adapters of these (distinct) names, newest ready versions, with their weights, on the
@@ -111,8 +107,8 @@ class Adapters:
                 raise NotFound(f"The adapter `{name}` does not exist.", param="adapters")
             records.append(record)
         loop = asyncio.get_running_loop()
-        deltas = [await loop.run_in_executor(self.workers, self._load_record, record) for record in records]
-        composition = Composition(tuple((delta, weight) for delta, (_, weight) in zip(deltas, parts)))
+        served = [await loop.run_in_executor(self.workers, self.generation.served_for, record) for record in records]
+        composition = self.generation.compose([(s, weight) for s, (_, weight) in zip(served, parts)])
         return ResolvedModel(self.model_id, "composed", composition, tuple(records))
 
     def preload(self, ref: str) -> None:
@@ -122,26 +118,7 @@ class Adapters:
         record = self.registry.resolve(tenant, name)
         if record is None:
             raise NotFound(f"no ready adapter {ref!r} to preload", param="preload")
-        self.engine.preload(self._load_record(record))
-
-    def _load_record(self, record: AdapterRecord) -> Delta:
-        assert record.sha256 is not None
-
-        def load() -> Delta:
-            delta = load_delta(self.registry.blob_path(record), self.engine.spec, self.engine.config.max_lora_rank)
-            return dataclasses.replace(delta, owner=record.tenant)
-
-        key = self._key(record)
-        # Every request looks its delta up here, but one already in a GPU slot needs no host copy to load: its
-        # hit is not counted, or the host tier's hit ratio would sit near 1 and say nothing. What is counted:
-        # of the deltas a request found without a GPU slot, the share already in host memory (not read from disk).
-        return self.host_tier.get(key, load, count_hit=not self.engine.holds_delta(record.kind, key))
-
-    @staticmethod
-    def _key(record: AdapterRecord) -> str:
-        """The key its delta has in the host tier and the GPU slots."""
-        assert record.sha256 is not None
-        return delta_key(record.tenant, record.kind, record.sha256)
+        self.generation.preload(record)
 
     def list_models(self, tenant: Tenant) -> list[dict]:
         """The model cards a tenant sees (serving.api.schemas.ModelObject): the base, then its ready adapters."""
@@ -159,11 +136,11 @@ class Adapters:
 
     def _base_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "deltaserve",
-                "root": self.model_id, "parent": None, "max_model_len": self.engine.max_model_len}  # fmt: skip
+                "root": self.model_id, "parent": None, "max_model_len": self.base.max_model_len}  # fmt: skip
 
     def _adapter_card(self, rec: AdapterRecord) -> dict:
         return {"id": rec.name, "object": "model", "created": rec.created, "owned_by": rec.tenant,
-                "root": f"sha256:{rec.sha256}", "parent": self.model_id, "max_model_len": self.engine.max_model_len}  # fmt: skip
+                "root": f"sha256:{rec.sha256}", "parent": self.model_id, "max_model_len": self.base.max_model_len}  # fmt: skip
 
     # ---- versions in use, and letting go of them ---------------------------------------------------
     @contextlib.contextmanager
@@ -195,10 +172,9 @@ class Adapters:
     def _forget(self, records: list[AdapterRecord], keep: set[str] = frozenset()) -> None:
         """Frees the host copies and GPU slots of versions no new request will use (running ones finish first)."""
         for rec in records:
-            if rec.sha256 is None or self._key(rec) in keep:
+            if rec.sha256 is None or record_key(rec) in keep:
                 continue
-            self.host_tier.discard(self._key(rec))
-            self.loop.forget(rec.kind, self._key(rec))
+            self.generation.forget(rec)
 
     def delete_adapter(self, tenant: Tenant, name: str) -> None:
         versions = self.registry.list_versions(tenant.name, name)
@@ -228,7 +204,7 @@ class Adapters:
         except Exception as e:  # a full disk, a closed registry at shutdown: nothing is lost by waiting
             log.warning("replaced versions of %s/%s not collected yet: %s", tenant, name, e)
         # The same content uploaded again is the newest version's delta too: it stays resident.
-        self._forget(replaced, keep={self._key(newest)} if newest is not None else set())
+        self._forget(replaced, keep={record_key(newest)} if newest is not None and newest.sha256 else set())
 
     # ---- uploads -----------------------------------------------------------------------------------
     def stage(self, tenant: Tenant | None = None) -> Staging:
@@ -240,7 +216,7 @@ class Adapters:
         """Validates the staged files against the base (in a worker thread) and stores them: a new version.
         A fine-tune is checked, recorded as "compressing" and compressed in the background (as `recipe` says)."""
         loop = asyncio.get_running_loop()
-        spec, rank = self.engine.spec, self.engine.config.max_lora_rank
+        spec, rank = self.base.spec, self.base.max_lora_rank
         delta = await loop.run_in_executor(self.upload_workers, staging.validate, fmt, spec, rank)
         if fmt == "finetune":
             return self._submit_compression(tenant, name, lambda record: self._compress(record, staging, recipe or Recipe()),
@@ -290,8 +266,8 @@ class Adapters:
         def keep_upload(progress) -> Path:
             nonlocal source
             source = self.registry.scratch_dir()
-            encode_upload(staging.path, uploaded, Checkpoint(self.engine.base_dir), source,
-                          base_fingerprint=self.engine.spec.fingerprint, progress=progress)  # fmt: skip
+            encode_upload(staging.path, uploaded, Checkpoint(self.base.base_dir), source,
+                          base_fingerprint=self.base.spec.fingerprint, progress=progress)  # fmt: skip
             return source
 
         uploaded = staging.files
@@ -311,8 +287,8 @@ class Adapters:
             staging, finetune = self.registry.stage(), self.registry.scratch_dir()
             source = self.registry.source_path(current)
             assert source is not None
-            files = downloads.finetune_files(source, CheckpointTensors(Checkpoint(self.engine.base_dir)),
-                                             self.engine.spec.fingerprint)  # fmt: skip
+            files = downloads.finetune_files(source, CheckpointTensors(Checkpoint(self.base.base_dir)),
+                                             self.base.spec.fingerprint)  # fmt: skip
             try:
                 for f in files:  # streamed to disk, one chunk at a time; each file checked against its sha256
                     with open(finetune / f.name, "wb") as out:
@@ -348,11 +324,11 @@ class Adapters:
             distill_text, held_out = recipe.split()
             distill = self._distill_config(recipe) if recipe.distill_steps else None
             # Half the work is the compression, half keeping the upload itself, losslessly, for downloads.
-            compress(self.engine.base_dir, finetune, out, CompressOptions(scale=recipe.scale), distill=distill,
+            compress(self.base.base_dir, finetune, out, CompressOptions(scale=recipe.scale), distill=distill,
                      calibration_text=distill_text, progress=lambda f: progress(0.5 * f))  # fmt: skip
             fidelity = self._fidelity(finetune, out, held_out, recipe) if held_out else None
             source = keep(lambda f: progress(0.5 + 0.5 * f))
-            delta = load_delta(out, self.engine.spec)
+            delta = load_delta(out, self.base.spec)
             staging.keep_only(out)
             self.registry.complete_pending(record.id, staging, delta, source=source, fidelity=fidelity)
             self._collect_replaced(record.tenant, record.name)
@@ -372,7 +348,7 @@ class Adapters:
     def _distill_config(self, recipe: Recipe):
         from registry.distill import DistillConfig
 
-        return DistillConfig(steps=recipe.distill_steps, device=self.engine.device.type)
+        return DistillConfig(steps=recipe.distill_steps, device=self.base.device)
 
     def _fidelity(self, finetune: Path, delta_file: Path, held_out: str, recipe: Recipe) -> str:
         """How close the 1-bit delta comes to the fine-tune on the held-out part of the tenant's calibration
@@ -381,8 +357,8 @@ class Adapters:
 
         from serving.evaluation import evaluate
 
-        report = evaluate(self.engine.base_dir, finetune, held_out, delta_path=delta_file,
-                          device=self.engine.device.type, max_tokens=FIDELITY_MAX_TOKENS)  # fmt: skip
+        report = evaluate(self.base.base_dir, finetune, held_out, delta_path=delta_file,
+                          device=self.base.device, max_tokens=FIDELITY_MAX_TOKENS)  # fmt: skip
         served = report.form("bitdelta_distilled")
         return json.dumps({"gain_kept": served.gain_kept, "top1_agreement": served.top1_agreement,
                            "perplexity": served.perplexity, "finetune_perplexity": report.form("finetune").perplexity,
@@ -424,7 +400,7 @@ class Adapters:
         if record.format == "bitdelta":
             return downloads.bitdelta_files(self.registry.blob_path(record))
         source = self.registry.source_path(record)
-        if source is None or self.engine.base_dir is None:
+        if source is None or self.base.base_dir is None:
             raise NotStored(f"adapter {record.name!r} version {record.version} is served from its 1-bit delta, but "
                             "its uploaded fine-tune is not kept (uploaded before deltaserve kept fine-tunes, or its "
                             "stored copy was lost); upload the fine-tune again to keep it", "name")  # fmt: skip
@@ -432,8 +408,8 @@ class Adapters:
         from registry.source_files import CheckpointTensors
 
         try:
-            return downloads.finetune_files(source, CheckpointTensors(Checkpoint(self.engine.base_dir)),
-                                            self.engine.spec.fingerprint)  # fmt: skip
+            return downloads.finetune_files(source, CheckpointTensors(Checkpoint(self.base.base_dir)),
+                                            self.base.spec.fingerprint)  # fmt: skip
         except FMDeltaError as e:
             log.error("stored fine-tune of %s/%s v%d unreadable: %s", record.tenant, record.name, record.version, e)
             raise NotStored(f"adapter {record.name!r} version {record.version}'s stored fine-tune cannot be given "

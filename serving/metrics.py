@@ -42,9 +42,54 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+class EngineMetrics:
+    """What one engine measures of itself: its steps, queues, KV cache and delta tiers. In one server they are
+    exported with the API's (`Metrics.engine`); each replica of a cluster keeps its own, exported with a `replica`
+    label (serving.cluster)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        # Declared one after another so that they are read in one place.
+        self.queue_length = Gauge("deltaserve_queue_length", "Sequences waiting to be scheduled", registry=r)
+        self.running = Gauge("deltaserve_running_sequences", "Sequences in the running batch", registry=r)
+        self.batch_size = Histogram("deltaserve_step_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
+        self.distinct_tenants = Histogram(
+            "deltaserve_step_distinct_adapters", "Distinct deltas (tenants' fine-tunes) per engine step, base excluded",
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.step_time = Histogram("deltaserve_step_seconds", "Duration of one engine step", buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.kv_usage = Gauge("deltaserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0..1)", registry=r)
+        self.preemptions = Counter("deltaserve_preemptions", "Sequences preempted for lack of KV blocks", registry=r)
+        self.generation_tokens = Counter("deltaserve_generation_tokens", "Generated tokens", registry=r)
+        self.adapter_hits = Counter("deltaserve_adapter_cache_hits", "Adapter found resident in a tier", ["tier"], registry=r)
+        self.adapter_misses = Counter("deltaserve_adapter_cache_misses", "Adapter not resident in a tier", ["tier"], registry=r)
+        self.adapter_loads = Counter("deltaserve_adapter_loads", "Adapters loaded into a tier", ["tier"], registry=r)
+        self.adapter_evictions = Counter("deltaserve_adapter_evictions", "Adapters evicted from a tier", ["tier"], registry=r)
+        self.adapter_load_seconds = Histogram(
+            "deltaserve_adapter_load_seconds", "Time to load an adapter into a tier", ["tier"], buckets=LOAD_BUCKETS, registry=r
+        )
+        self.slots_in_use = Gauge("deltaserve_adapter_slots_in_use", "Adapters resident per tier", ["tier"], registry=r)
+        self.slots_total = Gauge("deltaserve_adapter_slots", "Capacity per GPU tier (adapters)", ["tier"], registry=r)
+        # the host tier is sized in bytes, not in adapters
+        self.host_bytes = Gauge("deltaserve_host_tier_bytes", "Bytes of deltas held in the host-memory tier", registry=r)
+        self.host_capacity = Gauge(
+            "deltaserve_host_tier_capacity_bytes", "Capacity of the host-memory tier (--host-cache-mb)", registry=r
+        )
+
+        # Every bounded label value exists from the start, so dashboards see zeros rather than gaps.
+        for tier in ("gpu", "host"):
+            for family in (self.adapter_hits, self.adapter_misses, self.adapter_loads, self.adapter_evictions,
+                           self.adapter_load_seconds):
+                family.labels(tier)
+        for tier in ("gpu_lora", "gpu_bitdelta", "gpu_ia3", "host"):
+            self.slots_in_use.labels(tier)
+        for tier in ("gpu_lora", "gpu_bitdelta", "gpu_ia3"):
+            self.slots_total.labels(tier)
+
+
 class Metrics:
-    def __init__(self) -> None:
-        # Over 60 lines: every metric /metrics exports, declared one after another so that they are read in one place.
+    def __init__(self, engine_side: bool = True) -> None:
+        """engine_side: this process runs the engine (its figures are exported here); False for a cluster's ingress."""
+        # Over 40 lines: every metric of the API /metrics exports, declared one after another (the engine's: above).
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "deltaserve_requests", "HTTP requests by route, status and model kind", ["route", "status", "model_kind"], registry=r
@@ -61,38 +106,15 @@ class Metrics:
             "deltaserve_request_latency_seconds", "Time from arrival to the last token of a generation request",
             buckets=REQUEST_LATENCY_BUCKETS, registry=r,
         )
-        self.queue_length = Gauge("deltaserve_queue_length", "Sequences waiting to be scheduled", registry=r)
-        self.running = Gauge("deltaserve_running_sequences", "Sequences in the running batch", registry=r)
         self.pending = Gauge("deltaserve_pending_requests", "Requests accepted and not finished (queue bound)", registry=r)
         self.max_pending = Gauge(
             "deltaserve_max_pending_requests", "Bound on pending requests (--max-pending); beyond it: 503", registry=r
         )
         # the HTTP server can outlive its engine thread (then every generation is a 503): /health's answer, scraped
         self.engine_up = Gauge("deltaserve_engine_up", "Whether the engine thread runs (1), or has died (0)", registry=r)
-        self.batch_size = Histogram("deltaserve_step_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
-        self.distinct_tenants = Histogram(
-            "deltaserve_step_distinct_adapters", "Distinct deltas (tenants' fine-tunes) per engine step, base excluded",
-            buckets=BATCH_BUCKETS, registry=r,
-        )
-        self.step_time = Histogram("deltaserve_step_seconds", "Duration of one engine step", buckets=TOKEN_LATENCY_BUCKETS, registry=r)
-        self.kv_usage = Gauge("deltaserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0..1)", registry=r)
-        self.preemptions = Counter("deltaserve_preemptions", "Sequences preempted for lack of KV blocks", registry=r)
         self.prompt_tokens = Counter("deltaserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("deltaserve_generation_tokens", "Generated tokens", registry=r)
-        self.adapter_hits = Counter("deltaserve_adapter_cache_hits", "Adapter found resident in a tier", ["tier"], registry=r)
-        self.adapter_misses = Counter("deltaserve_adapter_cache_misses", "Adapter not resident in a tier", ["tier"], registry=r)
-        self.adapter_loads = Counter("deltaserve_adapter_loads", "Adapters loaded into a tier", ["tier"], registry=r)
-        self.adapter_evictions = Counter("deltaserve_adapter_evictions", "Adapters evicted from a tier", ["tier"], registry=r)
-        self.adapter_load_seconds = Histogram(
-            "deltaserve_adapter_load_seconds", "Time to load an adapter into a tier", ["tier"], buckets=LOAD_BUCKETS, registry=r
-        )
-        self.slots_in_use = Gauge("deltaserve_adapter_slots_in_use", "Adapters resident per tier", ["tier"], registry=r)
-        self.slots_total = Gauge("deltaserve_adapter_slots", "Capacity per GPU tier (adapters)", ["tier"], registry=r)
-        # the host tier is sized in bytes, not in adapters
-        self.host_bytes = Gauge("deltaserve_host_tier_bytes", "Bytes of deltas held in the host-memory tier", registry=r)
-        self.host_capacity = Gauge(
-            "deltaserve_host_tier_capacity_bytes", "Capacity of the host-memory tier (--host-cache-mb)", registry=r
-        )
+        # the engine's own figures: here, or per replica (serving.cluster) when the engines run elsewhere
+        self.engine = EngineMetrics(r) if engine_side else None
         self.tenant_requests = Counter(
             "deltaserve_tenant_requests", "Answered requests per tenant (top N by tokens, the rest `other`)", ["tenant"],
             registry=r,
@@ -104,14 +126,6 @@ class Metrics:
         self.uploads = Counter("deltaserve_adapter_uploads", "Adapter uploads by format and outcome", ["format", "outcome"], registry=r)
 
         # Every bounded label value exists from the start, so dashboards see zeros rather than gaps.
-        for tier in ("gpu", "host"):
-            for family in (self.adapter_hits, self.adapter_misses, self.adapter_loads, self.adapter_evictions,
-                           self.adapter_load_seconds):
-                family.labels(tier)
-        for tier in ("gpu_lora", "gpu_bitdelta", "gpu_ia3", "host"):
-            self.slots_in_use.labels(tier)
-        for tier in ("gpu_lora", "gpu_bitdelta", "gpu_ia3"):
-            self.slots_total.labels(tier)
         for fmt in FORMATS:  # every upload outcome too (a refused upload's first burst must show in increase())
             for outcome in ("accepted", "refused", *(("ready", "failed") if fmt == "finetune" else ())):
                 self.uploads.labels(fmt, outcome)

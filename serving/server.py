@@ -63,11 +63,26 @@ class ServerSettings(EngineOptions, BaseSettings):
         return self
 
 
+def engine_config(settings: ServerSettings) -> EngineConfig:
+    return EngineConfig(**settings.model_dump(include=set(EngineOptions.model_fields)))
+
+
+def backend_config(settings: ServerSettings):
+    from serving.backend import BackendConfig
+
+    return BackendConfig(
+        max_pending=settings.max_pending, tenant_max_concurrent=settings.tenant_max_concurrent,
+        max_upload_bytes=settings.max_upload_mb << 20, drain_timeout=settings.drain_timeout,
+        served_model_name=settings.served_model_name, metrics_top_tenants=settings.metrics_top_tenants,
+    )  # fmt: skip
+
+
 def build_backend(settings: ServerSettings, registry):
     """Loads the model and builds the backend over an open registry; registers the demo tenant when
     serving the demo."""
-    from serving.backend import Backend, BackendConfig
+    from serving.backend import Backend
     from serving.engine.engine import LLMEngine
+    from serving.generation import LocalGeneration
     from serving.metrics import Metrics
 
     model_dir = settings.model
@@ -76,19 +91,11 @@ def build_backend(settings: ServerSettings, registry):
         from serving.demo import demo_dir
 
         model_dir = demo_dir() / "base"
-    engine = LLMEngine.from_model_dir(
-        model_dir,
-        EngineConfig(**settings.model_dump(include=set(EngineOptions.model_fields))),
-    )
-    backend = Backend(
-        engine, registry, Metrics(),
-        BackendConfig(
-            max_pending=settings.max_pending, tenant_max_concurrent=settings.tenant_max_concurrent,
-            host_cache_bytes=settings.host_cache_mb << 20, max_upload_bytes=settings.max_upload_mb << 20,
-            drain_timeout=settings.drain_timeout, served_model_name=settings.served_model_name,
-            metrics_top_tenants=settings.metrics_top_tenants,
-        ),
-    )
+    engine = LLMEngine.from_model_dir(model_dir, engine_config(settings))
+    metrics = Metrics()
+    generation = LocalGeneration(engine, registry, metrics.engine, max_pending=settings.max_pending,
+                                 host_cache_bytes=settings.host_cache_mb << 20)  # fmt: skip
+    backend = Backend(generation, registry, metrics, backend_config(settings))
     if demo:
         register_demo(backend)
     return backend
@@ -110,7 +117,8 @@ def register_demo(backend) -> None:
             continue
         staging = backend.adapters.stage()
         staging.import_path(t.adapter_path)
-        delta = staging.validate(t.kind, backend.engine.spec, backend.engine.config.max_lora_rank)
+        base = backend.generation.base
+        delta = staging.validate(t.kind, base.spec, base.max_lora_rank)
         registry.commit_adapter("demo", t.name, t.kind, staging, delta)
 
 

@@ -53,7 +53,7 @@ def exposed_metrics() -> tuple[dict[str, str], dict[str, str], dict[str, set[str
     for sample in re.findall(r"^(deltaserve_\w+)[{ ]", text, re.M):  # every sample line names a known family
         assert any(sample == f or sample == f + s for f in kinds for s in SUFFIXES), sample
     labels = {family: set() for family in kinds}
-    for collector in vars(metrics).values():
+    for collector in [*vars(metrics).values(), *vars(metrics.engine).values()]:
         name = getattr(collector, "_name", None)
         if name in labels:
             labels[name] = set(getattr(collector, "_labelnames", ()))

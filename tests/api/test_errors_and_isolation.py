@@ -139,7 +139,7 @@ def test_bad_inputs(live, tenants, tmp_path):
     ]
     from registry.bitdelta_format import load_bitdelta_file, save_bitdelta_file
 
-    delta = load_bitdelta_file(live.files["bd"], live.backend.engine.spec)
+    delta = load_bitdelta_file(live.files["bd"], live.backend.generation.engine.spec)
     save_bitdelta_file(tmp_path / "other.safetensors", delta.projections, {}, "sha256:" + "0" * 64)
     path, (sign, scale) = next(iter(delta.projections.items()))
     save_bitdelta_file(nan_file, {path: (sign, scale * float("nan"))}, {}, delta.base_fingerprint)

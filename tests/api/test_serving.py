@@ -79,8 +79,8 @@ def test_new_version_and_delete_during_a_stream(live, second_lora):
 
 def resident(live, prefix: str) -> bool:
     """True while a delta whose key starts with `prefix` is in a GPU slot or the host tier."""
-    slots = live.backend.engine.slots
-    keys = [k for kind in ("lora", "bitdelta") for k in slots.resident(kind) if k] + live.backend.adapters.host_tier.keys()
+    slots = live.backend.generation.engine.slots
+    keys = [k for kind in ("lora", "bitdelta") for k in slots.resident(kind) if k] + live.backend.generation.host_tier.keys()
     return any(k.startswith(prefix) for k in keys)
 
 
@@ -174,7 +174,7 @@ def test_many_tenants_stream_while_uploading_and_cold_loading(live, second_lora)
 
 def test_disconnect_frees_kv_blocks(live):
     key = live.new_tenant("leaver")
-    blocks = live.backend.engine.blocks
+    blocks = live.backend.generation.engine.blocks
     with live.client(key) as c:
         with c.stream("POST", "/v1/completions", json={"model": live.backend.model_id, "prompt": "To be", "stream": True,
                                                        "max_tokens": 100, "temperature": 0, "ignore_eos": True}) as s:
@@ -215,8 +215,8 @@ def test_metrics_after_load(live):
         assert metric(text, name) >= 0, name
     assert metric(text, "deltaserve_requests_total", 'model_kind="lora",route="/v1/completions",status="200"') > 0
     assert metric(text, "deltaserve_adapter_slots_in_use", 'tier="host"') >= 1
-    assert metric(text, "deltaserve_host_tier_capacity_bytes") == live.backend.config.host_cache_bytes
-    assert 0 < metric(text, "deltaserve_host_tier_bytes") == live.backend.adapters.host_tier.nbytes
+    assert metric(text, "deltaserve_host_tier_capacity_bytes") == live.backend.generation.host_tier.capacity_bytes
+    assert 0 < metric(text, "deltaserve_host_tier_bytes") == live.backend.generation.host_tier.nbytes
     assert 'deltaserve_adapter_slots{tier="host"}' not in text  # a tier sized in bytes has no slot count
     for name in ["deltaserve_adapter_cache_misses_total", "deltaserve_adapter_loads_total",
                  "deltaserve_adapter_load_seconds_count"]:  # the GPU slots report as the host tier does
@@ -246,15 +246,15 @@ def test_host_tier_hits_count_only_deltas_without_a_gpu_slot(live):
         assert host("deltaserve_adapter_cache_hits_total") == hits  # resident on the GPU: no host lookup needed
         assert host("deltaserve_adapter_cache_misses_total") == misses
         delta = f"hits/lora/{live.backend.registry.resolve('hits', 'hot').sha256}"
-        live.backend.loop.forget("lora", delta)  # its GPU slot freed (as for a new version); the host copy stays
-        wait_until(lambda: not live.backend.engine.holds_delta("lora", delta))
+        live.backend.generation.loop.forget("lora", delta)  # its GPU slot freed (as for a new version); the host copy stays
+        wait_until(lambda: not live.backend.generation.engine.holds_delta("lora", delta))
         assert c.post("/v1/completions", json=body).status_code == 200
         assert host("deltaserve_adapter_cache_hits_total") == hits + 1  # no GPU slot: found in host memory
 
 
 def test_queue_limit_and_tenant_limit(tmp_path_factory, live):
     srv = start_server(tmp_path_factory.mktemp("small"), live.base_dir, max_pending=2, tenant_max_concurrent=1)
-    engine, step = srv.backend.engine, srv.backend.engine.step
+    engine, step = srv.backend.generation.engine, srv.backend.generation.engine.step
 
     def slow_step():  # a slower device: the long requests are surely still running when the next ones arrive
         time.sleep(0.02)
@@ -287,7 +287,7 @@ def test_queue_limit_and_tenant_limit(tmp_path_factory, live):
             text = admin.get("/metrics").text
             assert metric(text, "deltaserve_max_pending_requests") == 2
             assert metric(text, "deltaserve_engine_up") == 1
-            srv.backend.loop.stop(timeout=5)  # the engine thread gone, the HTTP server still up
+            srv.backend.generation.loop.stop(timeout=5)  # the engine thread gone, the HTTP server still up
             assert admin.get("/health").status_code == 503
             assert metric(admin.get("/metrics").text, "deltaserve_engine_up") == 0
     finally:
@@ -345,8 +345,8 @@ def test_preload_puts_an_adapter_on_the_gpu_before_any_request(tmp_path, live):
         backend = build_backend(settings, registry)
         for ref in settings.preload:
             backend.preload(ref)
-        assert any(k and k.startswith("acme/lora/") for k in backend.engine.slots.resident("lora"))
-        assert backend.adapters.host_tier.num_items == 1
+        assert any(k and k.startswith("acme/lora/") for k in backend.generation.engine.slots.resident("lora"))
+        assert backend.generation.host_tier.num_items == 1
         with pytest.raises(Exception, match="no ready adapter"):
             backend.preload("acme/missing")
         backend.stop()

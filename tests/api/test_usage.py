@@ -68,7 +68,7 @@ def test_usage_is_what_the_responses_reported_per_tenant_and_model(server, world
     on_german.append([chunk for chunk in streamed][-1].usage)
     on_german[0] = on_german[0].usage
     on_beta = [beta.completions.create(model=base_id, prompt="Caf\u00e9", max_tokens=7).usage]
-    assert on_base[0].usage.prompt_tokens == len(server.backend.engine.tokenizer.encode("To be or not"))  # once for n=2
+    assert on_base[0].usage.prompt_tokens == len(server.backend.generation.engine.tokenizer.encode("To be or not"))  # once for n=2
 
     mine = _per_model(_report(server, acme_key))
     assert mine == {("acme", base_id): {"requests": 2, **_sum(u.usage for u in on_base)},

@@ -69,7 +69,7 @@ def test_server_on_cuda_with_the_openai_client(world, tmp_path) -> None:
     base_dir, tenants = world
     live = start_server(tmp_path, base_dir, device="cuda", dtype="float32", kernel_backend="auto")
     try:
-        assert live.backend.engine.device.type == "cuda"
+        assert live.backend.generation.engine.device.type == "cuda"
         key = live.new_tenant("acme")
         with live.client(key) as c:
             assert upload(c, "row", "bitdelta", tenants["bd-row"][0]).status_code == 201
@@ -77,8 +77,8 @@ def test_server_on_cuda_with_the_openai_client(world, tmp_path) -> None:
         client = OpenAI(base_url=live.url + "/v1", api_key=key)
         for model, tenant in (("row", "bd-row"), ("r2", "lora-r2"), (live.backend.model_id, "base")):
             r = client.completions.create(model=model, prompt="To be", max_tokens=8, temperature=0)
-            want = greedy_tokens(tenants[tenant][1], live.backend.engine.tokenizer, "To be", 8)
-            assert r.choices[0].text == live.backend.engine.tokenizer.decode(want, skip_special_tokens=True), model
+            want = greedy_tokens(tenants[tenant][1], live.backend.generation.engine.tokenizer, "To be", 8)
+            assert r.choices[0].text == live.backend.generation.engine.tokenizer.decode(want, skip_special_tokens=True), model
     finally:
         stop_server(live)
 
