@@ -155,7 +155,7 @@ class RequestResult:
     error_code: str | None = None
     error_message: str | None = None
     ttft: float | None = None  # send -> first streamed chunk (text or not); not streamed: the whole answer
-    itl: list[float] = field(default_factory=list)  # streaming only: gaps between chunks with text
+    itl: list[float] = field(default_factory=list)  # streaming only: gaps between chunks (tokens)
     e2e: float | None = None  # send -> last byte (of the last attempt)
     output_tokens: int | None = None
     prompt_tokens: int | None = None
@@ -318,18 +318,6 @@ def _set_error(res: RequestResult, payload: Any, fallback_type: str, fallback_me
         res.error_message = (fallback_message or (str(err) if err else ""))[:MAX_ERROR_MESSAGE]
 
 
-def _chunk_text(event: dict[str, Any], chat: bool) -> str:
-    """The text a streamed chunk carries (all choices together)."""
-    parts = []
-    for choice in event.get("choices") or []:
-        if not isinstance(choice, dict):
-            continue
-        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-        if text:
-            parts.append(text)
-    return "".join(parts)
-
-
 def _take_usage(res: RequestResult, payload: Any) -> None:
     usage = payload.get("usage") if isinstance(payload, dict) else None
     if isinstance(usage, dict):
@@ -340,7 +328,7 @@ def _take_usage(res: RequestResult, payload: Any) -> None:
             res.prompt_tokens = usage["prompt_tokens"]
 
 
-async def _read_stream(response: httpx.Response, res: RequestResult, sent: float, chat: bool) -> None:
+async def _read_stream(response: httpx.Response, res: RequestResult, sent: float) -> None:
     """Read an SSE body: `data: {...}` chunks, `data: {"error": ...}` events and the final `data: [DONE]`."""
     last: float | None = None
     chunks = 0
@@ -364,10 +352,12 @@ async def _read_stream(response: httpx.Response, res: RequestResult, sent: float
         if not isinstance(event, dict):
             continue
         _take_usage(res, event)
-        if res.ttft is None and event.get("choices"):  # the first token's chunk, even one with no text yet
-            res.ttft = time.perf_counter() - sent
-        if _chunk_text(event, chat):
+        # Every chunk with a choice is a token (the server streams one per token, its text held back or not), as
+        # vllm bench serve counts them: the first's time is the TTFT, the gaps between the next ones the ITL.
+        if event.get("choices"):
             now = time.perf_counter()
+            if res.ttft is None:
+                res.ttft = now - sent
             if last is not None:
                 res.itl.append(now - last)
             last = now
@@ -402,7 +392,7 @@ async def _attempt(client: httpx.AsyncClient, config: LoadConfig, target: Target
                     return retry_after_seconds(response.headers.get("Retry-After"), config.retry_max_wait)
                 return None
             if config.stream:
-                await _read_stream(response, res, sent, config.chat)
+                await _read_stream(response, res, sent)
             else:
                 raw = await response.aread()
                 try:

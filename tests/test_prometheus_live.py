@@ -1,7 +1,8 @@
 """A real Prometheus (Debian's `prometheus` package; scripts/setup.sh installs it as root) scraping a live server
 under the project's own load generator: the first burst of 429s and the first refused upload show in
 increase(), every dashboard query evaluates, and the latency quantiles Prometheus computes from the buckets are
-within 10 % of the load generator's own figures; the dashboard's request and token counts are the load generator's."""
+within 10 % of the load generator's own figures (the dashboard's own p50/p95/p99 queries of TTFT, inter-token and
+end-to-end latency); the dashboard's request, token, error-ratio and per-kind counts are the load generator's."""
 
 from __future__ import annotations
 
@@ -65,6 +66,11 @@ def scalar(url: str, expr: str) -> float:
     return float(result[0]["value"][1])
 
 
+def over_the_window(expr: str) -> str:
+    """A dashboard query over the whole test: its rates as increases over WINDOW, every instance."""
+    return re.sub(r"rate\((\w+\{[^}]*\})\[\$__rate_interval\]\)", rf"increase(\1[{WINDOW}])", expr).replace("$instance", ".*")
+
+
 def wait_for_scrape_of(url: str, expr: str, want: float) -> None:
     deadline = time.time() + 30
     while not (query(url, expr) and scalar(url, expr) >= want):
@@ -83,13 +89,13 @@ def loadtest(server: str, key: str, model: str, out: Path, requests: int, concur
 def test_prometheus_sees_what_the_load_generator_saw(tmp_path):
     base = make_model_dir(tmp_path / "base", arch="llama")
     srv = start_server(tmp_path, base, tenant_max_concurrent=2)
-    step = srv.backend.engine.step
+    step = srv.backend.generation.engine.step
 
     def slow_step():  # steps of a real model's length, so that HTTP's own milliseconds are noise beside them
         time.sleep(0.04)
         return step()
 
-    srv.backend.engine.step = slow_step
+    srv.backend.generation.engine.step = slow_step
     proc, prom = start_prometheus(tmp_path, srv.url.removeprefix("http://"))
     try:
         wait_for_scrape_of(prom, "sum(deltaserve_engine_up)", 1)
@@ -100,13 +106,19 @@ def test_prometheus_sees_what_the_load_generator_saw(tmp_path):
         steady = loadtest(srv.url, key, model, tmp_path / "steady.json", requests=200, concurrency=2)
         assert steady["summary"]["by_status"] == {"200": 200}
         wait_for_scrape_of(prom, f'sum(deltaserve_requests_total{{{route}, status="200"}})', 200)
+        # the dashboard's own quantile queries (their rates over the whole test): p50/p95/p99 of TTFT, inter-token
+        # and end-to-end latency within 10 % of the load generator's
+        targets = dashboard_targets()
         client = steady["summary"]["latency"]  # seconds
-        for metric, name in (("ttft", "deltaserve_time_to_first_token_seconds"),
-                             ("e2e", "deltaserve_request_latency_seconds")):  # fmt: skip
-            for q in (50, 90, 99):
-                expr = f"histogram_quantile({q / 100}, sum by (le) (increase({name}_bucket[{WINDOW}])))"
-                got, want = scalar(prom, expr), client[metric][f"p{q}"]
+        checked = 0
+        for title, metric in (("Time to first token", "ttft"), ("Inter-token latency", "itl"),
+                              ("Request latency (end to end)", "e2e")):  # fmt: skip
+            for _, t in (pt for pt in targets if pt[0] == title):
+                q = round(100 * float(re.match(r"histogram_quantile\(([\d.]+),", t["expr"]).group(1)))
+                got, want = scalar(prom, over_the_window(t["expr"])), client[metric][f"p{q}"]
                 assert abs(got - want) <= 0.1 * want, f"{metric} p{q}: Prometheus {got:.4f} s, client {want:.4f} s"
+                checked += 1
+        assert checked == 9
 
         # 2. a first burst of 429s: 6 at once for a tenant allowed 2; increase() sees it (its series is at 0 from the start)
         burst = loadtest(srv.url, key, model, tmp_path / "burst.json", requests=24, concurrency=6)
@@ -125,24 +137,40 @@ def test_prometheus_sees_what_the_load_generator_saw(tmp_path):
         assert 0.9 <= refused <= 1.2, refused
 
         # every dashboard query evaluates (no error) with the dashboard's variables filled in
-        targets = dashboard_targets()
         for _, t in targets:
             query(prom, t["expr"].replace("$instance", ".*").replace("$__rate_interval", "1m"))
 
         # the dashboard's queries on the counters themselves (its rates undone, since increase() extrapolates to
         # the window's edges): the load generator's requests plus the tenant's creation and the upload, never
         # Prometheus's own scrapes; every token the load generator received
-        def over_the_test(title: str) -> float:
-            expr = next(t["expr"] for panel, t in targets if panel == title)
+        def over_the_test(title: str, which: int = 0) -> list[dict]:
+            expr = [t["expr"] for panel, t in targets if panel == title][which]
             counters = re.sub(r"rate\((\w+\{[^}]*\})\[\$__rate_interval\]\)", r"\1", expr)
             assert "rate(" not in counters, counters
-            return scalar(prom, counters.replace("$instance", ".*"))
+            return query(prom, counters.replace("$instance", ".*"))
 
+        def value(title: str, which: int = 0) -> float:
+            result = over_the_test(title, which)
+            assert len(result) == 1, (title, result)
+            return float(result[0]["value"][1])
+
+        statuses = {**burst["summary"]["by_status"]}
+        statuses["200"] = statuses.get("200", 0) + steady["summary"]["by_status"]["200"]
         sent = steady["summary"]["requests"] + burst["summary"]["requests"] + 2
-        assert over_the_test("Requests/s") == sent
+        assert value("Requests/s") == sent
         tokens = steady["summary"]["output_tokens"] + burst["summary"]["output_tokens"]
-        assert over_the_test("Generated tokens/s") == tokens
-        assert over_the_test("5xx ratio") == 0
+        assert value("Generated tokens/s") == tokens == value("Tokens/s", 1)
+        prompt_tokens = steady["summary"]["prompt_tokens"] + burst["summary"]["prompt_tokens"]
+        assert prompt_tokens > 0 and value("Tokens/s", 0) == prompt_tokens
+        assert value("5xx ratio") == 0
+        # the error-ratio panel, line by line: 4xx (the 429s and the refused upload), 5xx, 429, 503
+        n4xx = sum(n for status, n in statuses.items() if status.startswith("4")) + 1
+        want = [n4xx / sent, 0, n429 / sent, statuses.get("503", 0) / sent]
+        got = [value("Error ratio", i) for i in range(4)]
+        assert got == pytest.approx(want, rel=1e-9), (got, want)
+        by_kind = {r["metric"]["model_kind"]: float(r["value"][1]) for r in over_the_test("Generation requests by model kind")}
+        assert by_kind.pop("base") == steady["summary"]["requests"] + burst["summary"]["requests"]
+        assert set(by_kind.values()) == {0.0}, by_kind  # every other kind's series at zero, none missing
     finally:
         proc.terminate()
         proc.wait(10)

@@ -219,7 +219,7 @@ class Reply:
 
     def chunk_choice(self, job: Job, out, added: tuple[str, list]) -> dict | None:
         """The streamed choice for one step's output of `job`, which added `added` (absorb's text and logprobs)
-        to it; None when the step has nothing to send."""
+        to it; None when the step has nothing to send (no token: a step of a prompt's prefill)."""
         text, lps = added
         finish = job.finish_reason if out.finished else None
         if self.chat:
@@ -239,7 +239,9 @@ class Reply:
             if lp is not None and lp["tokens"]:  # offsets count tokens' texts, as the whole response's do
                 job.streamed_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
             choice = {"index": job.index, "text": text, "logprobs": lp, "finish_reason": finish}
-        return choice if text or finish or lps or first else None
+        # A chunk for every generated token, its text held back or not (a partial UTF-8 character, a possible stop
+        # string), as vLLM streams: clients time tokens by chunks (vllm bench serve, loadtest), as /metrics does.
+        return choice if text or finish or lps or first or out.new_token_ids else None
 
 
 async def respond(request: Request, tenant, resolved, jobs: list[Job], req, chat: bool) -> Response:

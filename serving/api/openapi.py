@@ -127,7 +127,7 @@ UPLOAD_FORM = {
         "files": {
             "type": "array",
             "items": {"type": "string", "format": "binary"},
-            "description": "The adapter's files (see docs/formats.md), each part with its file name.",
+            "description": "The adapter's files (docs/reference.md, section 4: file formats), each part with its file name.",
         },
     },
 }

@@ -27,6 +27,28 @@ def test_adapters_ls_shows_progress_and_a_failed_compressions_error():
     assert len(lines) == 5
 
 
+def test_adapters_ls_through_a_server_shows_progress_and_the_error(live, capsys, monkeypatch):
+    # What the catalog holds for a compression under way and a failed one, as `adapters ls` prints it from the API.
+    key = live.new_tenant("lister")
+    registry = live.backend.registry
+    running = registry.create_pending("lister", "busy", "finetune")
+    registry.set_progress(running.id, 0.42)
+    failed = registry.create_pending("lister", "broken", "finetune")
+    registry.fail_pending(failed.id, "tensor x has shape [2], the base has [3]")
+    monkeypatch.setenv("DELTASERVE_URL", live.url)
+    monkeypatch.setenv("DELTASERVE_API_KEY", key)
+    assert cli_main(["adapters", "push", str(live.files["lora"]), "--name", "fine", "--format", "lora"]) == 0
+    capsys.readouterr()
+    assert cli_main(["adapters", "ls"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:] if not line.startswith(" ")}
+    assert rows["busy"][1:5] == ["finetune", "1", "compressing", "42%"]
+    assert rows["broken"][1:4] == ["finetune", "1", "failed"]
+    assert lines[lines.index(next(x for x in lines if x.startswith("broken"))) + 1] == (
+        "  error: tensor x has shape [2], the base has [3]")  # fmt: skip
+    assert rows["fine"][1:4] == ["lora", "1", "ready"]
+
+
 def test_adapters_show(live, capsys, monkeypatch):
     key = live.new_tenant("shower")
     monkeypatch.setenv("DELTASERVE_URL", live.url)

@@ -113,3 +113,64 @@ def test_out_of_range_sampling_fields_are_refused_by_name(live, client, fields, 
     with pytest.raises(openai.BadRequestError) as e:
         _text(client, live.backend.model_id, **fields)
     assert e.value.body["param"] == param or param in e.value.body["message"]
+
+
+PENALTIES = [{"presence_penalty": 1.5}, {"frequency_penalty": 1.2}, {"repetition_penalty": 1.8},
+             {"presence_penalty": -0.5, "frequency_penalty": 0.7, "repetition_penalty": 1.3}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lora_tenant(live):
+    from tests.api.helpers import upload
+
+    key = live.new_tenant("penalised")
+    with live.client(key) as c:
+        assert upload(c, "mine", "lora", live.files["lora"]).status_code == 201
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=key)
+
+
+@pytest.mark.parametrize("settings", PENALTIES, ids=lambda s: ",".join(s))
+def test_penalties_through_the_client_give_transformers_tokens(live, lora_tenant, settings):
+    # The same greedy tokens as transformers' generate() with its RepetitionPenalty processor (and OpenAI's formula
+    # for presence/frequency, which transformers lacks) on the tenant's merged model; the base too.
+    import torch
+
+    from serving.engine.sampling_params import SamplingParams
+    from tests.helpers import hf_model, hf_processors, make_tokenizer
+
+    ids = make_tokenizer()("To be or not to be").input_ids
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, **settings)
+    changed = 0
+    for model, reference in ((live.backend.model_id, hf_model(live.base_dir)), ("mine", live.files["lora_merged"])):
+        openai_fields = {k: v for k, v in settings.items() if k != "repetition_penalty"}
+        vllm_fields = {k: v for k, v in settings.items() if k == "repetition_penalty"}
+        got = lora_tenant.completions.create(model=model, prompt=ids, max_tokens=16, temperature=0, logprobs=0,
+                                             extra_body={"ignore_eos": True, **vllm_fields}, **openai_fields)  # fmt: skip
+        with torch.no_grad():
+            want = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0,
+                                      logits_processor=hf_processors(params, len(ids), set()))[0, len(ids):].tolist()  # fmt: skip
+            plain = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+        tok = make_tokenizer()
+        assert got.choices[0].logprobs.tokens == [tok.decode([t]) for t in want], (model, settings)
+        changed += want != plain[0, len(ids):].tolist()
+    assert changed  # the settings change the tokens of at least one model (the test could fail)
+
+
+def test_skip_special_tokens_keeps_or_drops_their_text(live, client):
+    model = live.backend.model_id
+    eos = 2  # "</s>" in the test tokenizer: a special token, forced by the bias and not ending the choice
+    kept = _greedy(client, model, logit_bias={str(eos): 100}, skip_special_tokens=False)
+    dropped = _greedy(client, model, logit_bias={str(eos): 100})
+    assert kept.text == "</s>" * 8 and dropped.text == ""
+    assert kept.logprobs.tokens == dropped.logprobs.tokens == ["</s>"] * 8  # the tokens are the same either way
+
+
+def test_a_token_without_text_is_still_a_streamed_chunk(live, client):
+    # As vLLM streams: one chunk per generated token, its text empty when held back (here skipped special
+    # tokens), so a client times tokens by chunks (tests/test_prometheus_live.py compares those with /metrics).
+    chunks = list(client.completions.create(model=live.backend.model_id, prompt="To be or not", max_tokens=8,
+                                            temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True, "logit_bias": {"2": 100}}))  # fmt: skip
+    tokens = [c for c in chunks if c.choices]
+    assert len(tokens) == 8 and all(c.choices[0].text == "" for c in tokens)
+    assert tokens[-1].choices[0].finish_reason == "length"
