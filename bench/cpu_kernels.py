@@ -52,6 +52,7 @@ def median_ms(fn, copies: int, iters: int) -> float:
 
 
 def bench_projection(in_f: int, out_f: int, bw: float, iters: int) -> list[dict]:
+    # Over 60 lines: every kernel of one projection is timed interleaved in one loop (A B A B), so they stay together.
     from deltakernels import cpu_kernels, select_delta_ops
     from deltakernels.bitdelta import interleave_signs, packed_width
     from deltakernels.segments import build_slot_tiles

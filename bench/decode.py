@@ -31,6 +31,7 @@ Usage:  python bench/decode.py [--quick] [--device cpu|cuda] [--out FILE.json]
 
 Over 400 lines on purpose: every scenario, its peers and the byte floor they are held to sit in one file, so
 that a figure of the README can be checked against its baseline and its floor by reading one module.
+Over 400 lines: one benchmark, its world, its scenarios and their peers side by side, and its report.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +58,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from loadtest.provenance import git_commit  # noqa: E402
 
 LORA_RANK = 16
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -180,18 +182,6 @@ def read_bandwidth_gbps(device: torch.device) -> float:
     return n / statistics.median(times) / 1e9
 
 
-def git_commit() -> str:
-    """HEAD (+"-dirty"), or $DELTASERVE_COMMIT where the tree travelled without .git (the GPU machine)."""
-    if os.environ.get("DELTASERVE_COMMIT"):
-        return os.environ["DELTASERVE_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write_result(res: dict, out: Path) -> None:
     """A benchmark's JSON (device, commit, date, figures) to `out`, its folder made if need be."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +273,7 @@ def engine_for(hf_model, config, device: torch.device, dtype: torch.dtype, n_bit
 
 
 def build_world(args: argparse.Namespace, n_tenants: int) -> World:
+    # Over 60 lines: the base and every kind of tenant (LoRA, 1-bit, IA3, merged peers) made from one seed, in order.
     from peft import LoraConfig, get_peft_model
 
     from registry.deltas import BitDelta, Ia3Delta, LoraDelta
@@ -568,6 +559,7 @@ def _ours_variants(world: World, graphs: bool) -> dict[str, object]:
 
 
 def measure(args: argparse.Namespace, world: World, sc: Scenario, ids_list: list[list[int]], bw: float) -> dict:
+    # Over 60 lines: one scenario's rounds, ours and the peers' interleaved (A B A B), and their medians, read in order.
     meter = Meter(world.device)
     deltas = sc.deltas(world, args.batch)
     ids = torch.tensor(ids_list, device=world.device)

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +30,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from loadtest.provenance import git_commit  # noqa: E402
 
 PROJECTIONS = ((4096, 4096), (4096, 11008), (11008, 4096))
 TENANTS = (1, 8, 32)
@@ -76,18 +76,6 @@ def copy_bandwidth_gbps(mib: int, iters: int, warmup: int) -> float:
     return 2 * n / ms / 1e6
 
 
-def git_commit() -> str:
-    """HEAD (+"-dirty"), or $DELTASERVE_COMMIT where the tree travelled without .git (the GPU machine)."""
-    if os.environ.get("DELTASERVE_COMMIT"):
-        return os.environ["DELTASERVE_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def bench_projection(in_f: int, out_f: int, bw: float, args: argparse.Namespace) -> list[dict]:
     """All cases of one projection, for each tenant count."""
     from deltakernels.bitdelta import packed_width
@@ -118,7 +106,8 @@ def bench_projection(in_f: int, out_f: int, bw: float, args: argparse.Namespace)
 def bench_tenants(
     in_f: int, out_f: int, n_tenants: int, d: dict[str, torch.Tensor], bw: float, args: argparse.Namespace
 ) -> list[dict]:
-    """One projection, one tenant count: every case timed beside its floor."""
+    """One projection, one tenant count: every case timed beside its floor. Over 60 lines: the cases are timed
+    interleaved in one loop (A B A B), so they stay together."""
     from deltakernels.bitdelta import bitdelta_apply, bitdelta_apply_ref, packed_width
     from deltakernels.lora import lora_expand, lora_shrink
     from deltakernels.segments import build_slot_tiles

@@ -81,6 +81,7 @@ def build_slot_tiles(
     pad_to: for launches of a fixed size (a CUDA graph replays the grid it captured): when the batch has any
     tile, `order` and the tile arrays are padded to pad_to entries, the extra tiles empty (0 rows, slot 0), which
     the kernels skip. The host-side `slots` and `slot_ranges` describe the real rows only.
+    Over 60 lines: most of it is this description of the layout the kernels rely on.
     """
     if len(seq_slots) != len(seq_lens):
         raise ValueError(f"seq_slots has {len(seq_slots)} entries, seq_lens {len(seq_lens)}")

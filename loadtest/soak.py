@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.provenance import git_commit
 from loadtest.runner import LoadConfig, Prompt, Target, run_load
 
 ADMIN = "soak-admin-key-0123456789abcdef"
@@ -52,18 +53,10 @@ def _rss(pid: int) -> int:
 
 def _machine() -> dict[str, object]:
     """Where and on what code the soak ran (the server is started from this checkout)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", False
     cpu = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"git_commit": commit + ("+dirty" if dirty else ""), "device": f"{cpu} x{os.cpu_count()}"}
+    return {"git_commit": git_commit(), "device": f"{cpu} x{os.cpu_count()}"}
 
 
 def _percentile(xs: list[float], q: float) -> float | None:

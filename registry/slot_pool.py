@@ -181,7 +181,12 @@ class SlotPool:
     # ---- checks ------------------------------------------------------------------------------------
     def check_servable(self, delta: Delta | Composition) -> None:
         """Raises AdapterMismatch if this pool cannot hold `delta` (independent of what is loaded); for a
-        composition, if it cannot hold all its parts at once."""
+        composition, if it cannot hold all its parts at once.
+
+        Why the loaders' shape checks (registry.*_format) are not enough: they check *files* against the BaseSpec
+        and name the file's tensors; this checks a delta *in memory* against the model these slots were built for,
+        whatever made it (a loader, the engine's Python API, a composition), because a delta that does not fit
+        would be written out of bounds into the slot tensors. It is the slots' invariant, not the upload rule."""
         if isinstance(delta, Composition):
             self._check_composition(delta)
             return

@@ -1,9 +1,12 @@
-"""The tenants' adapters behind the API: resolving a request's model to a loaded delta, the host-memory tier,
-uploads and their background compression, and letting go of versions that were deleted or replaced.
+"""The tenants' adapters behind the API: resolving a request's model to what it runs on (the generation loads it:
+serving.generation), uploads and their background compression, downloads, and letting go of versions that were
+deleted or replaced.
 
 Everything here that changes what is stored also frees the host copies and GPU slots that no new request will
-use, so the routes make these changes through `Adapters`; reads of the catalog (listing, showing) go to the
+use (through the generation, wherever they are held), so the routes make these changes through `Adapters`; reads of the catalog (listing, showing) go to the
 registry directly. Disk and validation work runs in worker threads of its own; the event loop only awaits.
+Over 400 lines: one concept, a tenant's adapter versions from upload to release (resolving, uploads and their
+compression, downloads, letting go); the model work it starts lives in registry/ and serving.evaluation.
 """
 
 from __future__ import annotations

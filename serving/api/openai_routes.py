@@ -20,7 +20,6 @@ from serving.api.errors import APIError, error_body, refuse_when_draining, to_ap
 from serving.api.openapi import documented
 from serving.api.sampling import sampling_for
 from serving.api.schemas import (
-    MAX_PROMPTS,
     UNSUPPORTED_CHAT_FIELDS,
     UNSUPPORTED_COMPLETION_FIELDS,
     ChatCompletionRequest,
@@ -29,6 +28,7 @@ from serving.api.schemas import (
     CompletionResponse,
     refuse_unsupported,
 )
+from serving.engine.errors import fit_context
 from serving.engine.sampling_params import SamplingParams
 
 router = APIRouter()
@@ -51,20 +51,6 @@ class Job:
     def first_prompt_token(self) -> int | None:
         """With echo and logprobs, the prompt's first token: reported first, with no logprob (nothing before it)."""
         return self.prompt[0] if self.echo is not None and self.params.logprobs is not None else None
-
-
-def check_length(backend, prompt: list[int], max_tokens: int | None) -> int:
-    """The max_tokens to use; 400 context_length_exceeded when prompt + max_tokens does not fit."""
-    limit = backend.max_model_len
-    if len(prompt) >= limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt has {len(prompt)}.",
-                       param="messages" if max_tokens is None else "prompt", code="context_length_exceeded")
-    if max_tokens is None:
-        return limit - len(prompt)
-    if len(prompt) + max_tokens > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {len(prompt)} "
-                       f"and max_tokens is {max_tokens}.", param="max_tokens", code="context_length_exceeded")
-    return max_tokens
 
 
 async def run_jobs(request: Request, tenant, resolved, jobs: list[Job]) -> AsyncIterator[tuple[Job, Any]]:
@@ -369,8 +355,6 @@ async def completions(request: Request, tenant: TenantDep):
     backend, resolved = await _admitted(request, tenant, req)
     p = req.prompt
     texts = [p] if isinstance(p, str) else list(p) if isinstance(p[0], str) else []
-    if len(texts) > MAX_PROMPTS or (not texts and isinstance(p[0], list) and len(p) > MAX_PROMPTS):
-        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
     for text in texts:
         check_chars(backend, len(text), "prompt")
     if texts:
@@ -383,7 +367,7 @@ async def completions(request: Request, tenant: TenantDep):
     for pi, ids in enumerate(prompts):
         if not ids:
             raise APIError(400, "The prompt is empty.", param="prompt")
-        max_tokens = check_length(backend, ids, req.max_tokens)
+        max_tokens = fit_context(len(ids), req.max_tokens, backend.max_model_len, "prompt")
         # echo: the prompt as given (token prompts: as the base's tokenizer writes them)
         echo = (texts[pi] if texts else _prompt_text(backend, ids)) if req.echo else None
         for c in range(req.n):
@@ -403,7 +387,7 @@ async def chat_completions(request: Request, tenant: TenantDep):
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
     backend, resolved = await _admitted(request, tenant, req)
     ids = await chat_prompt_ids(backend, req.messages)
-    max_tokens = check_length(backend, ids, req.max_completion_tokens or req.max_tokens)
+    max_tokens = fit_context(len(ids), req.max_completion_tokens or req.max_tokens, backend.max_model_len, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     jobs = [Job(c, 0, ids, sampling_for(req, max_tokens, c, logprobs)) for c in range(req.n)]
     return await respond(request, tenant, resolved, jobs, req, chat=True)

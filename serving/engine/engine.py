@@ -27,7 +27,7 @@ from registry.slot_pool import SlotPool
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
-from serving.engine.errors import PromptTooLong
+from serving.engine.errors import PromptTooLong, fit_context
 from serving.engine.host_memory import bound_onednn_caches
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampling_params import Guide, SamplingParams, SamplingParamsError
@@ -85,7 +85,9 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: LlamaForCausalLM, tokenizer, spec: BaseSpec, config: EngineConfig,
                  base_dir: Path | None = None):  # fmt: skip
-        """base_dir: the checkpoint directory the model came from (compression of uploaded fine-tunes reads it)."""
+        """base_dir: the checkpoint directory the model came from (compression of uploaded fine-tunes reads it).
+        Over 60 lines: the engine's parts built in the order they depend on each other (model, KV cache, slots,
+        runner, scheduler, structured outputs), a few lines each."""
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -187,12 +189,7 @@ class LLMEngine:
             raise SamplingParamsError("the prompt is empty", "prompt")
         if any(not 0 <= t < self.model.config.vocab_size for t in ids):
             raise SamplingParamsError("the prompt has token ids outside the vocabulary", "prompt")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise PromptTooLong(
-                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
-                f"and max_tokens is {params.max_tokens}",
-                "prompt" if len(ids) >= self.max_model_len else "max_tokens",
-            )
+        fit_context(len(ids), params.max_tokens, self.max_model_len)
         if delta is not None:
             self.slots.check_servable(delta)
         detok = None

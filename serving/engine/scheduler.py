@@ -32,6 +32,7 @@ resident (its "load turn"), whatever its tenant's counter, so a tenant whose del
 rather than behind every newcomer with a lower counter. Nothing crashes. A sequence on several deltas (a
 composition) takes all their slots or none: it is admitted when, for each kind it must load, its first delta
 not resident has that kind's load turn, and gives back what it took when a slot is short.
+Over 400 lines: one concept, the step's choice; most of it is the fairness rules' explanations beside their code.
 """
 
 from __future__ import annotations

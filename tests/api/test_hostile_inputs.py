@@ -106,3 +106,37 @@ def test_non_finite_logprobs_are_valid_json():
     assert comp["token_logprobs"] == [NOT_FINITE_LOGPROB, -0.5]
     assert comp["top_logprobs"][0] == {"t1": NOT_FINITE_LOGPROB, "t2": NOT_FINITE_LOGPROB}
     assert chat["content"][0]["logprob"] == NOT_FINITE_LOGPROB
+
+
+def test_a_prompt_over_the_context_names_its_own_field(live):
+    # One rule (serving.engine.errors.fit_context) for the routes and the engine: the field holding the prompt is
+    # named when the prompt alone is too long, max_tokens when the two together are.
+    key = live.new_tenant("long-prompts")
+    base, limit = live.backend.model_id, live.backend.max_model_len
+    words = " ".join(["to be"] * limit)  # over max_model_len tokens, well under the character limit
+    assert len(words) < live.backend.tokens.max_prompt_chars
+    with live.client(key) as c:
+        for max_tokens in (None, 4):
+            body = {"model": base, "messages": [{"role": "user", "content": words}]}
+            r = c.post("/v1/chat/completions", json=body | ({"max_tokens": max_tokens} if max_tokens else {}))
+            assert_error(r, 400, "invalid_request_error", code="context_length_exceeded", param="messages")
+        r = c.post("/v1/completions", json={"model": base, "prompt": words, "max_tokens": 4})
+        assert_error(r, 400, "invalid_request_error", code="context_length_exceeded", param="prompt")
+        r = c.post("/v1/completions", json={"model": base, "prompt": "to be", "max_tokens": limit})
+        assert_error(r, 400, "invalid_request_error", code="context_length_exceeded", param="max_tokens")
+
+
+def test_at_most_max_prompts_per_completion_request(live):
+    from serving.api.schemas import MAX_PROMPTS
+
+    key = live.new_tenant("many-prompts")
+    base = live.backend.model_id
+    with live.client(key) as c:
+        for many in (["to be"] * (MAX_PROMPTS + 1), [[5, 6]] * (MAX_PROMPTS + 1)):
+            r = c.post("/v1/completions", json={"model": base, "prompt": many, "max_tokens": 1})
+            assert_error(r, 400, "invalid_request_error", param="prompt")
+            assert f"at most {MAX_PROMPTS} prompts" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"model": base, "prompt": ["to be"] * MAX_PROMPTS, "max_tokens": 1})
+        assert r.status_code == 200 and len(r.json()["choices"]) == MAX_PROMPTS
+        r = c.post("/v1/completions", json={"model": base, "prompt": list(range(3, 3 + MAX_PROMPTS + 8)), "max_tokens": 1})
+        assert r.status_code == 200  # one prompt of token ids: its length is not a count of prompts
