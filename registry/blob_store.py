@@ -57,6 +57,15 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
+def blob_path(root: Path, blob: str) -> Path:
+    """Where blob `blob` (as the catalog names it: "<kind>/<h2>/<sha256>") is under the blobs folder `root`;
+    ValueError for a malformed name, so that no name reaches outside `root`. Readers without the catalog (a
+    cluster's engine replicas) find blobs through this too."""
+    if not _BLOB_RE.fullmatch(blob):
+        raise ValueError(f"malformed blob path {blob!r}")
+    return root / blob
+
+
 class BlobStore:
     """root: the blobs folder (created, mode 0700). graveyard: a folder on the same filesystem where blobs
     are renamed to before they are deleted."""
@@ -117,9 +126,7 @@ class BlobStore:
 
     def path(self, blob: str) -> Path:
         """Where a blob is (ValueError for a malformed name: the catalog never stores one)."""
-        if not _BLOB_RE.fullmatch(blob):
-            raise ValueError(f"malformed blob path {blob!r}")
-        return self.root / blob
+        return blob_path(self.root, blob)
 
     def has(self, blob: str) -> bool:
         """Whether `blob` is a well-formed name whose data is in the store."""

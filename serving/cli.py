@@ -430,6 +430,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(settings_error(e)) from None
     if settings.model is not None and not settings.model.is_dir():
         raise CliError(f"--model {settings.model}: not a directory")
+    if settings.ray_address and not settings.replicas:
+        raise CliError("--ray-address needs --replicas (the engine replicas to run on that cluster)")
+    if settings.replicas:
+        from serving.cluster.launch import run_cluster
+
+        return run_cluster(settings)
     return run_server(settings)
 
 

@@ -10,12 +10,12 @@ that were deleted or replaced (`forget`: everywhere a copy of them is held).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from registry.catalog import AdapterRecord, Registry
+from registry.catalog import AdapterRecord
 from registry.deltas import DELTA_KINDS, BaseSpec, Composition, Delta, Served, delta_key
 from registry.host_tier import HostTier
 from registry.loading import load_delta
@@ -27,7 +27,18 @@ from serving.metrics import EngineMetrics
 __all__ = ["BaseFacts", "Generation", "LocalGeneration", "record_key"]
 
 
-def record_key(record: AdapterRecord) -> str:
+class StoredDelta(Protocol):
+    """A stored version's delta, as a registry.catalog.AdapterRecord names it (a cluster's replicas get only this)."""
+
+    tenant: str
+    sha256: str | None
+    blob: str | None
+
+    @property
+    def kind(self) -> str: ...
+
+
+def record_key(record: StoredDelta) -> str:
     """The key a stored version's delta has in the host tier and the GPU slots."""
     assert record.sha256 is not None
     return delta_key(record.tenant, record.kind, record.sha256)
@@ -82,12 +93,13 @@ class LocalGeneration:
     """One engine in this process: a thread runs its steps (EngineLoop); deltas come from the registry's blobs
     through a host-memory tier (bounded in bytes, LRU) into the engine's GPU slots."""
 
-    def __init__(self, engine: LLMEngine, registry: Registry, metrics: EngineMetrics, *, max_pending: int,
-                 host_cache_bytes: int):  # fmt: skip
-        """max_pending: requests queued or running at once (beyond: Overloaded). metrics: what this engine
+    def __init__(self, engine: LLMEngine, blob_path: Callable[[StoredDelta], Path], metrics: EngineMetrics, *,
+                 max_pending: int, host_cache_bytes: int):  # fmt: skip
+        """blob_path: where a stored version's data is (Registry.blob_path, or a replica's reader of the blobs).
+        max_pending: requests queued or running at once (beyond: Overloaded). metrics: what this engine
         measures of itself (steps, queues, tiers), kept up to date from here."""
         self.engine = engine
-        self.registry = registry
+        self.blob_path = blob_path
         self.metrics = metrics
         self.base = BaseFacts.of(engine)
         self.tokenizer = engine.tokenizer
@@ -131,11 +143,11 @@ class LocalGeneration:
                 f"at most {c.max_num_seqs} sequences and {c.max_num_batched_tokens} tokens per step")  # fmt: skip
 
     # ---- what requests run on (worker threads) -----------------------------------------------------
-    def served_for(self, record: AdapterRecord) -> Delta:
+    def served_for(self, record: StoredDelta) -> Delta:
         """The version's delta, from the host tier or read from its blob (validated against the base)."""
 
         def load() -> Delta:
-            delta = load_delta(self.registry.blob_path(record), self.base.spec, self.base.max_lora_rank)
+            delta = load_delta(self.blob_path(record), self.base.spec, self.base.max_lora_rank)
             return dataclasses.replace(delta, owner=record.tenant)
 
         key = record_key(record)
@@ -148,15 +160,24 @@ class LocalGeneration:
     def compose(parts: list[tuple[Delta, float]]) -> Composition:
         return Composition(tuple(parts))
 
-    def preload(self, record: AdapterRecord) -> None:
+    def preload(self, record: StoredDelta) -> None:
         """Loads the version into the host tier and a GPU slot (left unpinned). Before start() only."""
         self.engine.preload(self.served_for(record))
 
-    def forget(self, record: AdapterRecord) -> None:
+    def forget(self, record: StoredDelta) -> None:
         """A deleted or replaced version: its host copy goes now, its GPU slot once no running request uses it."""
         key = record_key(record)
         self.host_tier.discard(key)
         self.loop.forget(record.kind, key)
+
+    def forget_all(self) -> None:
+        """Lets go of every delta held here (host copies now, GPU slots once no running request uses them)."""
+        for key in self.host_tier.keys():  # noqa: SIM118 - a copy: discard edits the tier
+            self.host_tier.discard(key)
+        for kind in DELTA_KINDS:
+            for key in self.engine.slots.resident(kind):
+                if key:
+                    self.loop.forget(kind, key)
 
     # ---- generation (event loop) -------------------------------------------------------------------
     def compile_guide(self, guide: Guide, tenant: str) -> None:

@@ -49,6 +49,15 @@ class ServerSettings(EngineOptions, BaseSettings):
         None,
         description="a folder whose LoRA adapters the admin may load by path (POST /v1/load_lora_adapter; default: none)",
     )
+    replicas: int | None = Field(
+        None, ge=1, le=1024,
+        description="run as a cluster on Ray Serve: an ingress and this many engine replicas, routed by adapter "
+        "(default: one server in this process)",
+    )  # fmt: skip
+    ray_address: str | None = Field(
+        None, description="with --replicas: the Ray cluster to join (default: start a local one)",
+        json_schema_extra={"metavar": "ADDRESS"},
+    )  # fmt: skip
     preload: list[str] = Field(
         default_factory=list,
         description="an adapter to load onto the GPU at start-up (repeatable)",
@@ -93,7 +102,7 @@ def build_backend(settings: ServerSettings, registry):
         model_dir = demo_dir() / "base"
     engine = LLMEngine.from_model_dir(model_dir, engine_config(settings))
     metrics = Metrics()
-    generation = LocalGeneration(engine, registry, metrics.engine, max_pending=settings.max_pending,
+    generation = LocalGeneration(engine, registry.blob_path, metrics.engine, max_pending=settings.max_pending,
                                  host_cache_bytes=settings.host_cache_mb << 20)  # fmt: skip
     backend = Backend(generation, registry, metrics, backend_config(settings))
     if demo:

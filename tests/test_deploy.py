@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from serving.cli import build_parser
+from serving.cluster.metrics import REPLICA_LABEL
 from serving.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +54,14 @@ def exposed_metrics() -> tuple[dict[str, str], dict[str, str], dict[str, set[str
     for sample in re.findall(r"^(deltaserve_\w+)[{ ]", text, re.M):  # every sample line names a known family
         assert any(sample == f or sample == f + s for f in kinds for s in SUFFIXES), sample
     labels = {family: set() for family in kinds}
-    for collector in [*vars(metrics).values(), *vars(metrics.engine).values()]:
+    for collector in vars(metrics).values():
         name = getattr(collector, "_name", None)
         if name in labels:
             labels[name] = set(getattr(collector, "_labelnames", ()))
+    for collector in vars(metrics.engine).values():  # the engine's, which a cluster's ingress labels per replica
+        name = getattr(collector, "_name", None)
+        if name in labels:
+            labels[name] = set(getattr(collector, "_labelnames", ())) | {REPLICA_LABEL}
     assert labels["deltaserve_requests"] == {"route", "status", "model_kind"}, "label names not found"
     return names, kinds, labels
 

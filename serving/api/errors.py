@@ -19,6 +19,7 @@ from registry.errors import (
     NotStored,
     UploadTooLarge,
 )
+from serving.cluster.errors import ReplicaLost
 from serving.engine.errors import EngineDead, Overloaded, PromptTooLong, TenantBusy
 from serving.engine.sampling_params import SamplingParamsError
 
@@ -84,6 +85,8 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(429, str(e), headers={"Retry-After": RETRY_AFTER_SECONDS})
     if isinstance(e, Overloaded):
         return APIError(503, f"The server is overloaded: {e}", code="overloaded", headers={"Retry-After": RETRY_AFTER_SECONDS})
+    if isinstance(e, ReplicaLost):
+        return APIError(503, f"{str(e)[:1].upper()}{str(e)[1:]}.", code="replica_lost", headers={"Retry-After": RETRY_AFTER_SECONDS})
     if isinstance(e, EngineDead):
         return APIError(503, "The engine is not running.", code="engine_dead")
     log.exception("internal error", exc_info=e)

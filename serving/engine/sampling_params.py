@@ -64,6 +64,9 @@ class SamplingParamsError(ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):  # pickled as it was made (a cluster's replicas raise it to the ingress through Ray)
+        return type(self), (str(self), self.param)
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
