@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import ADMIN_KEY, free_port
+from loadtest.server_process import ServeProcess
+from tests.api.conftest import ADMIN_KEY
 from tests.api.helpers import sse_events, upload
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'ray[serve]'; the dev extra has it)")
@@ -26,48 +25,16 @@ MODELS = ("base", "german", "spanish", "bofh", "italian")  # the demo's base and
 PROMPTS = ("Der Hund", "El perro", "The operator", "Il cane")
 
 
-class Deltaserve:
-    """`deltaserve serve` in a process of its own (demo model, CPU), on a free port, until stopped."""
+class Deltaserve(ServeProcess):
+    """`deltaserve serve` on the demo, on this CPU (loadtest.server_process), with the demo tenant's key."""
 
-    def __init__(self, registry: Path, *extra: str, timeout: float = 300):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(registry.parent / f"{registry.name}.log", "w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--registry", str(registry), "--port", str(self.port),
-             "--device", "cpu", *extra],
-            env={**os.environ, "DELTASERVE_ADMIN_KEY": ADMIN_KEY, "RAY_DEDUP_LOGS": "0"}, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.time() + timeout
-        while True:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "not ready: " + self.output()
-            time.sleep(0.5)
-        self.key = next(line.rsplit(": ", 1)[1].strip() for line in self.output().splitlines()
-                        if "demo tenant created" in line)  # fmt: skip
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-20000:]
+    def __init__(self, registry: Path, *extra: str):
+        super().__init__(registry, "--device", "cpu", *extra, admin_key=ADMIN_KEY)
+        assert self.demo_key, self.output()
+        self.key = self.demo_key
 
     def client(self, key: str | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key or self.key}"}, timeout=120)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the driver shuts Serve and its local Ray cluster down
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,95 @@
+"""What the catalog costs each request, by catalog size: authenticate a key and resolve the tenant's adapter (the
+two lookups the ingress makes before a request reaches an engine), with 1,000 and with 100,000 tenants of one
+adapter version each, timed interleaved (A B A B), medians. The figures docs/scaling.md starts from.
+
+    python bench/registry.py [--out bench/results/registry-<date>.json]
+
+Rows are written straight into a fresh catalog in one transaction (as Registry.create_tenant and commit_adapter
+would write them: the lookups read the same tables and indexes); the keys are real, so authenticate() hashes and
+compares them as it does for every request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.provenance import git_commit  # noqa: E402
+from registry.catalog import Registry  # noqa: E402
+from registry.keys import hash_key  # noqa: E402
+
+SIZES = (1_000, 100_000)
+LOOKUPS = 2_000  # per round
+ROUNDS = 5
+
+
+def fill(registry: Registry, n: int) -> list[tuple[str, str]]:
+    """n tenants with one ready LoRA version each; returns their (key, adapter name)."""
+    keys = [f"ds-bench-{i:08d}-{'x' * 24}" for i in range(n)]
+    now = int(time.time())
+    db = registry._db  # the bench writes rows directly: the lookups it times read exactly these
+    with db:
+        db.executemany("INSERT INTO tenants (name, key_hash, created) VALUES (?, ?, ?)",
+                       [(f"t{i}", hash_key(k), now) for i, k in enumerate(keys)])  # fmt: skip
+        db.executemany(
+            "INSERT INTO adapters (id, tenant, name, format, version, sha256, status, progress, created, size_bytes, "
+            "rank, blob) VALUES (?, ?, 'a', 'lora', 1, ?, 'ready', 1.0, ?, 1000, 16, ?)",
+            [(f"ad-{i:024x}", f"t{i}", f"{i:064x}", now, f"lora/{i % 256:02x}/{i:064x}") for i in range(n)],
+        )  # fmt: skip
+    return [(k, "a") for k in keys]
+
+
+def lookups(registry: Registry, pairs: list[tuple[str, str]], rng: random.Random) -> float:
+    """Seconds per request's two lookups (authenticate + resolve), over LOOKUPS random tenants."""
+    chosen = [pairs[rng.randrange(len(pairs))] for _ in range(LOOKUPS)]
+    t0 = time.perf_counter()
+    for key, name in chosen:
+        tenant = registry.authenticate(key)
+        assert tenant is not None and registry.resolve(tenant.name, name) is not None
+    return (time.perf_counter() - t0) / LOOKUPS
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        registries = {n: Registry(Path(tmp) / f"r{n}") for n in SIZES}
+        pairs = {n: fill(registries[n], n) for n in SIZES}
+        times: dict[int, list[float]] = {n: [] for n in SIZES}
+        for _ in range(ROUNDS):  # A B A B
+            for n in SIZES:
+                times[n].append(lookups(registries[n], pairs[n], rng))
+        for r in registries.values():
+            r.close()
+    rows = [{"tenants": n, "us_per_request": 1e6 * statistics.median(times[n]),
+             "requests_per_s_one_thread": 1 / statistics.median(times[n])} for n in SIZES]  # fmt: skip
+    base = rows[0]["us_per_request"]
+    print(f"catalog lookups per request (authenticate + resolve), SQLite, one thread, median of {ROUNDS} rounds")
+    print("| tenants | us per request | requests/s (one thread) | vs 1,000 tenants |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['tenants']:,} | {row['us_per_request']:.1f} | {row['requests_per_s_one_thread']:,.0f} | "
+              f"{row['us_per_request'] / base:.2f}x |")  # fmt: skip
+    res = {"date": dt.date.today().isoformat(), "git_commit": git_commit(), "machine": platform.processor() or
+           platform.machine(), "rounds": ROUNDS, "lookups_per_round": LOOKUPS, "rows": rows}  # fmt: skip
+    out = args.out or ROOT / "bench" / "results" / f"registry-{res['date']}.json"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
