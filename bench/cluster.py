@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from bench.decode import device_name, write_result  # noqa: E402
 from loadtest.provenance import git_commit  # noqa: E402
 from loadtest.server_process import ServeProcess  # noqa: E402
 
@@ -75,10 +76,10 @@ def main() -> int:
             two = 1e3 * statistics.median(times["2 replicas", (model, n), stream])
             rows.append({"model": model, "max_tokens": n, "stream": stream, "one_server_ms": one, "cluster_ms": two})
             print(f"| {model} | {n} | {'yes' if stream else 'no'} | {one:.1f} | {two:.1f} | {two - one:+.1f} |")
-    res = {"date": dt.date.today().isoformat(), "git_commit": git_commit(), "machine": platform.processor() or
-           platform.machine(), "rounds": ROUNDS, "requests_per_round": REQUESTS, "rows": rows}  # fmt: skip
+    res = {"device": device_name(torch.device("cpu")), "date": dt.date.today().isoformat(), "git_commit": git_commit(),
+           "rounds": ROUNDS, "requests_per_round": REQUESTS, "rows": rows}  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / f"cluster-{res['date']}.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_result(res, out)
     print(f"wrote {out}")
     return 0
 

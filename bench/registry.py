@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import platform
 import random
 import statistics
 import sys
@@ -26,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from bench.decode import device_name, write_result  # noqa: E402
 from loadtest.provenance import git_commit  # noqa: E402
 from registry.catalog import Registry  # noqa: E402
 from registry.keys import hash_key  # noqa: E402
@@ -83,10 +84,10 @@ def main() -> int:
     for row in rows:
         print(f"| {row['tenants']:,} | {row['us_per_request']:.1f} | {row['requests_per_s_one_thread']:,.0f} | "
               f"{row['us_per_request'] / base:.2f}x |")  # fmt: skip
-    res = {"date": dt.date.today().isoformat(), "git_commit": git_commit(), "machine": platform.processor() or
-           platform.machine(), "rounds": ROUNDS, "lookups_per_round": LOOKUPS, "rows": rows}  # fmt: skip
+    res = {"device": device_name(torch.device("cpu")), "date": dt.date.today().isoformat(), "git_commit": git_commit(),
+           "rounds": ROUNDS, "lookups_per_round": LOOKUPS, "rows": rows}  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / f"registry-{res['date']}.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_result(res, out)
     print(f"wrote {out}")
     return 0
 
