@@ -48,6 +48,26 @@ def seconds_per_request(server: ServeProcess, model: str, max_tokens: int, strea
         return (time.perf_counter() - t0) / REQUESTS
 
 
+def report_bytes() -> tuple[int, int, int]:
+    """(bytes, families, samples) of one replica's report to the board: its engine metrics after a few steps,
+    pickled as Ray sends them (serving.cluster.replica.EngineReplica.snapshot)."""
+    import pickle
+
+    from prometheus_client import CollectorRegistry
+
+    from serving.metrics import EngineMetrics
+
+    registry = CollectorRegistry()
+    m = EngineMetrics(registry)
+    for seconds in (0.001, 0.01, 0.1):
+        m.step_time.observe(seconds)
+        m.batch_size.observe(32)
+        m.distinct_tenants.observe(8)
+    families = list(registry.collect())
+    snapshot = {"families": families, "alive": True, "pending": 3}
+    return len(pickle.dumps(snapshot)), len(families), sum(len(f.samples) for f in families)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path)
@@ -76,8 +96,12 @@ def main() -> int:
             two = 1e3 * statistics.median(times["2 replicas", (model, n), stream])
             rows.append({"model": model, "max_tokens": n, "stream": stream, "one_server_ms": one, "cluster_ms": two})
             print(f"| {model} | {n} | {'yes' if stream else 'no'} | {one:.1f} | {two:.1f} | {two - one:+.1f} |")
+    size, n_families, n_samples = report_bytes()
+    print(f"a replica's report to the board: {size:,} bytes ({n_families} metric families, {n_samples} samples), "
+          "once a second")  # fmt: skip
     res = {"device": device_name(torch.device("cpu")), "date": dt.date.today().isoformat(), "git_commit": git_commit(),
-           "rounds": ROUNDS, "requests_per_round": REQUESTS, "rows": rows}  # fmt: skip
+           "rounds": ROUNDS, "requests_per_round": REQUESTS, "rows": rows,
+           "board_report": {"bytes": size, "families": n_families, "samples": n_samples}}  # fmt: skip
     out = args.out or ROOT / "bench" / "results" / f"cluster-{res['date']}.json"
     write_result(res, out)
     print(f"wrote {out}")

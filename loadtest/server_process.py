@@ -36,7 +36,9 @@ class ServeProcess:
         deadline = time.time() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"deltaserve serve exited: {self.output()}")
+                output = self.output()
+                self.log.close()
+                raise RuntimeError(f"deltaserve serve exited: {output}")
             try:
                 if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
                     break
@@ -46,12 +48,14 @@ class ServeProcess:
                 self.stop()
                 raise RuntimeError(f"deltaserve serve not ready after {timeout} s: {self.output()}")
             time.sleep(0.5)
-        self.demo_key = next((line.rsplit(": ", 1)[1].strip() for line in self.output().splitlines()
+        self.demo_key = next((line.rsplit(": ", 1)[1].strip() for line in self.output(whole=True).splitlines()
                               if "demo tenant created" in line), None)  # fmt: skip
 
-    def output(self) -> str:
+    def output(self, whole: bool = False) -> str:
+        """The log (its last 20,000 characters unless `whole`: a cluster's start-up writes much)."""
         self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-20000:]
+        text = Path(self.log.name).read_text(errors="replace")
+        return text if whole else text[-20000:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

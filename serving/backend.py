@@ -31,7 +31,6 @@ __all__ = ["Backend", "BackendConfig", "ResolvedModel"]
 
 @dataclass(frozen=True)
 class BackendConfig:
-    max_pending: int = 256  # requests queued or running; beyond: 503 overloaded
     tenant_max_concurrent: int = 64  # one tenant's requests at once; beyond: 429
     max_upload_bytes: int = 2 << 30
     drain_timeout: float = 30.0
@@ -61,7 +60,7 @@ class Backend:
         self._in_flight: dict[str, int] = {}
         self._in_flight_lock = threading.Lock()
         metrics.pending.set_function(lambda: generation.num_pending)
-        metrics.max_pending.set(self.config.max_pending)
+        metrics.max_pending.set(generation.max_pending)
         metrics.engine_up.set_function(lambda: 1 if self.healthy else 0)
 
     # ---- life cycle --------------------------------------------------------------------------------

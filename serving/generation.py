@@ -76,6 +76,8 @@ class Generation(Protocol):
     def alive(self) -> bool: ...
     @property
     def num_pending(self) -> int: ...
+    @property
+    def max_pending(self) -> int: ...
     def describe(self) -> str: ...
     def served_for(self, record: AdapterRecord) -> Any:
         """What a request on this version runs on (worker thread: it may read the version's blob)."""
@@ -133,6 +135,11 @@ class LocalGeneration:
     @property
     def num_pending(self) -> int:
         return self.loop.num_pending
+
+    @property
+    def max_pending(self) -> int:
+        """The bound on requests queued or running (beyond: Overloaded): --max-pending."""
+        return self.loop.max_pending
 
     def describe(self) -> str:
         e, c = self.engine, self.engine.config

@@ -80,8 +80,7 @@ def backend_config(settings: ServerSettings):
     from serving.backend import BackendConfig
 
     return BackendConfig(
-        max_pending=settings.max_pending, tenant_max_concurrent=settings.tenant_max_concurrent,
-        max_upload_bytes=settings.max_upload_mb << 20, drain_timeout=settings.drain_timeout,
+        tenant_max_concurrent=settings.tenant_max_concurrent, max_upload_bytes=settings.max_upload_mb << 20, drain_timeout=settings.drain_timeout,
         served_model_name=settings.served_model_name, metrics_top_tenants=settings.metrics_top_tenants,
     )  # fmt: skip
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serving.api.app import MODEL_KINDS
 from tests.api.conftest import ADMIN_KEY, free_port, start_server, stop_server
 from tests.helpers import make_model_dir
 from tests.test_deploy import dashboard_targets
@@ -116,7 +117,10 @@ def test_prometheus_sees_what_the_load_generator_saw(tmp_path):
             for _, t in (pt for pt in targets if pt[0] == title):
                 q = round(100 * float(re.match(r"histogram_quantile\(([\d.]+),", t["expr"]).group(1)))
                 got, want = scalar(prom, over_the_window(t["expr"])), client[metric][f"p{q}"]
-                assert abs(got - want) <= 0.1 * want, f"{metric} p{q}: Prometheus {got:.4f} s, client {want:.4f} s"
+                # Inter-token gaps all sit near one 40 ms step, so a few chunks the client read late (two at once:
+                # one long gap, one short) move its p99 by more than 10 % of 40 ms; 5 ms of slack covers that.
+                slack = 0.005 if metric == "itl" else 0.0
+                assert abs(got - want) <= 0.1 * want + slack, f"{metric} p{q}: Prometheus {got:.4f} s, client {want:.4f} s"
                 checked += 1
         assert checked == 9
 
@@ -169,8 +173,9 @@ def test_prometheus_sees_what_the_load_generator_saw(tmp_path):
         got = [value("Error ratio", i) for i in range(4)]
         assert got == pytest.approx(want, rel=1e-9), (got, want)
         by_kind = {r["metric"]["model_kind"]: float(r["value"][1]) for r in over_the_test("Generation requests by model kind")}
+        assert set(by_kind) == set(MODEL_KINDS), by_kind  # a series for every kind, none missing
         assert by_kind.pop("base") == steady["summary"]["requests"] + burst["summary"]["requests"]
-        assert set(by_kind.values()) == {0.0}, by_kind  # every other kind's series at zero, none missing
+        assert set(by_kind.values()) == {0.0}, by_kind  # every other kind's at zero
     finally:
         proc.terminate()
         proc.wait(10)

@@ -387,7 +387,9 @@ async def chat_completions(request: Request, tenant: TenantDep):
         raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
     backend, resolved = await _admitted(request, tenant, req)
     ids = await chat_prompt_ids(backend, req.messages)
-    max_tokens = fit_context(len(ids), req.max_completion_tokens or req.max_tokens, backend.max_model_len, "messages")
+    asked = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    max_tokens = fit_context(len(ids), req.max_completion_tokens or req.max_tokens, backend.max_model_len, "messages",
+                             asked)  # fmt: skip
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     jobs = [Job(c, 0, ids, sampling_for(req, max_tokens, c, logprobs)) for c in range(req.n)]
     return await respond(request, tenant, resolved, jobs, req, chat=True)

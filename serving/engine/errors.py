@@ -11,10 +11,11 @@ class PromptTooLong(SamplingParamsError):
     code = "context_length_exceeded"
 
 
-def fit_context(num_prompt: int, max_tokens: int | None, max_model_len: int, prompt_param: str = "prompt") -> int:
+def fit_context(num_prompt: int, max_tokens: int | None, max_model_len: int, prompt_param: str = "prompt",
+                tokens_param: str = "max_tokens") -> int:
     """The one rule of the context: the prompt and the tokens to generate fit in max_model_len. Returns the
     max_tokens to use (None: as many as fit); PromptTooLong otherwise, naming `prompt_param` (the request's field
-    holding the prompt) when the prompt alone is too long, else max_tokens."""
+    holding the prompt) when the prompt alone is too long, else `tokens_param` (the field that asked for them)."""
     if num_prompt >= max_model_len:
         raise PromptTooLong(f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
                             f"{num_prompt}.", prompt_param)  # fmt: skip
@@ -22,7 +23,7 @@ def fit_context(num_prompt: int, max_tokens: int | None, max_model_len: int, pro
         return max_model_len - num_prompt
     if num_prompt + max_tokens > max_model_len:
         raise PromptTooLong(f"This model's maximum context length is {max_model_len} tokens; the prompt has "
-                            f"{num_prompt} and max_tokens is {max_tokens}.", "max_tokens")  # fmt: skip
+                            f"{num_prompt} and {tokens_param} is {max_tokens}.", tokens_param)  # fmt: skip
     return max_tokens
 
 

@@ -120,10 +120,17 @@ def test_a_prompt_over_the_context_names_its_own_field(live):
             body = {"model": base, "messages": [{"role": "user", "content": words}]}
             r = c.post("/v1/chat/completions", json=body | ({"max_tokens": max_tokens} if max_tokens else {}))
             assert_error(r, 400, "invalid_request_error", code="context_length_exceeded", param="messages")
-        r = c.post("/v1/completions", json={"model": base, "prompt": words, "max_tokens": 4})
-        assert_error(r, 400, "invalid_request_error", code="context_length_exceeded", param="prompt")
+        for max_tokens in (None, 4):
+            r = c.post("/v1/completions", json={"model": base, "prompt": words, "max_tokens": max_tokens})
+            assert_error(r, 400, "invalid_request_error", code="context_length_exceeded", param="prompt")
         r = c.post("/v1/completions", json={"model": base, "prompt": "to be", "max_tokens": limit})
         assert_error(r, 400, "invalid_request_error", code="context_length_exceeded", param="max_tokens")
+        # the field that asked for the tokens is the one named
+        for field in ("max_tokens", "max_completion_tokens"):
+            r = c.post("/v1/chat/completions", json={"model": base, "messages": [{"role": "user", "content": "to be"}],
+                                                     field: limit})  # fmt: skip
+            assert_error(r, 400, "invalid_request_error", code="context_length_exceeded", param=field)
+            assert f"{field} is {limit}" in r.json()["error"]["message"]
 
 
 def test_at_most_max_prompts_per_completion_request(live):
