@@ -9,6 +9,7 @@ there too, and the ingress's /metrics exports them with a `replica` label (servi
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -61,3 +62,28 @@ class Board:
         for replica in [r for r, (t, _) in self._reports.items() if now - t > REPORT_TTL_S]:
             del self._reports[replica]
         return {replica: snapshot for replica, (_, snapshot) in self._reports.items()}
+
+
+class RecentlyForgotten:
+    """A replica's memory of the keys the board told it to let go of, for `ttl` seconds. A request the ingress
+    resolved just before a delete can reach the replica after the notice and load the delta again (its blob may
+    live on, shared by content); when that request ends, its copies are let go of again rather than left to the
+    LRU. Thread-safe: the board reader adds, requests ask."""
+
+    def __init__(self, ttl: float = 60.0, clock=time.monotonic):
+        self.ttl, self.clock = ttl, clock
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            now = self.clock()
+            self._until[key] = now + self.ttl
+            for k in [k for k, t in self._until.items() if t < now]:
+                del self._until[k]
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            until = self._until.get(key)
+            return until is not None and until >= self.clock()
+

@@ -19,6 +19,7 @@ from typing import Any
 
 from ray import serve
 
+from serving.cluster.board import RecentlyForgotten
 from serving.cluster.refs import CompositionRef, DeltaRef
 
 log = logging.getLogger("deltaserve")
@@ -58,6 +59,7 @@ class EngineReplica:
             self.replica_id = f"pid-{os.getpid()}"
         self.board = ray.get_actor(board_name, namespace=namespace)
         self._epoch, self._seen = ray.get(self.board.head.remote(), timeout=60)  # nothing before it is held here
+        self.forgotten = RecentlyForgotten()
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report_loop, name="deltaserve-board", daemon=True)
         self._reporter.start()
@@ -82,10 +84,15 @@ class EngineReplica:
         if model_id:
             await self._hold(model_id)  # tells Ray Serve's router that this replica holds the delta
         local = None if served is None else await asyncio.to_thread(self._load, served)
-        if params.guide is not None:
-            await asyncio.to_thread(self.generation.compile_guide, params.guide, tenant)
-        async for out in self.generation.stream(request_id, prompt, params, local, tenant):
-            yield out
+        try:
+            if params.guide is not None:
+                await asyncio.to_thread(self.generation.compile_guide, params.guide, tenant)
+            async for out in self.generation.stream(request_id, prompt, params, local, tenant):
+                yield out
+        finally:  # a version deleted while this request ran on it (or waited for it) goes once it is done
+            for ref in _parts(served):
+                if ref.key in self.forgotten:
+                    self.generation.forget(ref)
 
     # Ray Serve keeps the ids of the last N deltas served here and routes by them; the deltas themselves are in the
     # host tier (bounded in bytes) and the GPU slots, which keep their own LRU orders.
@@ -120,6 +127,7 @@ class EngineReplica:
                     self.generation.forget_all()
                 for ref in notices:
                     self.generation.forget(ref)
+                    self.forgotten.add(ref.key)
                 self._epoch, self._seen = epoch, seen
                 self.board.report.remote(self.replica_id, self.snapshot())
                 failing = False
@@ -138,3 +146,10 @@ class EngineReplica:
         if stop is not None:
             stop.set()
             self.generation.stop()
+
+
+def _parts(served: DeltaRef | CompositionRef | None) -> list[DeltaRef]:
+    if served is None:
+        return []
+    return [ref for ref, _ in served.parts] if isinstance(served, CompositionRef) else [served]
+

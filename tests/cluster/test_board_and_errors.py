@@ -81,3 +81,18 @@ def test_reports_of_silent_replicas_expire(monkeypatch):
     assert set(board.reports()) == {"r1", "r2"}
     now[0] += board_module.REPORT_TTL_S * 0.75
     assert set(board.reports()) == {"r2"}  # r1 killed: its last report is gone, r2 still reports
+
+
+def test_a_replica_remembers_what_it_was_told_to_forget_for_a_while():
+    from serving.cluster.board import RecentlyForgotten
+
+    now = [0.0]
+    forgotten = RecentlyForgotten(ttl=60, clock=lambda: now[0])
+    forgotten.add(REF.key)
+    assert REF.key in forgotten and "acme/lora/other" not in forgotten
+    now[0] = 59.0
+    assert REF.key in forgotten  # a request resolved before the delete and ending now lets its copy go again
+    now[0] = 61.0
+    assert REF.key not in forgotten  # later, the same content uploaded again is kept as any delta
+    forgotten.add("acme/bitdelta/x")
+    assert REF.key not in forgotten._until  # expired keys are dropped as others are added
