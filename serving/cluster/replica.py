@@ -55,7 +55,7 @@ class EngineReplica:
         self.generation.start()
         try:
             self.replica_id = serve.get_replica_context().replica_tag
-        except Exception:  # noqa: BLE001 - outside Ray Serve (tests build one directly)
+        except Exception:  # noqa: BLE001 - built outside Ray Serve (by hand, to debug one): named by its process
             self.replica_id = f"pid-{os.getpid()}"
         self.board = ray.get_actor(board_name, namespace=namespace)
         self._epoch, self._seen = ray.get(self.board.head.remote(), timeout=60)  # nothing before it is held here
