@@ -1,13 +1,14 @@
-"""The registry's storage: tenants, their API keys and their adapters, in one directory.
+"""The registry's storage: tenants, their API keys and their adapters: a catalog (a database) and a blob folder.
 
 Layout of `root`:
-    catalog.sqlite3      SQLite (WAL, foreign keys, synchronous=FULL): tenants, adapter versions, token usage
+    catalog.sqlite3      the catalog when no other database is given: SQLite (registry.database says how it is
+                         opened); or PostgreSQL (`catalog="postgresql://..."`), shared by several servers, whose
+                         `root` is then one shared folder too. Tables: registry.schema.
     blobs/               the content-addressed blob store (registry.blob_store)
-    tmp/                 staging directories of uploads in progress (registry.uploads.Staging), and blobs
-                         on their way out
+    tmp/<lease>/         one private folder per process that has the registry open: staging directories of
+                         uploads in progress (registry.uploads.Staging), and blobs on their way out
     admin_key.sha256     the hash of the admin key (registry.keys, mode 0600)
     reserve.bin          space given up on a full disk so that deletes can still be written (registry.fsync)
-    registry.lock        held (flock) by the one process that has the registry open
 
 Guarantees:
 - Secrets: API keys are stored only as sha256 hashes (registry.keys); a key is shown once, when created,
@@ -17,29 +18,32 @@ Guarantees:
   background compression calls (`set_progress`, `complete_pending`, `fail_pending`), never with an id a
   user sent.
 - Durability: a blob is written in tmp/, fsynced, renamed into blobs/ (same filesystem), its directory
-  fsynced, and only then is the catalog row inserted, in a transaction (the LAST step). Deleting removes the
-  rows first, then the blobs no row references any more. So a crash at any moment leaves either no row or
-  a row whose blob is complete; `Registry.__init__` then clears tmp/, marks "compressing" rows as failed
-  and removes blobs no row references.
-- Threads: one SQLite connection guarded by one lock; heavy work (fsync, hashing) happens outside it.
-- Processes: one process at a time (an exclusive flock on registry.lock; a second opener gets
-  RegistryBusy), because opening recovers (clears tmp/, fails pending rows) as if the last user had died.
+  fsynced, and the catalog row is inserted in the transaction that placed it, which commits LAST. Deleting
+  removes the rows first, then the blobs no row references any more. So a crash at any moment leaves either no
+  row or a row whose blob is complete; opening then marks "ready" rows whose blob is gone as failed and removes
+  blobs no row references.
+- Threads: one lock per Registry around the catalog; heavy work (fsync, hashing) happens outside it.
+- Processes: any number may open one registry at once (servers on one machine, ingresses of a cluster sharing a
+  PostgreSQL catalog and a blob folder). Each holds a lease (registry.schema.leases) that it renews while it lives
+  and gives back when it closes; what a process leaves behind when it dies (its tmp/ folder, the versions it was
+  compressing, failed as "interrupted by a restart") is cleaned up by the others once its lease has expired,
+  never before. Placing and removing blobs is serialised across processes by the catalog (the store lock).
 
 This module imports no torch: deltas are duck-typed (`.kind`, `.sha256`, `.rank` of registry.deltas).
 It is one concept, the catalog of tenants and adapter versions, and over 400 lines because each operation's
-durability and isolation promise is spelled out where it is kept; the blobs, keys and disk reserve it uses live
-in registry.blob_store, registry.keys and registry.fsync.
+durability and isolation promise is spelled out where it is kept; the database, schema, blobs, keys and disk
+reserve it uses live in registry.database, registry.schema, registry.blob_store, registry.keys and registry.fsync.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hmac
+import logging
 import os
 import secrets
 import shutil
-import sqlite3
+import socket
 import tempfile
 import threading
 import time
@@ -49,12 +53,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Connection, delete, exc, func, insert, or_, select, update
+
+from registry import database
 from registry import usage as usage_table
 from registry.blob_store import BlobStore
 from registry.errors import InsufficientStorage, NameTaken, NotFound, NotStored, is_disk_full
 from registry.fsync import DiskReserve
 from registry.keys import AdminKey, hash_key, is_sha256_hex, new_tenant_key, plausible_key
 from registry.names import validate_name
+from registry.schema import adapters, catalog_info, leases, tenants
 from registry.upload_formats import DEFAULT_MAX_UPLOAD_BYTES, check_format
 from registry.uploads import Staging
 from registry.usage import UsageCount, UsageKey, UsageRow
@@ -62,52 +70,19 @@ from registry.usage import UsageCount, UsageKey, UsageRow
 if TYPE_CHECKING:
     from registry.deltas import Delta
 
+log = logging.getLogger(__name__)
+
 STATUSES = ("ready", "compressing", "failed")
 INTERRUPTED = "interrupted by a restart; upload again"
 MISSING_BLOB = "the stored adapter data is missing; upload again"
 MAX_ERROR_LENGTH = 4000
-RESERVE_BYTES = 16 << 20  # given up on a full disk so that deletes (SQLite's journal) can still be written
-_SCHEMA_VERSION = 4  # 2: the usage table; 3: a fine-tune's stored upload; 4: the "ia3" format (older catalogs
-_READABLE_VERSIONS = (0, 1, 2, 3, _SCHEMA_VERSION)  # gain all when opened). 0: a new file
-_V3_COLUMNS = (("source_blob", "TEXT"), ("source_bytes", "INTEGER"), ("fidelity", "TEXT"))  # schema 3
-
-_ADAPTERS_COLUMNS_SQL = """
-    id         TEXT PRIMARY KEY,
-    tenant     TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
-    name       TEXT NOT NULL,
-    format     TEXT NOT NULL CHECK (format IN ('lora', 'ia3', 'bitdelta', 'finetune')),
-    version    INTEGER NOT NULL CHECK (version >= 1),
-    sha256     TEXT,
-    status     TEXT NOT NULL CHECK (status IN ('ready', 'compressing', 'failed')),
-    progress   REAL NOT NULL,
-    error      TEXT,
-    created    INTEGER NOT NULL,
-    size_bytes INTEGER,
-    rank       INTEGER,
-    blob       TEXT,
-    source_blob  TEXT,
-    source_bytes INTEGER,
-    fidelity     TEXT,
-    UNIQUE (tenant, name, version),
-    CHECK ((status = 'ready') = (blob IS NOT NULL))
-"""
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
-    name     TEXT PRIMARY KEY,
-    key_hash TEXT NOT NULL UNIQUE,
-    created  INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS adapters (""" + _ADAPTERS_COLUMNS_SQL + """);
-CREATE INDEX IF NOT EXISTS adapters_blob ON adapters(blob);
-CREATE INDEX IF NOT EXISTS adapters_source_blob ON adapters(source_blob);
-""" + usage_table.SCHEMA
-_STORED_BYTES = "COALESCE(SUM(size_bytes + COALESCE(source_bytes, 0)), 0)"
-_COLUMNS = ("id, tenant, name, format, version, sha256, status, progress, error, created, size_bytes, rank, blob, "
-            "source_blob, source_bytes, fidelity")
-
-
-class RegistryBusy(RuntimeError):
-    """Another process has this registry directory open."""
+RESERVE_BYTES = 16 << 20  # given up on a full disk so that deletes (the catalog's journal) can still be written
+LEASE_SECONDS = 30  # a process that has not renewed its lease for this long is taken for dead
+_RECORD_COLUMNS = (adapters.c.id, adapters.c.tenant, adapters.c.name, adapters.c.format, adapters.c.version,
+                   adapters.c.sha256, adapters.c.status, adapters.c.progress, adapters.c.error, adapters.c.created,
+                   adapters.c.size_bytes, adapters.c.rank, adapters.c.blob, adapters.c.source_blob,
+                   adapters.c.source_bytes, adapters.c.fidelity)  # fmt: skip  # AdapterRecord's fields, in order
+_STORED_BYTES = func.coalesce(func.sum(adapters.c.size_bytes + func.coalesce(adapters.c.source_bytes, 0)), 0)
 
 
 @dataclass(frozen=True)
@@ -158,21 +133,26 @@ class AdapterRecord:
         return blob_kind(self.format)
 
 
-def _next_version(db: sqlite3.Connection, tenant: str, name: str) -> int:
+def _next_version(db: Connection, tenant: str, name: str) -> int:
     """The version a new upload of `tenant`'s `name` gets (inside the inserting transaction); NotFound if
-    the tenant does not exist."""
-    if not db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone():
+    the tenant does not exist. The tenant's row is locked until the transaction ends (FOR UPDATE on PostgreSQL;
+    on SQLite the write transaction is exclusive), so two processes never hand out the same version."""
+    if db.execute(select(tenants.c.name).where(tenants.c.name == tenant).with_for_update()).first() is None:
         raise NotFound(f"tenant {tenant!r} not found", "tenant")
-    (latest,) = db.execute(
-        "SELECT COALESCE(MAX(version), 0) FROM adapters WHERE tenant=? AND name=?", (tenant, name)
-    ).fetchone()
-    return latest + 1
+    latest = db.execute(select(func.coalesce(func.max(adapters.c.version), 0))
+                        .where(adapters.c.tenant == tenant, adapters.c.name == name)).scalar_one()  # fmt: skip
+    return int(latest) + 1
 
 
-def _blobs_of(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[str]:
+def _blobs_of(db: Connection, *where: Any) -> list[str]:
     """Every blob (deltas and stored uploads) of the rows `where` selects."""
-    rows = db.execute(f"SELECT blob, source_blob FROM adapters WHERE {where}", args).fetchall()
+    rows = db.execute(select(adapters.c.blob, adapters.c.source_blob).where(*where)).all()
     return sorted({b for row in rows for b in row if b is not None})
+
+
+def _lock_store(db: Connection) -> None:
+    """Takes the store lock for the rest of this write transaction (registry.schema.catalog_info says why)."""
+    db.execute(update(catalog_info).where(catalog_info.c.id == 1).values(store_writes=catalog_info.c.store_writes + 1))
 
 
 def blob_kind(format: str) -> str:
@@ -185,138 +165,223 @@ def _now() -> int:
     return int(time.time())
 
 
-class Registry:
-    """Tenants, keys and adapter versions stored under one directory (see the module docstring).
+def _pid_space() -> str:
+    """This machine's boot and this process's pid namespace: processes of the same value see each other's pids."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc: no pid is ever taken for dead, leases only expire
+        return f"unknown-{secrets.token_hex(8)}"
 
-    root:             the registry directory (created, mode 0700, if missing).
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: alive
+        return False
+    return False
+
+
+class Registry:
+    """Tenants, keys and adapter versions: a catalog and a blob folder (see the module docstring).
+
+    root:             the registry directory (created, mode 0700, if missing): blobs, tmp/, the admin key.
+    catalog:          the catalog's database URL ("postgresql://user@host/db"); None: root/catalog.sqlite3.
     max_upload_bytes: the default cap on one upload's total size (`stage`).
 
-    Opening recovers from a crash of the previous process: tmp/ is emptied, "compressing" rows become
-    "failed" ("interrupted by a restart; upload again"), "ready" rows whose blob is gone become "failed",
-    and blobs no row references are removed. Close with `close()` (or use it as a context manager).
-    Raises RegistryBusy if another process has the directory open.
+    Opening takes a lease and cleans up after processes whose lease expired: their tmp/ folders, their
+    "compressing" rows (failed: "interrupted by a restart; upload again"); "ready" rows whose blob is gone become
+    "failed", and blobs no row references are removed. Close with `close()` (or use it as a context manager): it
+    fails this process's own compressions still running and gives the lease back.
+    Raises database.CatalogError for a catalog written by a newer deltaserve.
     """
 
     def __init__(
         self,
         root: str | os.PathLike[str],
         *,
+        catalog: str | None = None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         tenant_quota_bytes: int | None = None,
+        lease_seconds: float = LEASE_SECONDS,
     ):
-        """tenant_quota_bytes: the stored bytes one tenant may hold (its adapters' versions), None: no quota."""
+        """tenant_quota_bytes: the stored bytes one tenant may hold (its adapters' versions), None: no quota.
+        lease_seconds: how long this process's lease lasts unrenewed (it is renewed every third of it)."""
         self.root = Path(root)
         self.max_upload_bytes = max_upload_bytes
         self.tenant_quota_bytes = tenant_quota_bytes
+        self.lease_seconds = lease_seconds
         self._lock = threading.RLock()
-        self._lock_fd = -1  # -1: closed (or not open yet)
+        self._closed = threading.Event()
+        self._closed.set()  # until the catalog is open: a half-made Registry's close() has nothing to give back
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)  # also an existing registry's (the admin key's hash and tenants' blobs are here)
         self.blobs = self.root / "blobs"
-        self.tmp = self.root / "tmp"
-        fd = os.open(self.root / "registry.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.catalog_url = catalog or database.sqlite_url(self.root / "catalog.sqlite3")
+        self._engine = database.connect(self.catalog_url)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RegistryBusy(f"registry {self.root} is in use by another process") from None
-        db: sqlite3.Connection | None = None
+            self._check_folder_matches(own_sqlite=catalog is None)
+        except BaseException:
+            self._engine.dispose()
+            raise
+        self._closed.clear()
+        self.lease = "ls-" + secrets.token_hex(8)
+        self._pids = _pid_space()
         try:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(mode=0o700)
+            with database.write(self._engine) as db:  # the lease first, then its folder: see _reap
+                db.execute(insert(leases).values(self._lease_row()))
+            self.tmp = self.root / "tmp" / self.lease
+            self._make_tmp()
             self.store = BlobStore(self.blobs, graveyard=self.tmp)
-            db = self._connect(self.root / "catalog.sqlite3")
-            self._db = db
-            self._lock_fd = fd
             self._recover()
             self.admin_key = AdminKey(self.root)
             self.reserve = DiskReserve(self.root / "reserve.bin", RESERVE_BYTES)
             self.reserve.ensure()
         except BaseException:
-            self._lock_fd = -1
-            if db is not None:
-                db.close()
-            os.close(fd)
+            self._closed.set()
+            with contextlib.suppress(Exception):
+                self._give_back_lease()
+            self._engine.dispose()
             raise
+        self._renewer = threading.Thread(target=self._renew_lease, name=f"registry-lease-{self.lease}", daemon=True)
+        self._renewer.start()
 
-    # --- opening, closing -------------------------------------------------------------------------------
+    # --- opening, closing, leases -------------------------------------------------------------------------
 
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)  # create it private
-        os.close(fd)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=10000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in _READABLE_VERSIONS:
-            db.close()
-            raise RuntimeError(f"{path} has catalog schema version {version}; this deltaserve reads {_SCHEMA_VERSION}")
-        if version in (1, 2):  # before the schema's indexes name the new columns
-            have = {row[1] for row in db.execute("PRAGMA table_info(adapters)")}
-            for column, sql_type in _V3_COLUMNS:
-                if column not in have:
-                    db.execute(f"ALTER TABLE adapters ADD COLUMN {column} {sql_type}")
-        if version in (1, 2, 3):
-            Registry._widen_format_check(db)
-        db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-        return db
+    def _check_folder_matches(self, own_sqlite: bool) -> None:
+        """The folder and the catalog belong together (registry.schema.catalog_info says why it matters): the
+        folder's `catalog_id` file names the catalog's id, or, for a folder without one, the catalog is the folder's
+        own SQLite file, or the folder holds no blob yet (then the file is written)."""
+        with self._engine.connect() as db:
+            catalog_id = db.execute(select(catalog_info.c.catalog_id).where(catalog_info.c.id == 1)).scalar_one()
+        marker = self.root / "catalog_id"
+        if marker.exists():
+            folder_id = marker.read_text().strip()
+            if folder_id != catalog_id:
+                raise database.CatalogError(
+                    f"the registry folder {self.root} belongs to another catalog ({folder_id}) than "
+                    f"{database.display_url(self.catalog_url)} ({catalog_id}): give the --catalog it was used with")
+            return
+        if not own_sqlite and self.blobs.is_dir() and any(self.blobs.rglob("*")):
+            raise database.CatalogError(
+                f"the registry folder {self.root} holds blobs of its own SQLite catalog; it cannot be opened with "
+                f"{database.display_url(self.catalog_url)} (a new folder can)")
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(catalog_id + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
-    @staticmethod
-    def _widen_format_check(db: sqlite3.Connection) -> None:
-        """Schema 4 allows format 'ia3': SQLite cannot change a CHECK in place, so the adapters table is
-        rebuilt in one transaction (SQLite's documented procedure: new table, copy, drop, rename); every row
-        and column stays as it was. Foreign keys are off meanwhile so that the drop cascades nowhere."""
-        db.execute("PRAGMA foreign_keys=OFF")
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("CREATE TABLE adapters_v4 (" + _ADAPTERS_COLUMNS_SQL + ")")
-                columns = ", ".join(row[1] for row in db.execute("PRAGMA table_info(adapters)"))
-                db.execute(f"INSERT INTO adapters_v4 ({columns}) SELECT {columns} FROM adapters")
-                db.execute("DROP TABLE adapters")
-                db.execute("ALTER TABLE adapters_v4 RENAME TO adapters")
-                db.execute("PRAGMA user_version=4")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        finally:
-            db.execute("PRAGMA foreign_keys=ON")
+    def _expiry(self) -> int:
+        return int(time.time() + self.lease_seconds + 0.999)
+
+    def _make_tmp(self) -> None:
+        """This process's tmp/ folder, and tmp/ itself, private whatever the umask (again if another process
+        that took this one for dead removed it)."""
+        self.tmp.parent.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.tmp.parent, 0o700)
+        self.tmp.mkdir(mode=0o700, exist_ok=True)
+
+    def _lease_row(self) -> dict[str, Any]:
+        return {"id": self.lease, "host": socket.gethostname(), "pid": os.getpid(), "pids": self._pids,
+                "started": _now(), "expires": self._expiry()}
 
     def _recover(self) -> None:
+        """What opening checks: other processes' leftovers (_reap), lost blobs, unreferenced blobs."""
+        self._reap()
         with self._lock, self._tx() as db:
-            db.execute("UPDATE adapters SET status='failed', error=? WHERE status='compressing'", (INTERRUPTED,))
-            for row_id, blob in db.execute("SELECT id, blob FROM adapters WHERE status='ready'").fetchall():
+            _lock_store(db)
+            for row_id, blob in db.execute(select(adapters.c.id, adapters.c.blob)
+                                           .where(adapters.c.status == "ready")).all():  # fmt: skip
                 if not self.store.has(blob):
-                    db.execute(
-                        "UPDATE adapters SET status='failed', error=?, blob=NULL WHERE id=?", (MISSING_BLOB, row_id)
-                    )
+                    db.execute(update(adapters).where(adapters.c.id == row_id)
+                               .values(status="failed", error=MISSING_BLOB, blob=None))  # fmt: skip
             # A lost stored upload leaves its version served (its 1-bit delta is there); only its download goes.
-            lost = [(row_id,) for row_id, source in
-                    db.execute("SELECT id, source_blob FROM adapters WHERE source_blob IS NOT NULL").fetchall()
-                    if not self.store.has(source)]  # fmt: skip
-            db.executemany("UPDATE adapters SET source_blob=NULL, source_bytes=NULL WHERE id=?", lost)
-        with self._lock:
-            referenced = {b for (b,) in self._db.execute("SELECT blob FROM adapters WHERE blob IS NOT NULL UNION "
-                                                         "SELECT source_blob FROM adapters WHERE source_blob IS NOT NULL")}  # fmt: skip
+            for row_id, source in db.execute(select(adapters.c.id, adapters.c.source_blob)
+                                             .where(adapters.c.source_blob.is_not(None))).all():  # fmt: skip
+                if not self.store.has(source):
+                    db.execute(update(adapters).where(adapters.c.id == row_id)
+                               .values(source_blob=None, source_bytes=None))  # fmt: skip
+            # Under the store lock: every blob another process placed is referenced by its committed row already.
+            referenced = {b for (b,) in db.execute(select(adapters.c.blob).where(adapters.c.blob.is_not(None))
+                          .union(select(adapters.c.source_blob).where(adapters.c.source_blob.is_not(None))))}  # fmt: skip
             self.store.sweep(referenced)
 
+    def _reap(self) -> None:
+        """Cleans up after the processes whose lease expired, or that were on this machine and are gone: fails the versions they were compressing (and any
+        compressing row without a live lease, e.g. of a catalog from before leases), removes their tmp/ folders
+        (and anything else in tmp/ that belongs to no live lease), forgets their leases."""
+        tmp = self.root / "tmp"
+        entries = list(tmp.iterdir()) if tmp.is_dir() else []  # listed BEFORE the live leases are read: a folder
+        # is made after its lease is committed, so every folder listed here has its lease visible below
+        with self._lock, self._tx() as db:
+            db.execute(delete(leases).where(leases.c.expires < _now()))
+            gone = [lease for lease, pid in db.execute(select(leases.c.id, leases.c.pid).where(
+                leases.c.pids == self._pids, leases.c.id != self.lease)) if _process_gone(pid)]  # fmt: skip
+            db.execute(delete(leases).where(leases.c.id.in_(gone)))
+            live = set(db.execute(select(leases.c.id)).scalars())
+            db.execute(update(adapters).where(adapters.c.status == "compressing",
+                                              or_(adapters.c.lease.is_(None), adapters.c.lease.not_in(live)))
+                       .values(status="failed", error=INTERRUPTED, lease=None))  # fmt: skip
+        for entry in entries:
+            if entry.name not in live:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else \
+                    entry.unlink(missing_ok=True)  # fmt: skip
+
+    def _renew_lease(self) -> None:
+        """The lease's keeper (a daemon thread): renews it every third of its length and cleans up after dead
+        processes meanwhile; a lease another process took for expired (this one stalled) is taken again."""
+        while not self._closed.wait(self.lease_seconds / 3):
+            try:
+                with self._lock:
+                    if self._closed.is_set():
+                        return
+                    with self._tx() as db:
+                        renewed = db.execute(update(leases).where(leases.c.id == self.lease)
+                                             .values(expires=self._expiry())).rowcount  # fmt: skip
+                        if renewed == 0:
+                            log.warning("registry: this process's lease %s had expired (a stall of over %s s?); "
+                                        "taking it again", self.lease, self.lease_seconds)  # fmt: skip
+                            db.execute(insert(leases).values(self._lease_row()))
+                    self._make_tmp()
+                    self._reap()
+            except Exception:  # the catalog unreachable for a moment: the next tick tries again
+                log.exception("registry: renewing the lease failed")
+
+    def _give_back_lease(self) -> None:
+        """Fails this process's own compressions still running, removes its tmp/ folder and its lease."""
+        with database.write(self._engine) as db:
+            db.execute(update(adapters).where(adapters.c.status == "compressing", adapters.c.lease == self.lease)
+                       .values(status="failed", error=INTERRUPTED, lease=None))  # fmt: skip
+            db.execute(delete(leases).where(leases.c.id == self.lease))
+        if getattr(self, "tmp", None) is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def other_processes(self) -> list[tuple[str, int]]:
+        """(host, pid) of the other processes that have this registry open now (live leases but this one's)."""
+        rows = self._query(select(leases.c.host, leases.c.pid).where(leases.c.id != self.lease,
+                                                                     leases.c.expires >= _now()))  # fmt: skip
+        return [(host, int(pid)) for host, pid in rows]
+
     def close(self) -> None:
-        """Closes the catalog and releases the directory for another process. Idempotent."""
+        """Fails this process's compressions still running, gives its lease back and closes the catalog.
+        Idempotent."""
         with self._lock:
-            if self._lock_fd < 0:
+            if self._closed.is_set():
                 return
-            self._db.close()
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+            self._closed.set()
+            try:
+                self._give_back_lease()
+            except Exception:  # the lease then expires on its own and another process cleans up
+                log.exception("registry: giving the lease back failed")
+            finally:
+                self._engine.dispose()
 
     def __del__(self) -> None:
-        # A Registry dropped without close() (e.g. `Registry(root).ensure_admin_key(k)`) must not keep the
-        # directory locked against the next one.
+        # A Registry dropped without close() (e.g. `Registry(root).ensure_admin_key(k)`) must not leave its
+        # lease to expire: the next opener would wait for its compressions and folders.
         with contextlib.suppress(Exception):
             self.close()
 
@@ -329,31 +394,24 @@ class Registry:
         self.close()
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (the caller holds self._lock)."""
-        if self._lock_fd < 0:
+    def _tx(self) -> Iterator[Connection]:
+        """One write transaction (the caller holds self._lock); a full disk is InsufficientStorage."""
+        if self._closed.is_set():
             raise ValueError("the registry is closed")
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):  # after SQLITE_FULL SQLite may have rolled back already
-                    self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.OperationalError as e:
+            with database.write(self._engine) as db:
+                yield db
+        except exc.OperationalError as e:
             if is_disk_full(e):
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
                 raise InsufficientStorage("the registry's disk is full; nothing was changed") from None
             raise
 
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    def _query(self, stmt: Any) -> list[Any]:
         with self._lock:
-            if self._lock_fd < 0:
+            if self._closed.is_set():
                 raise ValueError("the registry is closed")
-            return self._db.execute(sql, args).fetchall()
+            with self._engine.connect() as db:
+                return list(db.execute(stmt).all())
 
     # --- admin key ---------------------------------------------------------------------------------------
 
@@ -378,22 +436,19 @@ class Registry:
         with self._lock:
             try:
                 with self._tx() as db:
-                    db.execute(
-                        "INSERT INTO tenants (name, key_hash, created) VALUES (?, ?, ?)",
-                        (name, hash_key(key), tenant.created),
-                    )
-            except sqlite3.IntegrityError:
+                    db.execute(insert(tenants).values(name=name, key_hash=hash_key(key), created=tenant.created))
+            except exc.IntegrityError:
                 raise NameTaken(f"tenant {name!r} already exists", "name") from None
         return tenant, key
 
     def get_tenant(self, name: str) -> Tenant | None:
         """The tenant of this name, or None."""
-        rows = self._query("SELECT name, created FROM tenants WHERE name=?", (name,))
+        rows = self._query(select(tenants.c.name, tenants.c.created).where(tenants.c.name == name))
         return Tenant(*rows[0]) if rows else None
 
     def list_tenants(self) -> list[Tenant]:
         """All tenants, by name."""
-        return [Tenant(*r) for r in self._query("SELECT name, created FROM tenants ORDER BY name")]
+        return [Tenant(*r) for r in self._query(select(tenants.c.name, tenants.c.created).order_by(tenants.c.name))]
 
     def delete_tenant(self, name: str) -> None:
         """Deletes a tenant, its key and all its adapters (their blobs when no other row uses them).
@@ -405,9 +460,9 @@ class Registry:
     def _delete_tenant(self, name: str) -> None:
         with self._lock:
             with self._tx() as db:
-                blobs = _blobs_of(db, "tenant=?", (name,))
-                db.execute("DELETE FROM adapters WHERE tenant=?", (name,))
-                if db.execute("DELETE FROM tenants WHERE name=?", (name,)).rowcount == 0:
+                blobs = _blobs_of(db, adapters.c.tenant == name)
+                db.execute(delete(adapters).where(adapters.c.tenant == name))
+                if db.execute(delete(tenants).where(tenants.c.name == name)).rowcount == 0:
                     raise NotFound(f"tenant {name!r} not found", "name")
                 usage_table.retire(db, name, _now())
             self._gc(blobs)
@@ -421,8 +476,7 @@ class Registry:
         if not names:
             return
         with self._lock, self._tx() as db:
-            marks = ", ".join("?" * len(names))
-            live = {n for (n,) in db.execute(f"SELECT name FROM tenants WHERE name IN ({marks})", names)}
+            live = set(db.execute(select(tenants.c.name).where(tenants.c.name.in_(names))).scalars())
             usage_table.add(db, {k: c for k, c in counts.items() if k[0] in live})
 
     def usage(
@@ -430,18 +484,13 @@ class Registry:
     ) -> list[UsageRow]:
         """Usage rows per period of `granularity` ("hour" or "day", UTC) overlapping [start, end); tenant None:
         every tenant's, the retired ones' too; adapter "" : the base model only."""
-        with self._lock:
-            if self._lock_fd < 0:
-                raise ValueError("the registry is closed")
-            return usage_table.query(self._db, tenant=tenant, adapter=adapter, start=start, end=end,
-                                     granularity=granularity)  # fmt: skip
+        with self._reading() as db:
+            return usage_table.query(db, tenant=tenant, adapter=adapter, start=start, end=end, granularity=granularity)
 
     def top_tenants(self, n: int, since: int) -> list[str]:
         """The n live tenants that used the most tokens since `since` (unix seconds)."""
-        with self._lock:
-            if self._lock_fd < 0:
-                raise ValueError("the registry is closed")
-            return usage_table.top_tenants(self._db, n, since)
+        with self._reading() as db:
+            return usage_table.top_tenants(db, n, since)
 
     def authenticate(self, key: str | None) -> Tenant | None:
         """The tenant whose API key this is, else None (never raises for a malformed key; never logs it).
@@ -450,7 +499,8 @@ class Registry:
             return None
         assert key is not None
         digest = hash_key(key)
-        rows = self._query("SELECT name, created, key_hash FROM tenants WHERE key_hash=?", (digest,))
+        rows = self._query(select(tenants.c.name, tenants.c.created, tenants.c.key_hash)
+                           .where(tenants.c.key_hash == digest))  # fmt: skip
         if not rows or not hmac.compare_digest(rows[0][2], digest):
             return None
         return Tenant(rows[0][0], rows[0][1])
@@ -458,13 +508,13 @@ class Registry:
     # --- staging and committing -------------------------------------------------------------------------
 
     def stage(self, max_bytes: int | None = None, *, format: str | None = None, tenant: str | None = None) -> Staging:
-        """A fresh, private staging directory under root/tmp for one upload (or one compression's
-        output). max_bytes: cap on the upload's total size (default: the registry's max_upload_bytes).
+        """A fresh, private staging directory under this process's tmp/ folder for one upload (or one
+        compression's output). max_bytes: cap on the upload's total size (default: the registry's max_upload_bytes).
         format: the upload format if already known (file names are then checked against it as they
         arrive; otherwise `Staging.validate` checks them against the format it is given). tenant: whose
         upload it is: with a quota, the upload stops (InsufficientStorage) once it cannot fit what is left.
         Raises InsufficientStorage when the disk is too full for even the staging directory."""
-        if self._lock_fd < 0:
+        if self._closed.is_set():
             raise ValueError("the registry is closed")
         quota_left = None
         if tenant is not None and self.tenant_quota_bytes is not None:
@@ -479,9 +529,10 @@ class Registry:
                        quota_bytes=quota_left)  # fmt: skip
 
     def scratch_dir(self) -> Path:
-        """A fresh private directory under root/tmp, on the blob store's filesystem (emptied at every opening),
-        for data written for the store, e.g. a fine-tune's stored upload before `complete_pending` moves it in."""
-        if self._lock_fd < 0:
+        """A fresh private directory under this process's tmp/ folder, on the blob store's filesystem (removed when
+        the process closes the registry or dies), for data written for the store, e.g. a fine-tune's stored upload
+        before `complete_pending` moves it in."""
+        if self._closed.is_set():
             raise ValueError("the registry is closed")
         try:
             return Path(tempfile.mkdtemp(prefix="scratch-", dir=self.tmp))
@@ -494,12 +545,10 @@ class Registry:
         """The bytes a tenant's stored versions take, stored uploads of fine-tunes included (each version counted,
         shared content too); `besides`:
         leave out the older versions of that adapter name (a new version replaces them: they are collected)."""
-        if besides is None:
-            rows = self._query(f"SELECT {_STORED_BYTES} FROM adapters WHERE tenant=? AND blob IS NOT NULL", (tenant,))
-        else:
-            rows = self._query(f"SELECT {_STORED_BYTES} FROM adapters WHERE tenant=? AND blob IS NOT NULL AND name<>?",
-                               (tenant, besides))  # fmt: skip
-        return int(rows[0][0])
+        stmt = select(_STORED_BYTES).where(adapters.c.tenant == tenant, adapters.c.blob.is_not(None))
+        if besides is not None:
+            stmt = stmt.where(adapters.c.name != besides)
+        return int(self._query(stmt)[0][0])
 
     def _check_quota(self, tenant: str, name: str, size: int) -> None:
         if self.tenant_quota_bytes is None:
@@ -521,7 +570,7 @@ class Registry:
             raise ValueError(f"delta sha256 must be 64 lowercase hex digits, got {delta.sha256!r}")
 
     def _row(self, row_id: str) -> AdapterRecord | None:
-        rows = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE id=?", (row_id,))
+        rows = self._query(select(*_RECORD_COLUMNS).where(adapters.c.id == row_id))
         return AdapterRecord(*rows[0]) if rows else None
 
     def _stored_row(self, row_id: str) -> AdapterRecord:
@@ -534,37 +583,40 @@ class Registry:
         recheck: Callable[[], object] = lambda: None, source: Path | str | None = None,
     ) -> None:
         """The one way data enters the registry. record: (kind, tenant, name) of the version being stored.
-        The staged data is checked against the delta and made durable without the lock; then, under it,
-        `recheck()` (what may have changed meanwhile), the quota, the blob placed (or an identical one reused),
-        and `write_row(db, blob, size, rank, source_blob, source_bytes)` in one transaction, LAST (the blobs are
-        collected again if it fails). source: a fine-tune's stored upload (a directory made with `scratch_dir`),
-        stored beside the delta as a "source" blob, or the name of one stored already (a re-compression of it:
-        NotStored if it is gone meanwhile). The staging is discarded."""
+        The staged data is checked against the delta and made durable without the lock; then, in one write
+        transaction holding the store lock: `recheck()` (what may have changed meanwhile), the quota, the blob
+        placed (or an identical one reused), and `write_row(db, blob, size, rank, source_blob, source_bytes)`,
+        committed LAST (the blobs are collected again if it fails). source: a fine-tune's stored upload (a
+        directory made with `scratch_dir`), stored beside the delta as a "source" blob, or the name of one stored
+        already (a re-compression of it: NotStored if it is gone meanwhile). The staging is discarded."""
         kind, tenant, name = record
         self._check_delta(kind, delta)
         payload, size = self.store.prepare(staging, kind, delta.sha256)
         src = self.store.prepare_dir(source, "source") if isinstance(source, Path) else None
         rank = getattr(delta, "rank", None) if kind == "lora" else None
         with self._lock:
-            recheck()
-            kept = self._kept_source(source) if isinstance(source, str) else None
-            source_size = src[1] if src else kept
-            self._check_quota(tenant, name, size + (source_size or 0))
-            blob = self.store.place(payload, kind, delta.sha256)
-            placed = [blob]
+            placed: list[str] = []
             try:
-                source_blob = self.store.place(src[0], "source", src[2]) if src else (source if kept is not None else None)
-                placed.append(source_blob)
                 with self._tx() as db:
+                    _lock_store(db)  # no other process removes a blob we reuse, nor races us for the quota
+                    recheck()
+                    kept = self._kept_source(db, source) if isinstance(source, str) else None
+                    source_size = src[1] if src else kept
+                    self._check_quota(tenant, name, size + (source_size or 0))
+                    blob = self.store.place(payload, kind, delta.sha256)
+                    placed.append(blob)
+                    source_blob = self.store.place(src[0], "source", src[2]) if src else (source if kept is not None else None)
+                    if src:
+                        placed.append(source_blob)
                     write_row(db, blob, size, rank, source_blob, source_size)
             except BaseException:
-                self._gc([b for b in placed if b is not None])
+                self._gc(placed)
                 raise
         staging.discard()
 
-    def _kept_source(self, blob: str) -> int:
-        """The stored size of a source blob that a row references still (the caller holds the lock)."""
-        row = self._db.execute("SELECT source_bytes FROM adapters WHERE source_blob=? LIMIT 1", (blob,)).fetchone()
+    def _kept_source(self, db: Connection, blob: str) -> int:
+        """The stored size of a source blob that a row references still (inside the storing transaction)."""
+        row = db.execute(select(adapters.c.source_bytes).where(adapters.c.source_blob == blob).limit(1)).first()
         if row is None or not self.store.has(blob):
             raise NotStored("the stored fine-tune was deleted meanwhile; upload it again", "name")
         return int(row[0])
@@ -585,30 +637,28 @@ class Registry:
             raise ValueError("a finetune upload is stored with create_pending and complete_pending")
         row_id = "ad-" + secrets.token_hex(12)
 
-        def insert(db: sqlite3.Connection, blob: str, size: int, rank: int | None, *_no_source: object) -> None:
-            db.execute(
-                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'ready', 1.0, NULL, ?, ?, ?, ?, NULL, NULL, NULL)",
-                (row_id, tenant, name, format, _next_version(db, tenant, name), delta.sha256, _now(), size, rank,
-                 blob),
-            )  # fmt: skip
+        def insert_row(db: Connection, blob: str, size: int, rank: int | None, *_no_source: object) -> None:
+            db.execute(insert(adapters).values(
+                id=row_id, tenant=tenant, name=name, format=format, version=_next_version(db, tenant, name),
+                sha256=delta.sha256, status="ready", progress=1.0, created=_now(), size_bytes=size, rank=rank,
+                blob=blob))  # fmt: skip
 
-        self._store(staging, delta, (kind, tenant, name), insert)
+        self._store(staging, delta, (kind, tenant, name), insert_row)
         return self._stored_row(row_id)
 
     def create_pending(self, tenant: str, name: str, format: str) -> AdapterRecord:
         """Creates the next version of `tenant`'s adapter `name` with status "compressing", progress 0 and
-        no data yet (a fine-tune compressed in the background; then complete_pending or fail_pending).
+        no data yet (a fine-tune compressed in the background by this process: then complete_pending or
+        fail_pending; if the process dies first, it fails as "interrupted by a restart" once its lease expires).
         `resolve` keeps answering the previous ready version meanwhile. Raises InvalidName,
         UnsupportedFormat (format), NotFound (no such tenant)."""
         validate_name("adapter", name)
         check_format(format)
         row_id = "ad-" + secrets.token_hex(12)
         with self._lock, self._tx() as db:
-            db.execute(
-                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 'compressing', 0.0, NULL, ?, NULL, NULL, NULL, "
-                "NULL, NULL, NULL)",
-                (row_id, tenant, name, format, _next_version(db, tenant, name), _now()),
-            )
+            db.execute(insert(adapters).values(
+                id=row_id, tenant=tenant, name=name, format=format, version=_next_version(db, tenant, name),
+                status="compressing", progress=0.0, created=_now(), lease=self.lease))  # fmt: skip
         return self._stored_row(row_id)
 
     def _pending(self, row_id: str) -> AdapterRecord:
@@ -629,7 +679,7 @@ class Registry:
         with self._lock:
             self._pending(id)
             with self._tx() as db:
-                db.execute("UPDATE adapters SET progress=? WHERE id=?", (progress, id))
+                db.execute(update(adapters).where(adapters.c.id == id).values(progress=progress))
 
     def complete_pending(self, id: str, staging: Staging, delta: Delta, source: Path | str | None = None,
                          fidelity: str | None = None) -> AdapterRecord:
@@ -644,17 +694,16 @@ class Registry:
         delta of the wrong kind or staged data that does not match it."""
         record = self._pending(id)
 
-        def update(db: sqlite3.Connection, blob: str, size: int, rank: int | None, source_blob: str | None,
-                   source_bytes: int | None) -> None:  # fmt: skip
-            cur = db.execute(
-                "UPDATE adapters SET status='ready', progress=1.0, error=NULL, sha256=?, size_bytes=?, "
-                "rank=?, blob=?, source_blob=?, source_bytes=?, fidelity=? WHERE id=? AND status='compressing'",
-                (delta.sha256, size, rank, blob, source_blob, source_bytes, fidelity, id),
-            )
-            assert cur.rowcount == 1, "row changed while the lock was held"
+        def update_row(db: Connection, blob: str, size: int, rank: int | None, source_blob: str | None,
+                       source_bytes: int | None) -> None:  # fmt: skip
+            done = db.execute(update(adapters).where(adapters.c.id == id, adapters.c.status == "compressing").values(
+                status="ready", progress=1.0, error=None, sha256=delta.sha256, size_bytes=size, rank=rank, blob=blob,
+                source_blob=source_blob, source_bytes=source_bytes, fidelity=fidelity, lease=None))  # fmt: skip
+            if done.rowcount != 1:  # failed meanwhile by another process that took this one for dead
+                raise ValueError(f"adapter {id} is no longer compressing")
 
         try:
-            self._store(staging, delta, (record.kind, record.tenant, record.name), update,
+            self._store(staging, delta, (record.kind, record.tenant, record.name), update_row,
                         recheck=lambda: self._pending(id), source=source)  # fmt: skip
         finally:  # moved into the store, or not needed: an identical stored upload was reused, or it failed
             if isinstance(source, Path):
@@ -665,51 +714,46 @@ class Registry:
         """Marks a "compressing" adapter "failed" with `error` (what the tenant sees; at most 4000
         characters are kept). Returns False, changing nothing, if the adapter is gone or not compressing."""
         with self._lock, self._tx() as db:
-            cur = db.execute(
-                "UPDATE adapters SET status='failed', error=? WHERE id=? AND status='compressing'",
-                (str(error)[:MAX_ERROR_LENGTH], id),
-            )
-            return cur.rowcount == 1
+            done = db.execute(update(adapters).where(adapters.c.id == id, adapters.c.status == "compressing")
+                              .values(status="failed", error=str(error)[:MAX_ERROR_LENGTH], lease=None))  # fmt: skip
+            return done.rowcount == 1
 
     # --- reading and deleting adapters --------------------------------------------------------------------
 
     def get_adapter(self, tenant: str, name: str) -> AdapterRecord | None:
         """The newest version of `tenant`'s adapter `name`, whatever its status; None if there is none
         (or it is another tenant's)."""
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM adapters WHERE tenant=? AND name=? ORDER BY version DESC LIMIT 1", (tenant, name)
-        )
+        rows = self._query(select(*_RECORD_COLUMNS).where(adapters.c.tenant == tenant, adapters.c.name == name)
+                           .order_by(adapters.c.version.desc()).limit(1))  # fmt: skip
         return AdapterRecord(*rows[0]) if rows else None
 
     def resolve(self, tenant: str, name: str) -> AdapterRecord | None:
         """The newest READY version of `tenant`'s adapter `name` (what new requests use), else None.
         A newer version still compressing, or failed, does not hide it."""
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM adapters WHERE tenant=? AND name=? AND status='ready' "
-            "ORDER BY version DESC LIMIT 1",
-            (tenant, name),
-        )
+        rows = self._query(select(*_RECORD_COLUMNS)
+                           .where(adapters.c.tenant == tenant, adapters.c.name == name, adapters.c.status == "ready")
+                           .order_by(adapters.c.version.desc()).limit(1))  # fmt: skip
         return AdapterRecord(*rows[0]) if rows else None
 
     def list_adapters(self, tenant: str) -> list[AdapterRecord]:
         """The newest version of each of `tenant`'s adapters (whatever its status), by name."""
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM adapters AS a WHERE tenant=? AND version = "
-            "(SELECT MAX(version) FROM adapters AS b WHERE b.tenant = a.tenant AND b.name = a.name) ORDER BY name",
-            (tenant,),
-        )
+        other = adapters.alias("other")
+        newest = (select(func.max(other.c.version))
+                  .where(other.c.tenant == adapters.c.tenant, other.c.name == adapters.c.name).scalar_subquery())  # fmt: skip
+        rows = self._query(select(*_RECORD_COLUMNS).where(adapters.c.tenant == tenant, adapters.c.version == newest)
+                           .order_by(adapters.c.name))  # fmt: skip
         return [AdapterRecord(*r) for r in rows]
 
     def list_versions(self, tenant: str, name: str) -> list[AdapterRecord]:
         """Every stored version of `tenant`'s adapter `name`, oldest first ([] if none)."""
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM adapters WHERE tenant=? AND name=? ORDER BY version", (tenant, name)
-        )
+        rows = self._query(select(*_RECORD_COLUMNS).where(adapters.c.tenant == tenant, adapters.c.name == name)
+                           .order_by(adapters.c.version))  # fmt: skip
         return [AdapterRecord(*r) for r in rows]
 
     def list_tenant_versions(self, tenant: str) -> list[AdapterRecord]:
         """Every stored version of every adapter of `tenant`, by name then version ([] if none)."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM adapters WHERE tenant=? ORDER BY name, version", (tenant,))
+        rows = self._query(select(*_RECORD_COLUMNS).where(adapters.c.tenant == tenant)
+                           .order_by(adapters.c.name, adapters.c.version))  # fmt: skip
         return [AdapterRecord(*r) for r in rows]
 
     def delete_adapter(self, tenant: str, name: str) -> None:
@@ -720,10 +764,11 @@ class Registry:
         self.reserve.run(self._delete_adapter, tenant, name)
 
     def _delete_adapter(self, tenant: str, name: str) -> None:
+        where = (adapters.c.tenant == tenant, adapters.c.name == name)
         with self._lock:
             with self._tx() as db:
-                blobs = _blobs_of(db, "tenant=? AND name=?", (tenant, name))
-                if db.execute("DELETE FROM adapters WHERE tenant=? AND name=?", (tenant, name)).rowcount == 0:
+                blobs = _blobs_of(db, *where)
+                if db.execute(delete(adapters).where(*where)).rowcount == 0:
                     raise NotFound(f"adapter {name!r} not found", "name")
             self._gc(blobs)
 
@@ -741,7 +786,8 @@ class Registry:
                        if r.version < newest.version and r.status != "compressing" and r.id not in keep]  # fmt: skip
                 if old:
                     with self._tx() as db:
-                        db.executemany("DELETE FROM adapters WHERE id=?", [(r.id,) for r in old])
+                        db.execute(delete(adapters).where(adapters.c.id.in_([r.id for r in old]),
+                                                          adapters.c.status != "compressing"))  # fmt: skip
                     self._gc([b for r in old for b in (r.blob, r.source_blob) if b is not None])
                 return old
 
@@ -759,8 +805,21 @@ class Registry:
         return None if record.source_blob is None else self.store.path(record.source_blob)
 
     def _gc(self, blobs: list[str]) -> None:
-        """Removes the given blobs that no row references (the caller holds the lock)."""
-        for blob in blobs:
-            used = "SELECT 1 FROM adapters WHERE blob=? OR source_blob=? LIMIT 1"
-            if not self._db.execute(used, (blob, blob)).fetchone():
-                self.store.remove(blob)
+        """Removes the given blobs that no row references, in a write transaction holding the store lock (so that
+        no other process reuses one meanwhile); the caller holds self._lock."""
+        if not blobs:
+            return
+        with self._tx() as db:
+            _lock_store(db)
+            for blob in blobs:
+                used = select(adapters.c.id).where(or_(adapters.c.blob == blob, adapters.c.source_blob == blob))
+                if db.execute(used.limit(1)).first() is None:
+                    self.store.remove(blob)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        with self._lock:
+            if self._closed.is_set():
+                raise ValueError("the registry is closed")
+            with self._engine.connect() as db:
+                yield db

@@ -82,10 +82,14 @@ class InsufficientStorage(RegistryError):
 
 
 def is_disk_full(e: BaseException) -> bool:
-    """True for the errors a full disk or quota raises: ENOSPC / EDQUOT, or SQLite's SQLITE_FULL."""
+    """True for the errors a full disk or quota raises: ENOSPC / EDQUOT, SQLite's SQLITE_FULL, PostgreSQL's
+    disk_full (SQLSTATE 53100); a database error wrapped by SQLAlchemy is looked at inside (`.orig`)."""
     import errno
     import sqlite3
 
+    e = getattr(e, "orig", None) or e
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if getattr(e, "sqlstate", None) == "53100":
         return True
     return isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower()

@@ -1,5 +1,6 @@
 """Token usage for billing: requests, prompt and completion tokens per tenant, model and hour, kept in the
-catalog (registry.catalog owns the connection and its lock; these functions run inside its transactions).
+catalog (registry.catalog owns the connection and its lock; these functions run inside its transactions; the
+table is registry.schema.usage).
 
 One row per (tenant, adapter, hour): the counts of the requests that ended in that hour (UTC). Days are sums
 of 24 hours. `adapter` is the adapter's name, or "" for the base model. A deleted tenant's rows are kept (the
@@ -9,22 +10,14 @@ same name never sees them.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    tenant            TEXT NOT NULL,
-    adapter           TEXT NOT NULL,
-    hour              INTEGER NOT NULL,
-    requests          INTEGER NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    PRIMARY KEY (tenant, adapter, hour)
-);
-CREATE INDEX IF NOT EXISTS usage_hour ON usage(hour);
-"""
+from sqlalchemy import Connection, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from registry.schema import tenants, usage
+
 GRANULARITIES = {"hour": 3600, "day": 86400}
 HOUR = GRANULARITIES["hour"]
 
@@ -72,50 +65,53 @@ def retired_name(tenant: str, deleted: int) -> str:
     return f"{tenant}#deleted-{deleted}"
 
 
-def add(db: sqlite3.Connection, counts: Mapping[UsageKey, UsageCount]) -> None:
-    db.executemany(
-        "INSERT INTO usage (tenant, adapter, hour, requests, prompt_tokens, completion_tokens) "
-        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, adapter, hour) DO UPDATE SET "
-        "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-        "completion_tokens = completion_tokens + excluded.completion_tokens",
-        [(t, a or "", hour, c.requests, c.prompt_tokens, c.completion_tokens) for (t, a, hour), c in counts.items()],
-    )
+def add(db: Connection, counts: Mapping[UsageKey, UsageCount]) -> None:
+    if not counts:
+        return
+    # An upsert: SQLite and PostgreSQL spell it the same way (ON CONFLICT ... DO UPDATE), SQLAlchemy per dialect.
+    insert = (postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert)(usage)
+    db.execute(
+        insert.on_conflict_do_update(
+            index_elements=[usage.c.tenant, usage.c.adapter, usage.c.hour],
+            set_={c: usage.c[c] + insert.excluded[c] for c in ("requests", "prompt_tokens", "completion_tokens")},
+        ),
+        [{"tenant": t, "adapter": a or "", "hour": hour, "requests": c.requests, "prompt_tokens": c.prompt_tokens,
+          "completion_tokens": c.completion_tokens} for (t, a, hour), c in counts.items()],
+    )  # fmt: skip
 
 
-def retire(db: sqlite3.Connection, tenant: str, deleted: int) -> None:
+def retire(db: Connection, tenant: str, deleted: int) -> None:
     """Moves a deleted tenant's rows under retired_name (merged with an earlier deletion of the same second)."""
-    add(db, {(retired_name(tenant, deleted), a or None, h): UsageCount(r, p, c) for a, h, r, p, c in db.execute(
-        "SELECT adapter, hour, requests, prompt_tokens, completion_tokens FROM usage WHERE tenant=?", (tenant,))})  # fmt: skip
-    db.execute("DELETE FROM usage WHERE tenant=?", (tenant,))
+    rows = db.execute(select(usage.c.adapter, usage.c.hour, usage.c.requests, usage.c.prompt_tokens,
+                             usage.c.completion_tokens).where(usage.c.tenant == tenant)).all()  # fmt: skip
+    add(db, {(retired_name(tenant, deleted), a or None, h): UsageCount(r, p, c) for a, h, r, p, c in rows})
+    db.execute(delete(usage).where(usage.c.tenant == tenant))
 
 
 def query(
-    db: sqlite3.Connection, *, tenant: str | None, adapter: str | None, start: int, end: int, granularity: str
+    db: Connection, *, tenant: str | None, adapter: str | None, start: int, end: int, granularity: str
 ) -> list[UsageRow]:
     """The rows of periods overlapping [start, end), summed per period of `granularity`; tenant None: all
     tenants; adapter None: all models ("" selects the base)."""
     step = GRANULARITIES[granularity]
-    where, args = ["hour >= ?", "hour < ?"], [start // step * step, end]
+    period = ((usage.c.hour // step) * step).label("period")
+    stmt = select(usage.c.tenant, usage.c.adapter, period, func.sum(usage.c.requests), func.sum(usage.c.prompt_tokens),
+                  func.sum(usage.c.completion_tokens)).where(usage.c.hour >= start // step * step, usage.c.hour < end)  # fmt: skip
     if tenant is not None:
-        where.append("tenant = ?")
-        args.append(tenant)
+        stmt = stmt.where(usage.c.tenant == tenant)
     if adapter is not None:
-        where.append("adapter = ?")
-        args.append(adapter)
-    rows = db.execute(
-        f"SELECT tenant, adapter, hour / {step} * {step} AS period, SUM(requests), SUM(prompt_tokens), "
-        f"SUM(completion_tokens) FROM usage WHERE {' AND '.join(where)} "
-        "GROUP BY tenant, adapter, period ORDER BY period, tenant, adapter",
-        args,
-    ).fetchall()
-    return [UsageRow(t, a or None, p, r, pt, ct) for t, a, p, r, pt, ct in rows]
+        stmt = stmt.where(usage.c.adapter == adapter)
+    rows = db.execute(stmt.group_by(usage.c.tenant, usage.c.adapter, period)
+                      .order_by(period, usage.c.tenant, usage.c.adapter)).all()  # fmt: skip
+    # int(): PostgreSQL sums BIGINTs as NUMERIC (Decimal in Python)
+    return [UsageRow(t, a or None, int(p), int(r), int(pt), int(ct)) for t, a, p, r, pt, ct in rows]
 
 
-def top_tenants(db: sqlite3.Connection, n: int, since: int) -> list[str]:
+def top_tenants(db: Connection, n: int, since: int) -> list[str]:
     """The n live tenants with the most tokens since `since` (most first; ties by name)."""
+    tokens = func.sum(usage.c.prompt_tokens + usage.c.completion_tokens)
     rows = db.execute(
-        "SELECT tenant FROM usage WHERE hour >= ? AND tenant IN (SELECT name FROM tenants) GROUP BY tenant "
-        "ORDER BY SUM(prompt_tokens + completion_tokens) DESC, tenant LIMIT ?",
-        (hour_of(since), n),
-    ).fetchall()
+        select(usage.c.tenant).where(usage.c.hour >= hour_of(since), usage.c.tenant.in_(select(tenants.c.name)))
+        .group_by(usage.c.tenant).order_by(tokens.desc(), usage.c.tenant).limit(n)
+    ).all()  # fmt: skip
     return [t for (t,) in rows]

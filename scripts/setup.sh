@@ -32,4 +32,13 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } \
     || echo "setup: prometheus (promtool) could not be installed; the tests of deploy/'s rules will skip" >&2
 fi
+# PostgreSQL (Debian's postgresql package): the tests of a registry shared through a PostgreSQL catalog start a
+# real server; as root with apt it is installed, elsewhere those tests skip and say why.
+if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1; } \
+    || echo "setup: postgresql could not be installed; the tests of a shared PostgreSQL catalog will skip" >&2
+fi
 echo "setup: done ($(python -c 'import torch; print("torch", torch.__version__)'))"

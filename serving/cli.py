@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     admsub = adm.add_subparsers(dest="action", required=True)
     a = admsub.add_parser("reset-key", help="replace a lost admin key with a new one, printed once (stop the server first)")
     a.add_argument("--registry", type=Path, default=ServerSettings.model_fields["registry"].default)
+    a.add_argument("--catalog", metavar="URL", default=None,
+                   help="the registry's catalog, as given to `serve --catalog` (default: SQLite in the folder)")
     return parser
 
 
@@ -422,6 +424,7 @@ def _generate_batch(engine, requests: list[dict[str, Any]]) -> list[tuple]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from registry.database import CatalogError
     from serving.server import run_server
 
     try:
@@ -432,11 +435,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--model {settings.model}: not a directory")
     if settings.ray_address and not settings.replicas:
         raise CliError("--ray-address needs --replicas (the engine replicas to run on that cluster)")
-    if settings.replicas:
-        from serving.cluster.launch import run_cluster
+    try:
+        if settings.replicas:
+            from serving.cluster.launch import run_cluster
 
-        return run_cluster(settings)
-    return run_server(settings)
+            return run_cluster(settings)
+        return run_server(settings)
+    except CatalogError as e:  # raised while opening, before anything is served
+        raise CliError(str(e)) from None
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -541,16 +547,21 @@ def usage_table(report: dict[str, Any]) -> str:
 
 def cmd_admin(args: argparse.Namespace) -> int:
     """`admin reset-key`: works on the registry folder itself (local access is the authority), never while a
-    server has it open."""
-    from registry.catalog import Registry, RegistryBusy
+    server has it open (servers read the key's hash when they start)."""
+    from registry.catalog import Registry
+    from registry.database import CatalogError
 
     if not args.registry.is_dir():
         raise CliError(f"--registry {args.registry}: not a directory")
     try:
-        with Registry(args.registry) as registry:
+        with Registry(args.registry, catalog=args.catalog) as registry:
+            others = registry.other_processes()
+            if others:
+                running = ", ".join(f"pid {pid} on {host}" for host, pid in others)
+                raise CliError(f"--registry {args.registry} is open by a running server ({running}); stop it first")
             key = registry.admin_key.reset()
-    except RegistryBusy:
-        raise CliError(f"--registry {args.registry} is open by a running server; stop it first") from None
+    except CatalogError as e:
+        raise CliError(str(e)) from None
     print(f"deltaserve: new admin key (shown once; the old one no longer works): {key}")
     return 0
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.engine.config import EngineConfig, EngineOptions
@@ -30,6 +30,12 @@ class ServerSettings(EngineOptions, BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     registry: Path = Field(Path("./deltaserve-registry"), description="the registry folder (catalog, blobs, keys)")
+    catalog: str | None = Field(
+        None,
+        description="the catalog's database, postgresql://USER@HOST/DB, shared by the servers of one registry "
+        "(default: SQLite in the registry folder; a password is better given as PGPASSWORD than in the URL)",
+        json_schema_extra={"metavar": "URL"},
+    )
     admin_key: str | None = Field(None, description="the admin key (default: the stored one, else generated once)")
     public_metrics: bool = Field(False, description="serve /metrics without a key")
     metrics_top_tenants: int = Field(
@@ -63,6 +69,13 @@ class ServerSettings(EngineOptions, BaseSettings):
         description="an adapter to load onto the GPU at start-up (repeatable)",
         json_schema_extra={"metavar": "TENANT/ADAPTER"},
     )
+
+    @field_validator("catalog")
+    @classmethod
+    def _a_catalog_deltaserve_opens(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgresql+psycopg://", "sqlite:///")):
+            raise ValueError("give a postgresql://USER@HOST/DB URL (or sqlite:///FILE)")
+        return url
 
     @model_validator(mode="after")
     def _tenants_named_only_behind_the_admin_key(self) -> ServerSettings:
@@ -170,13 +183,20 @@ def _raise_open_files_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def run_server(settings: ServerSettings) -> int:
+def open_registry(settings: ServerSettings):
+    """The registry these settings name (its folder, its catalog, the upload and quota limits)."""
     from registry.catalog import Registry
+
+    quota = settings.tenant_quota_mb << 20 if settings.tenant_quota_mb is not None else None
+    return Registry(settings.registry, catalog=settings.catalog, max_upload_bytes=settings.max_upload_mb << 20,
+                    tenant_quota_bytes=quota)  # fmt: skip
+
+
+def run_server(settings: ServerSettings) -> int:
     from serving.api.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quota = settings.tenant_quota_mb << 20 if settings.tenant_quota_mb is not None else None
-    with Registry(settings.registry, max_upload_bytes=settings.max_upload_mb << 20, tenant_quota_bytes=quota) as registry:
+    with open_registry(settings) as registry:
         new_key = registry.ensure_admin_key(settings.admin_key)
         if new_key is not None:
             print(f"deltaserve: admin key generated (shown once, stored hashed in {settings.registry}): {new_key}",

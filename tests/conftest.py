@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 
 # Must be set before triton is first imported: without a GPU, Triton kernels run in its interpreter on CPU tensors.
 if shutil.which("nvidia-smi") is None:
@@ -27,3 +28,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords or "/gpu/" in str(item.fspath):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (tests/postgres.py); the test skips, saying why, where it cannot run."""
+    from tests.postgres import PostgresServer
+
+    try:
+        server = PostgresServer()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"no PostgreSQL server for this test: {e}")
+    yield server
+    server.stop()

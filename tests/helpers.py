@@ -332,3 +332,10 @@ def fill_disk(folder: Path) -> Path:
                 while True:
                     f.write(b"\0" * size)
     return filler
+
+
+def staged_files(registry_root: Path) -> list[Path]:
+    """What uploads in progress left in a registry's tmp/ (each process that has it open keeps a folder there,
+    empty when nothing is staged)."""
+    tmp = registry_root / "tmp"
+    return sorted(p for folder in (tmp.iterdir() if tmp.is_dir() else []) for p in folder.rglob("*"))

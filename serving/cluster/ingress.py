@@ -5,10 +5,8 @@ engine replicas (serving.cluster.generation). It owns the registry (catalog and 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import time
 from typing import Any
 
 from ray import serve
@@ -24,18 +22,15 @@ class Ingress:
         import ray
         from transformers import AutoTokenizer
 
-        from registry.catalog import Registry
         from serving.api.app import create_app
         from serving.backend import Backend
         from serving.cluster.generation import ClusterGeneration
         from serving.cluster.metrics import ReplicaMetrics
         from serving.metrics import Metrics
-        from serving.server import ServerSettings, backend_config, register_demo
+        from serving.server import ServerSettings, backend_config, open_registry, register_demo
 
         s = ServerSettings.model_validate(settings)
-        quota = s.tenant_quota_mb << 20 if s.tenant_quota_mb is not None else None
-        self.registry = await _open_registry(lambda: Registry(s.registry, max_upload_bytes=s.max_upload_mb << 20,
-                                                              tenant_quota_bytes=quota))  # fmt: skip
+        self.registry = open_registry(s)  # shared with any other process that has it open (registry.catalog)
         # The base as the replicas loaded it; compression and fidelity runs happen here, on this process's CPU.
         base = dataclasses.replace(await replicas.base_facts.remote(), device="cpu")
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -61,17 +56,3 @@ class Ingress:
         registry = getattr(self, "registry", None)
         if registry is not None:
             registry.close()
-
-
-async def _open_registry(open_it, timeout: float = 60.0):
-    """The registry, once the ingress before this one (stopped by Ray Serve while this one starts) let go of it."""
-    from registry.catalog import RegistryBusy
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return open_it()
-        except RegistryBusy:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)

@@ -65,14 +65,14 @@ def run_cluster(settings) -> int:
     import ray
     from ray import serve
 
-    from registry.catalog import Registry
+    from serving.server import open_registry
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.preload:
         print("deltaserve: --preload is not available with --replicas (each replica loads what it is sent)",
               file=sys.stderr)  # fmt: skip
         return 2
-    with Registry(settings.registry) as registry:  # the admin key as one server keeps it; the ingress opens it next
+    with open_registry(settings) as registry:  # the admin key as one server keeps it; the ingress opens it next
         new_key = registry.ensure_admin_key(settings.admin_key)
     if new_key is not None:
         print(f"deltaserve: admin key generated (shown once, stored hashed in {settings.registry}): {new_key}",

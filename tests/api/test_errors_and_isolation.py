@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.api.helpers import upload
+from tests.helpers import staged_files
 
 ROUTES_TENANT = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
                  ("GET", "/v1/adapters"), ("POST", "/v1/adapters"), ("GET", "/v1/adapters/x"), ("DELETE", "/v1/adapters/x")]
@@ -183,7 +184,7 @@ def test_bad_inputs(live, tenants, tmp_path):
         assert [x["name"] for x in c.get("/v1/adapters").json()["data"]] == ["secret-lora"]
         r = c.post("/v1/completions", json={"model": "secret-lora", "prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    assert not any((live.files["root"] / "registry" / "tmp").iterdir())
+    assert not staged_files(live.files["root"] / "registry")
 
 
 ADMIN = "test-admin-key-0123456789"

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import ADMIN_KEY, free_port
-from tests.helpers import make_bitdelta, make_lora, make_model_dir, save_finetune
+from tests.helpers import make_bitdelta, make_lora, make_model_dir, save_finetune, staged_files
 
 
 def deltaserve(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -82,7 +82,7 @@ def kill_9_during(server: ServerProcess, upload, received: threading.Event, regi
     t.start()
     assert received.wait(30)
     time.sleep(0.5)  # part of the body is on the server's disk
-    assert any((registry / "tmp").iterdir())
+    assert staged_files(registry)
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(30)
     t.join(30)
@@ -138,7 +138,7 @@ def test_cli_clients_drain_and_crash_recovery(files, tmp_path):
         with server.client(key) as c:
             names = sorted(a["name"] for a in c.get("/v1/adapters").json()["data"])
             assert names == ["legal", "support-bot"]
-            assert not list((registry / "tmp").iterdir())
+            assert not staged_files(registry)
             for m, text in before.items():  # everything stored before the crash still serves, identically
                 assert completion(c, m).json()["choices"][0]["text"] == text
 
@@ -210,7 +210,7 @@ def test_a_stored_finetune_pulls_byte_identical_after_kill_9_during_an_upload_an
     server = ServerProcess(base, registry)
     try:
         env["DELTASERVE_URL"] = server.url
-        assert not list((registry / "tmp").iterdir())
+        assert not staged_files(registry)
         assert pull(env, tmp_path / "after") == uploaded  # byte for byte, from the store, after the crash
     finally:
         server.stop()

@@ -16,7 +16,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     return build_assets(tmp_path_factory)
 
 
-@pytest.fixture
-def reg(tmp_path: Path) -> Iterator[Registry]:
-    with Registry(tmp_path / "reg") as r:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
+    """A registry with its catalog in SQLite (the default) and, the same tests again, in a real PostgreSQL."""
+    catalog = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
+    with Registry(tmp_path / "reg", catalog=catalog) as r:
         yield r

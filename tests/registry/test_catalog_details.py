@@ -219,5 +219,5 @@ def test_a_catalog_of_a_newer_schema_is_refused_and_the_folder_released(tmp_path
     db.execute("PRAGMA user_version=99")
     db.close()
     for _ in range(2):  # the lock and the file descriptors went with the refusal: a second try gets the same answer
-        with pytest.raises(RuntimeError, match="schema version 99; this deltaserve reads 4"):
+        with pytest.raises(RuntimeError, match="schema version 99; this deltaserve reads 5"):
             Registry(root)

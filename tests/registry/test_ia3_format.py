@@ -23,6 +23,7 @@ from registry.loading import load_delta
 from registry.peft_dir import CONFIG_FILE, WEIGHTS_FILE
 from tests.helpers import make_ia3, make_lora, make_model_dir
 from tests.registry.assets import add_files, lora_files
+from tests.registry.legacy import assert_current, make_pre_alembic
 
 K0 = "model.layers.0.self_attn.k_proj"
 D1 = "model.layers.1.mlp.down_proj"
@@ -189,7 +190,7 @@ def test_a_version_3_catalog_is_rebuilt_to_accept_ia3_keeping_every_row(world, t
         kept = reg.commit_adapter("acme", "x", "lora", st, st.validate("lora", spec))
         pending = reg.create_pending("acme", "ft", "finetune")
     # Make it the catalog a schema-3 deltaserve wrote: the adapters table with the old format CHECK.
-    db = sqlite3.connect(root / "catalog.sqlite3")
+    db = make_pre_alembic(root / "catalog.sqlite3")
     (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name='adapters'").fetchone()
     db.executescript(
         "PRAGMA foreign_keys=OFF; BEGIN;"
@@ -207,7 +208,7 @@ def test_a_version_3_catalog_is_rebuilt_to_accept_ia3_keeping_every_row(world, t
         assert reg.commit_adapter("acme", "kv", "ia3", st, st.validate("ia3", spec)).format == "ia3"
         assert reg.create_tenant("other")  # the tenants table and its foreign key still work
         reg.delete_tenant("acme")
+    assert_current(root / "catalog.sqlite3")
     db = sqlite3.connect(root / "catalog.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     assert db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0] == 0  # the tenant's rows went with it
     db.close()

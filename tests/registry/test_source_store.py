@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from registry.errors import InsufficientStorage
 from registry.loading import load_delta
 from registry.source_files import encode_upload, read_manifest
 from tests.registry.assets import Assets
+from tests.registry.legacy import assert_current, make_pre_alembic
 
 
 def pending_parts(reg: Registry, assets: Assets, delta_file: Path):
@@ -86,7 +86,7 @@ def test_a_version_2_catalog_gains_the_stored_upload_columns(tmp_path: Path, ass
     with Registry(root) as reg:
         reg.create_tenant("acme")
         pending = reg.create_pending("acme", "ft", "finetune")
-    db = sqlite3.connect(root / "catalog.sqlite3")
+    db = make_pre_alembic(root / "catalog.sqlite3")
     db.execute("DROP INDEX adapters_source_blob")
     db.execute("ALTER TABLE adapters DROP COLUMN source_blob")
     db.execute("ALTER TABLE adapters DROP COLUMN source_bytes")
@@ -99,6 +99,4 @@ def test_a_version_2_catalog_gains_the_stored_upload_columns(tmp_path: Path, ass
         pending = reg.create_pending("acme", "ft", "finetune")
         st, delta, source, _ = pending_parts(reg, assets, assets.bd1)
         assert reg.complete_pending(pending.id, st, delta, source=source).source_bytes > 0
-    db = sqlite3.connect(root / "catalog.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
-    db.close()
+    assert_current(root / "catalog.sqlite3")

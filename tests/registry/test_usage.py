@@ -4,11 +4,11 @@ version-1 catalog gains the table when opened."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from registry.catalog import Registry
 from registry.usage import UsageCount, UsageRow, hour_of, retired_name
+from tests.registry.legacy import assert_current, make_pre_alembic
 
 DAY0 = 1_764_547_200  # 2025-12-01T00:00:00Z
 H = 3600
@@ -83,7 +83,7 @@ def test_a_version_1_catalog_gains_the_usage_table(tmp_path: Path) -> None:
     root = tmp_path / "reg"
     with Registry(root) as reg:
         reg.create_tenant("acme")
-    db = sqlite3.connect(root / "catalog.sqlite3")
+    db = make_pre_alembic(root / "catalog.sqlite3")
     db.execute("DROP TABLE usage")
     db.execute("PRAGMA user_version=1")
     db.commit()
@@ -92,9 +92,7 @@ def test_a_version_1_catalog_gains_the_usage_table(tmp_path: Path) -> None:
         assert reg.get_tenant("acme") is not None
         reg.add_usage({("acme", None, DAY0): UsageCount(1, 1, 1)})
         assert len(_rows(reg)) == 1
-    db = sqlite3.connect(root / "catalog.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
-    db.close()
+    assert_current(root / "catalog.sqlite3")
 
 
 def test_hours_start_on_the_hour() -> None:

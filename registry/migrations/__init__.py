@@ -1,0 +1,1 @@
+"""The catalog's migrations (Alembic): revisions under versions/, run by registry.database.migrate."""
