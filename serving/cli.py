@@ -435,6 +435,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--model {settings.model}: not a directory")
     if settings.ray_address and not settings.replicas:
         raise CliError("--ray-address needs --replicas (the engine replicas to run on that cluster)")
+    if settings.ingresses > 1 and not settings.replicas:
+        raise CliError("--ingresses needs --replicas (the ingresses of a cluster)")
+    if settings.ingresses > 1 and not (settings.catalog or "").startswith("postgresql"):
+        # SQLite's locks hold only within one machine, and Ray may place ingresses on other nodes
+        raise CliError("--ingresses above 1 needs --catalog postgresql://... (a catalog every ingress can reach)")
     try:
         if settings.replicas:
             from serving.cluster.launch import run_cluster

@@ -60,6 +60,11 @@ class ServerSettings(EngineOptions, BaseSettings):
         description="run as a cluster on Ray Serve: an ingress and this many engine replicas, routed by adapter "
         "(default: one server in this process)",
     )  # fmt: skip
+    ingresses: int = Field(
+        1, ge=1, le=64,
+        description="with --replicas: ingress processes (auth, uploads, the API) behind Ray Serve's proxy; above 1 "
+        "needs --catalog postgresql://... (each opens the shared registry)",
+    )  # fmt: skip
     ray_address: str | None = Field(
         None, description="with --replicas: the Ray cluster to join (default: start a local one)",
         json_schema_extra={"metavar": "ADDRESS"},

@@ -1,6 +1,8 @@
 """A cluster's ingress (a Ray Serve deployment behind Ray Serve's HTTP proxy): the same FastAPI app as one server
 (serving.api: auth, tenants, uploads, the OpenAI routes, errors, /metrics), over a Backend whose generation is the
-engine replicas (serving.cluster.generation). It owns the registry (catalog and blobs) as one server does.
+engine replicas (serving.cluster.generation). It opens the registry (catalog and blobs) as one server does; with
+--ingresses N, N of them share it (and the board), each with its own admission limits (--max-pending,
+--tenant-max-concurrent count per ingress).
 """
 
 from __future__ import annotations

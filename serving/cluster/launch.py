@@ -54,7 +54,10 @@ def deploy(settings, model_dir):
     absolute = {f: getattr(settings, f).resolve() for f in ("registry", "model", "allowed_local_adapter_dir")
                 if getattr(settings, f) is not None}  # fmt: skip
     ingress_settings = settings.model_copy(update={**absolute, "admin_key": None})
-    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=settings.max_connections,
+    # Several ingresses share the registry (registry.catalog: leases; the catalog in PostgreSQL); Ray Serve's proxy
+    # spreads requests over them.
+    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=settings.ingresses,
+                               max_ongoing_requests=settings.max_connections,
                                ray_actor_options={"num_cpus": 0}).bind(
         ingress_settings.model_dump(mode="json"), replica, str(Path(model_dir).resolve()), BOARD_NAME, NAMESPACE)  # fmt: skip
     serve.run(ingress, name=APP_NAME, route_prefix="/", blocking=False)
