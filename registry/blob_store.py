@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from registry.errors import InsufficientStorage, is_disk_full
@@ -66,6 +67,26 @@ def blob_path(root: Path, blob: str) -> Path:
     return root / blob
 
 
+def open_store(root: Path, graveyard: Path, url: str | None = None) -> BlobStore:
+    """The registry's blob store: the folder `root` itself (url None: a local or shared filesystem), or an
+    S3-compatible bucket (url "s3://bucket/prefix", registry.s3_store) cached in `root`."""
+    if url is None:
+        return BlobStore(root, graveyard)
+    from registry.s3_store import S3BlobStore
+
+    return S3BlobStore(url, root, graveyard)
+
+
+def blob_reader(root: Path, url: str | None = None) -> Callable[[str], Path]:
+    """For readers without the catalog (a cluster's engine replicas): blob name -> a local path of its data. With
+    a bucket, blobs are fetched into `root` (this machine's cache) through a private folder inside it."""
+    if url is None:
+        return lambda blob: blob_path(root, blob)
+    incoming = root / f".incoming-{os.getpid()}-{secrets.token_hex(4)}"
+    incoming.mkdir(mode=0o700, parents=True)
+    return open_store(root, incoming, url).path
+
+
 class BlobStore:
     """root: the blobs folder (created, mode 0700). graveyard: a folder on the same filesystem where blobs
     are renamed to before they are deleted."""
@@ -103,6 +124,13 @@ class BlobStore:
             os.chmod(f, 0o400)
         fsync_dir(path)
         return path, _size(path), content_sha256(kind, path)
+
+    def upload(self, payload: Path, kind: str, sha256: str) -> None:
+        """Sends a prepared payload ahead of `place`, before the catalog's lock: a local store has nothing to send."""
+
+    def present(self, blobs: set[str]) -> set[str]:
+        """Which of these blob names are in the store (one look at the store for all of them)."""
+        return {b for b in blobs if self.has(b)}
 
     def place(self, payload: Path, kind: str, sha256: str) -> str:
         """Moves a prepared payload into the store, or keeps the identical blob already there (dedup).

@@ -57,7 +57,7 @@ from sqlalchemy import Connection, delete, exc, func, insert, or_, select, updat
 
 from registry import database
 from registry import usage as usage_table
-from registry.blob_store import BlobStore
+from registry.blob_store import open_store
 from registry.errors import InsufficientStorage, NameTaken, NotFound, NotStored, is_disk_full
 from registry.fsync import DiskReserve
 from registry.keys import AdminKey, hash_key, is_sha256_hex, new_tenant_key, plausible_key
@@ -189,6 +189,8 @@ class Registry:
 
     root:             the registry directory (created, mode 0700, if missing): blobs, tmp/, the admin key.
     catalog:          the catalog's database URL ("postgresql://user@host/db"); None: root/catalog.sqlite3.
+    blob_store:       "s3://bucket/prefix": blobs in an S3-compatible bucket, cached in root/blobs
+                      (registry.s3_store); None: root/blobs is the store (local, or a shared filesystem).
     max_upload_bytes: the default cap on one upload's total size (`stage`).
 
     Opening takes a lease and cleans up after processes whose lease expired: their tmp/ folders, their
@@ -203,6 +205,7 @@ class Registry:
         root: str | os.PathLike[str],
         *,
         catalog: str | None = None,
+        blob_store: str | None = None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         tenant_quota_bytes: int | None = None,
         lease_seconds: float = LEASE_SECONDS,
@@ -234,7 +237,7 @@ class Registry:
                 db.execute(insert(leases).values(self._lease_row()))
             self.tmp = self.root / "tmp" / self.lease
             self._make_tmp()
-            self.store = BlobStore(self.blobs, graveyard=self.tmp)
+            self.store = open_store(self.blobs, self.tmp, blob_store)
             self._recover()
             self.admin_key = AdminKey(self.root)
             self.reserve = DiskReserve(self.root / "reserve.bin", RESERVE_BYTES)
@@ -293,15 +296,17 @@ class Registry:
         self._reap()
         with self._lock, self._tx() as db:
             _lock_store(db)
-            for row_id, blob in db.execute(select(adapters.c.id, adapters.c.blob)
-                                           .where(adapters.c.status == "ready")).all():  # fmt: skip
-                if not self.store.has(blob):
+            ready = db.execute(select(adapters.c.id, adapters.c.blob).where(adapters.c.status == "ready")).all()
+            sources = db.execute(select(adapters.c.id, adapters.c.source_blob)
+                                 .where(adapters.c.source_blob.is_not(None))).all()  # fmt: skip
+            present = self.store.present({b for _, b in ready} | {s for _, s in sources})
+            for row_id, blob in ready:
+                if blob not in present:
                     db.execute(update(adapters).where(adapters.c.id == row_id)
                                .values(status="failed", error=MISSING_BLOB, blob=None))  # fmt: skip
             # A lost stored upload leaves its version served (its 1-bit delta is there); only its download goes.
-            for row_id, source in db.execute(select(adapters.c.id, adapters.c.source_blob)
-                                             .where(adapters.c.source_blob.is_not(None))).all():  # fmt: skip
-                if not self.store.has(source):
+            for row_id, source in sources:
+                if source not in present:
                     db.execute(update(adapters).where(adapters.c.id == row_id)
                                .values(source_blob=None, source_bytes=None))  # fmt: skip
             # Under the store lock: every blob another process placed is referenced by its committed row already.
@@ -593,6 +598,9 @@ class Registry:
         self._check_delta(kind, delta)
         payload, size = self.store.prepare(staging, kind, delta.sha256)
         src = self.store.prepare_dir(source, "source") if isinstance(source, Path) else None
+        self.store.upload(payload, kind, delta.sha256)  # a bucket's bytes are sent here, before the lock
+        if src:
+            self.store.upload(src[0], "source", src[2])
         rank = getattr(delta, "rank", None) if kind == "lora" else None
         with self._lock:
             placed: list[str] = []

@@ -36,6 +36,12 @@ class ServerSettings(EngineOptions, BaseSettings):
         "(default: SQLite in the registry folder; a password is better given as PGPASSWORD than in the URL)",
         json_schema_extra={"metavar": "URL"},
     )
+    blob_store: str | None = Field(
+        None,
+        description="s3://BUCKET/PREFIX: the blobs in an S3-compatible store, cached in the registry folder "
+        "(endpoint and credentials: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; default: the registry folder's blobs/)",
+        json_schema_extra={"metavar": "URL"},
+    )
     admin_key: str | None = Field(None, description="the admin key (default: the stored one, else generated once)")
     public_metrics: bool = Field(False, description="serve /metrics without a key")
     metrics_top_tenants: int = Field(
@@ -80,6 +86,19 @@ class ServerSettings(EngineOptions, BaseSettings):
     def _a_catalog_deltaserve_opens(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("postgresql://", "postgresql+psycopg://", "sqlite:///")):
             raise ValueError("give a postgresql://USER@HOST/DB URL (or sqlite:///FILE)")
+        return url
+
+    @field_validator("blob_store")
+    @classmethod
+    def _an_s3_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            import importlib.util
+
+            from registry.s3_store import parse_s3_url
+
+            parse_s3_url(url)
+            if importlib.util.find_spec("boto3") is None:
+                raise ValueError("an S3 blob store needs boto3: pip install 'deltaserve[s3]'")
         return url
 
     @model_validator(mode="after")
@@ -193,7 +212,7 @@ def open_registry(settings: ServerSettings):
     from registry.catalog import Registry
 
     quota = settings.tenant_quota_mb << 20 if settings.tenant_quota_mb is not None else None
-    return Registry(settings.registry, catalog=settings.catalog, max_upload_bytes=settings.max_upload_mb << 20,
+    return Registry(settings.registry, catalog=settings.catalog, blob_store=settings.blob_store, max_upload_bytes=settings.max_upload_mb << 20,
                     tenant_quota_bytes=quota)  # fmt: skip
 
 

@@ -41,3 +41,22 @@ def postgres():
         pytest.skip(f"no PostgreSQL server for this test: {e}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server (tests/s3.py: moto), its endpoint and test credentials in the environment for boto3;
+    the test skips, saying why, where moto is not installed."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra has it)")
+    from tests.s3 import S3Server
+
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()

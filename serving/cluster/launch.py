@@ -48,7 +48,7 @@ def deploy(settings, model_dir):
         max_ongoing_requests=config.max_num_seqs, ray_actor_options={"num_cpus": 0, "num_gpus": gpus},
         health_check_period_s=2, health_check_timeout_s=30,
     ).bind(str(model_dir), engine_options, str(settings.registry.resolve() / "blobs"), settings.max_pending,
-           settings.host_cache_mb << 20, BOARD_NAME, NAMESPACE, threads)  # fmt: skip
+           settings.host_cache_mb << 20, BOARD_NAME, NAMESPACE, threads, settings.blob_store)  # fmt: skip
     # The ingress gets absolute paths (its working directory is Ray's) and no admin key: it is in the registry already,
     # and what a deployment is given is kept in Ray's cluster store.
     absolute = {f: getattr(settings, f).resolve() for f in ("registry", "model", "allowed_local_adapter_dir")

@@ -32,12 +32,15 @@ class EngineReplica:
     """Built by Ray Serve in a process of its own (serving.cluster.launch deploys it)."""
 
     def __init__(self, model_dir: str, engine_options: dict, blobs: str, max_pending: int, host_cache_bytes: int,
-                 board_name: str, namespace: str, torch_threads: int | None = None):  # fmt: skip
+                 board_name: str, namespace: str, torch_threads: int | None = None,
+                 blob_store: str | None = None):  # fmt: skip
+        """blobs: the registry's blobs folder on this machine (with blob_store "s3://...", this machine's cache of
+        the bucket's blobs, fetched on first use)."""
         import ray
         import torch
         from prometheus_client import CollectorRegistry
 
-        from registry.blob_store import blob_path
+        from registry.blob_store import blob_reader
         from serving.engine.config import EngineConfig
         from serving.engine.engine import LLMEngine
         from serving.generation import LocalGeneration
@@ -47,9 +50,9 @@ class EngineReplica:
             torch.set_num_threads(torch_threads)
         engine = LLMEngine.from_model_dir(model_dir, EngineConfig(**engine_options))
         self.metrics_registry = CollectorRegistry()
-        blobs_root = Path(blobs)
+        read_blob = blob_reader(Path(blobs), blob_store)
         self.generation = LocalGeneration(
-            engine, lambda ref: blob_path(blobs_root, ref.blob), EngineMetrics(self.metrics_registry),
+            engine, lambda ref: read_blob(ref.blob), EngineMetrics(self.metrics_registry),
             max_pending=max_pending, host_cache_bytes=host_cache_bytes,
         )  # fmt: skip
         self.generation.start()
