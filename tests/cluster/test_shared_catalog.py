@@ -1,7 +1,8 @@
-"""One registry shared through a PostgreSQL catalog: `deltaserve serve --replicas 1 --ingresses 2 --catalog ...` and
-a plain `deltaserve serve` on the same registry folder and catalog, as a platform runs a cluster beside another
-server. What one of them stores, versions or deletes, the others answer at once; an ingress killed with kill -9
-leaves the API served by the other one, and nothing stored is lost."""
+"""One registry shared through a PostgreSQL catalog and an S3-compatible bucket, as by two machines:
+`deltaserve serve --replicas 1 --ingresses 2 --catalog ... --blob-store s3://...` with its registry folder, and a
+plain `deltaserve serve` with another folder (another machine's cache) on the same catalog and bucket. What one of
+them stores, versions or deletes, the others answer at once; an ingress killed with kill -9 leaves the API served
+by the other one, and nothing stored is lost."""
 
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, postgres):
+def shared(tmp_path_factory, postgres, s3):
     root = tmp_path_factory.mktemp("shared")
-    catalog = postgres.new_database()
-    cluster = Deltaserve(root / "registry", "--replicas", "1", "--ingresses", "2", "--catalog", catalog)
+    shared = ("--catalog", postgres.new_database(), "--blob-store", s3.new_bucket())
+    cluster = Deltaserve(root / "machine-1", "--replicas", "1", "--ingresses", "2", *shared)
     try:
         # the demo tenant exists already (the cluster made it): this server prints no key, it uses the cluster's
-        single = SingleOnSameRegistry(root / "registry", cluster.key, "--catalog", catalog)
+        single = SingleOnSameRegistry(root / "machine-2", cluster.key, *shared)
     except BaseException:
         cluster.stop()
         raise
