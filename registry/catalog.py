@@ -174,14 +174,19 @@ def _pid_space() -> str:
         return f"unknown-{secrets.token_hex(8)}"
 
 
-def _process_gone(pid: int) -> bool:
+def _process_started(pid: int) -> int | None:
+    """When process `pid` of this pid namespace started (clock ticks after boot), None if there is none."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # another user's process: alive
-        return False
-    return False
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command's closing parenthesis
+
+
+def _process_gone(pid: int, started: int | None) -> bool:
+    """Whether the process a lease of this machine names is gone (its pid unused, or used by a later process)."""
+    now = _process_started(pid)
+    return now is None or (started is not None and now != started)
 
 
 class Registry:
@@ -289,7 +294,7 @@ class Registry:
 
     def _lease_row(self) -> dict[str, Any]:
         return {"id": self.lease, "host": socket.gethostname(), "pid": os.getpid(), "pids": self._pids,
-                "started": _now(), "expires": self._expiry()}
+                "pid_started": _process_started(os.getpid()), "started": _now(), "expires": self._expiry()}
 
     def _recover(self) -> None:
         """What opening checks: other processes' leftovers (_reap), lost blobs, unreferenced blobs."""
@@ -315,16 +320,19 @@ class Registry:
             self.store.sweep(referenced)
 
     def _reap(self) -> None:
-        """Cleans up after the processes whose lease expired, or that were on this machine and are gone: fails the versions they were compressing (and any
+        """Cleans up after the processes that are gone: on this machine, those whose process no longer runs (at once,
+        and never one that runs, however late its renewal); elsewhere, those whose lease expired. Fails the versions
+        they were compressing (and any
         compressing row without a live lease, e.g. of a catalog from before leases), removes their tmp/ folders
         (and anything else in tmp/ that belongs to no live lease), forgets their leases."""
         tmp = self.root / "tmp"
         entries = list(tmp.iterdir()) if tmp.is_dir() else []  # listed BEFORE the live leases are read: a folder
         # is made after its lease is committed, so every folder listed here has its lease visible below
         with self._lock, self._tx() as db:
-            db.execute(delete(leases).where(leases.c.expires < _now()))
-            gone = [lease for lease, pid in db.execute(select(leases.c.id, leases.c.pid).where(
-                leases.c.pids == self._pids, leases.c.id != self.lease)) if _process_gone(pid)]  # fmt: skip
+            now = _now()
+            gone = [lease for lease, pids, pid, started, expires in db.execute(select(
+                        leases.c.id, leases.c.pids, leases.c.pid, leases.c.pid_started, leases.c.expires))
+                    if lease != self.lease and (_process_gone(pid, started) if pids == self._pids else expires < now)]  # fmt: skip
             db.execute(delete(leases).where(leases.c.id.in_(gone)))
             live = set(db.execute(select(leases.c.id)).scalars())
             db.execute(update(adapters).where(adapters.c.status == "compressing",
@@ -351,7 +359,7 @@ class Registry:
                                         "taking it again", self.lease, self.lease_seconds)  # fmt: skip
                             db.execute(insert(leases).values(self._lease_row()))
                     self._make_tmp()
-                    self._reap()
+                self._reap()  # takes the lock for its transaction only: removing folders happens without it
             except Exception:  # the catalog unreachable for a moment: the next tick tries again
                 log.exception("registry: renewing the lease failed")
 

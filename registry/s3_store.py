@@ -100,11 +100,28 @@ class S3BlobStore(BlobStore):
         """Makes sure the blob is in the bucket (sent again if a delete took it since `upload`) and keeps the
         payload as this machine's cached copy. Under the catalog's store lock."""
         blob = f"{kind}/{sha256[:2]}/{sha256}"
-        if self._manifest(blob) is None:
+        if not self._complete(blob):
+            # Gone meanwhile, or a removal under the lock took files of it while an upload ahead wrote it: sent
+            # whole again, its manifest last.
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(blob) + ".manifest")
             self.upload(payload, kind, sha256)
         if payload.exists():
             super().place(payload, kind, sha256)
         return blob
+
+    def _complete(self, blob: str) -> bool:
+        """Whether the blob's manifest and every file it names are in the bucket."""
+        manifest = self._manifest(blob)
+        if manifest is None:
+            return False
+        key = self._key(blob)
+        if manifest["files"] is None:
+            listed = {o["Key"] for o in self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=2)
+                      .get("Contents", [])}  # fmt: skip
+            return key in listed
+        listed = {o["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=key + "/") for o in page.get("Contents", [])}  # fmt: skip
+        return all(self._key(blob, name) in listed for name in manifest["files"])
 
     def has(self, blob: str) -> bool:
         return _BLOB_RE.fullmatch(blob) is not None and self._manifest(blob) is not None

@@ -76,9 +76,12 @@ leases = Table(
     Column("id", Text, primary_key=True),
     Column("host", Text, nullable=False),
     Column("pid", Integer, nullable=False),
-    # Which processes this one can see by pid: the boot and the pid namespace. A lease of the same `pids` whose
-    # process is gone is dead at once (a server on this machine restarted after a kill -9); others wait to expire.
+    # Which processes this one can see by pid: the boot and the pid namespace. A lease of the same `pids` is dead
+    # exactly when its process is gone (a server on this machine restarted after a kill -9), whatever its expiry;
+    # another's when it expired. pid_started: the process's start (clock ticks after boot), so that a pid used
+    # again by another process does not keep a dead lease alive.
     Column("pids", Text, nullable=False),
+    Column("pid_started", BigInteger),
     Column("started", BigInteger, nullable=False),
     Column("expires", BigInteger, nullable=False),
 )  # fmt: skip

@@ -116,3 +116,18 @@ def test_a_manifest_naming_a_file_outside_its_blob_is_refused(tmp_path, shared, 
 def test_bad_bucket_urls_are_refused(url):
     with pytest.raises(ValueError):
         parse_s3_url(url)
+
+
+def test_a_blob_missing_a_file_behind_its_manifest_is_sent_whole_again(tmp_path, shared, s3, assets):
+    """A removal under the lock can take files an upload ahead of it had just written (the same content, sent by
+    another machine): the commit's check under the lock finds the hole and sends the blob again."""
+    catalog, bucket = shared
+    with Registry(tmp_path / "reg", catalog=catalog, blob_store=bucket) as reg:
+        reg.create_tenant("acme")
+        first = commit(reg, "acme", "x", "lora", assets.lora, assets)
+        b, prefix = parse_s3_url(bucket)
+        s3.client().delete_object(Bucket=b, Key=prefix + first.blob + "/adapter_model.safetensors")
+        again = commit(reg, "acme", "z", "lora", assets.lora, assets)
+        assert again.blob == first.blob and reg.store._complete(again.blob)
+    with Registry(tmp_path / "other", catalog=catalog, blob_store=bucket) as other:
+        assert content_sha256("lora", other.blob_path(again)) == again.sha256

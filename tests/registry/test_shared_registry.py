@@ -190,3 +190,32 @@ def test_an_unreachable_catalog_is_a_clear_error_without_its_password(tmp_path, 
     with pytest.raises(CatalogError, match="cannot open the catalog") as raised:
         Registry(tmp_path / "reg", catalog=url)
     assert "s3cret" not in str(raised.value)
+
+
+def test_a_live_process_on_this_machine_is_never_taken_for_dead_and_a_reused_pid_keeps_no_lease_alive(tmp_path) -> None:
+    """However late its renewal (a stall), a process that runs keeps its lease; a pid the dead process had, now
+    another process's, does not."""
+    from registry.catalog import _process_started
+
+    with Registry(tmp_path / "reg", lease_seconds=600) as reg:
+        reg.create_tenant("acme")
+        sleeper = subprocess.Popen(["sleep", "60"])
+        try:
+            started = _process_started(sleeper.pid)
+            now = int(time.time())
+            with reg._engine.begin() as db:
+                for lease, pid_started in (("ls-stalled", started), ("ls-reused", started - 1)):
+                    db.execute(insert(leases).values(id=lease, host="here", pid=sleeper.pid, pids=reg._pids,
+                                                     pid_started=pid_started, started=now, expires=now - 100))  # fmt: skip
+                    db.execute(insert(adapters).values(id="ad-" + lease, tenant="acme", name=lease[3:],
+                                                       format="finetune", version=1, status="compressing",
+                                                       progress=0.0, created=now, lease=lease))  # fmt: skip
+            reg._reap()
+            assert reg.get_adapter("acme", "stalled").status == "compressing"  # type: ignore[union-attr]
+            assert reg.get_adapter("acme", "reused").status == "failed"  # type: ignore[union-attr]
+            assert reg.other_processes() == []  # expired: not counted as open, though not reaped
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        reg._reap()
+        assert reg.get_adapter("acme", "stalled").status == "failed"  # type: ignore[union-attr]

@@ -23,6 +23,7 @@ def upgrade() -> None:
         sa.Column("host", sa.Text, nullable=False),
         sa.Column("pid", sa.Integer, nullable=False),
         sa.Column("pids", sa.Text, nullable=False),
+        sa.Column("pid_started", sa.BigInteger),
         sa.Column("started", sa.BigInteger, nullable=False),
         sa.Column("expires", sa.BigInteger, nullable=False),
     )
