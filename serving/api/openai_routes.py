@@ -243,16 +243,27 @@ async def respond(request: Request, tenant, resolved, jobs: list[Job], req, chat
         return await respond_whole(request, reply, jobs, first, stream, on_end)
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
     return StreamingResponse(stream_events(reply, jobs, first, stream, with_usage, on_end),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **replica_header(out for _, out in first)})  # fmt: skip
+
+
+def replica_header(outs) -> dict[str, str]:
+    """`x-deltaserve-replica`: the engine replicas of a cluster that served the request's choices (those known when
+    the headers go: a stream's first output; a whole response's every choice); none from one server."""
+    replicas = sorted({out.replica for out in outs if out.replica is not None})
+    return {"x-deltaserve-replica": ", ".join(replicas)} if replicas else {}
 
 
 async def respond_whole(request: Request, reply: Reply, jobs: list[Job], first: list, stream, on_end) -> Response:
+    served = [out for _, out in first]
     for job, out in first:
         absorb(job, out)
 
     async def collect() -> None:
         async for job, out in stream:
             absorb(job, out)
+            if out.replica is not None:
+                served.append(out)
 
     try:
         if not await until_done_or_disconnected(request, collect()):
@@ -260,7 +271,7 @@ async def respond_whole(request: Request, reply: Reply, jobs: list[Job], first: 
             return Response(status_code=499)
     finally:
         on_end()
-    return JSONResponse(reply.whole(jobs))
+    return JSONResponse(reply.whole(jobs), headers=replica_header(served))
 
 
 async def stream_events(

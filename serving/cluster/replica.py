@@ -90,7 +90,10 @@ class EngineReplica:
         try:
             if params.guide is not None:
                 await asyncio.to_thread(self.generation.compile_guide, params.guide, tenant)
+            first = True
             async for out in self.generation.stream(request_id, prompt, params, local, tenant):
+                if first:  # which replica served it: the ingress names it in the response's headers
+                    out.replica, first = self.replica_id, False
                 yield out
         finally:  # a version deleted while this request ran on it (or waited for it) goes once it is done
             for ref in _parts(served):

@@ -55,6 +55,9 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     # with prompt_logprobs, on a request's first output: prompt tokens 1.. (the first has nothing before it)
     prompt_logprobs: list[TokenLogprob] | None = None
+    # on a request's first output, when an engine replica of a cluster made it: that replica's id
+    # (serving.cluster.replica; the API's x-deltaserve-replica header)
+    replica: str | None = None
 
 
 @dataclass(frozen=True)

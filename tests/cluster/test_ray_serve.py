@@ -113,6 +113,28 @@ def test_the_cluster_gives_one_servers_tokens(servers):
         assert want.status_code in (400, 404) and (got.status_code, got.json()) == (want.status_code, want.json()), body
 
 
+def test_every_completion_names_the_replica_that_served_it(servers):
+    single, cluster = servers
+    replicas = set(replica_metric(cluster, "deltaserve_running_sequences"))
+    assert len(replicas) == 2, replicas
+    seen = set()
+    with cluster.client() as c:
+        for i in range(6):
+            body = {"model": "german", "prompt": "Der", "max_tokens": 2, "stream": i % 2 == 1}
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                if path.endswith("chat/completions"):
+                    body = {**{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "Hallo"}]}
+                r = c.post(path, json=body)
+                assert r.status_code == 200, r.text
+                assert r.headers["x-deltaserve-replica"] in replicas, r.headers
+                seen.add(r.headers["x-deltaserve-replica"])
+        r = c.post("/v1/completions", json={"model": "base", "prompt": "Der", "max_tokens": 2, "n": 2, "seed": 1})
+        assert set(r.headers["x-deltaserve-replica"].split(", ")) <= replicas
+    with single.client() as c:  # one server: no replicas, no header
+        assert "x-deltaserve-replica" not in c.post("/v1/completions", json={"model": "german", "prompt": "Der",
+                                                                            "max_tokens": 2}).headers  # fmt: skip
+
+
 def test_a_tenants_requests_go_where_its_delta_is(servers):
     _, cluster = servers
     loads = lambda: sum(replica_metric(cluster, "deltaserve_adapter_loads_total", tier="host").values())  # noqa: E731
