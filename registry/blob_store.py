@@ -16,6 +16,7 @@ No torch at import time.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -79,11 +80,15 @@ def open_store(root: Path, graveyard: Path, url: str | None = None) -> BlobStore
 
 def blob_reader(root: Path, url: str | None = None) -> Callable[[str], Path]:
     """For readers without the catalog (a cluster's engine replicas): blob name -> a local path of its data. With
-    a bucket, blobs are fetched into `root` (this machine's cache) through a private folder inside it."""
+    a bucket, blobs are fetched into `root` (this machine's cache) through a private folder beside it
+    (<registry>/incoming/, on the same filesystem; removed when the process exits)."""
     if url is None:
         return lambda blob: blob_path(root, blob)
-    incoming = root / f".incoming-{os.getpid()}-{secrets.token_hex(4)}"
+    import atexit
+
+    incoming = root.parent / "incoming" / f"{os.getpid()}-{secrets.token_hex(4)}"
     incoming.mkdir(mode=0o700, parents=True)
+    atexit.register(shutil.rmtree, incoming, True)
     return open_store(root, incoming, url).path
 
 
@@ -125,6 +130,15 @@ class BlobStore:
         fsync_dir(path)
         return path, _size(path), content_sha256(kind, path)
 
+    @staticmethod
+    def holds_blobs(root: Path) -> bool:
+        """Whether the blobs folder `root` holds any blob (its empty kind and shard folders do not count)."""
+        return any(blob.exists() for kind in KINDS for blob in (root / kind).glob("??/*"))
+
+    def claim(self, catalog_id: str) -> None:
+        """Binds the store to its catalog where the store can say so (a bucket: registry.s3_store); the folder's
+        binding is the registry's catalog_id file."""
+
     def upload(self, payload: Path, kind: str, sha256: str) -> None:
         """Sends a prepared payload ahead of `place`, before the catalog's lock: a local store has nothing to send."""
 
@@ -147,6 +161,8 @@ class BlobStore:
             os.rename(payload, dest)
             fsync_dir(shard)
         except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY) and os.path.lexists(dest):
+                return blob  # placed meanwhile by another process of this machine (the same content)
             if is_disk_full(e):
                 raise InsufficientStorage("the registry's disk is full; the upload was not stored") from None
             raise

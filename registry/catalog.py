@@ -38,6 +38,7 @@ reserve it uses live in registry.database, registry.schema, registry.blob_store,
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hmac
 import logging
 import os
@@ -47,6 +48,7 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +59,10 @@ from sqlalchemy import Connection, delete, exc, func, insert, or_, select, updat
 
 from registry import database
 from registry import usage as usage_table
-from registry.blob_store import open_store
+from registry.blob_store import BlobStore, open_store
 from registry.errors import InsufficientStorage, NameTaken, NotFound, NotStored, is_disk_full
 from registry.fsync import DiskReserve
-from registry.keys import AdminKey, hash_key, is_sha256_hex, new_tenant_key, plausible_key
+from registry.keys import AdminKey, hash_key, is_sha256_hex, new_tenant_key, plausible_key, write_private
 from registry.names import validate_name
 from registry.schema import adapters, catalog_info, leases, tenants
 from registry.upload_formats import DEFAULT_MAX_UPLOAD_BYTES, check_format
@@ -169,9 +171,25 @@ def _pid_space() -> str:
     """This machine's boot and this process's pid namespace: processes of the same value see each other's pids."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+        # the host name too: machines cloned from one snapshot may share a boot id
+        return f"{socket.gethostname()}/{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:  # no /proc: no pid is ever taken for dead, leases only expire
         return f"unknown-{secrets.token_hex(8)}"
+
+
+def _keep_lease(registry_ref: weakref.ref[Registry], closed: threading.Event, period: float) -> None:
+    """The lease's keeper, a daemon thread: Registry._renew every `period` until the registry is closed or dropped."""
+    while not closed.wait(period):
+        registry = registry_ref()
+        if registry is None:
+            return
+        try:
+            registry._renew()
+        except Exception:  # the catalog unreachable for a moment, or closed meanwhile: the next tick tries again
+            if not closed.is_set():
+                log.exception("registry: renewing the lease failed")
+        finally:
+            del registry
 
 
 def _process_started(pid: int) -> int | None:
@@ -228,21 +246,36 @@ class Registry:
         os.chmod(self.root, 0o700)  # also an existing registry's (the admin key's hash and tenants' blobs are here)
         self.blobs = self.root / "blobs"
         self.catalog_url = catalog or database.sqlite_url(self.root / "catalog.sqlite3")
-        self._engine = database.connect(self.catalog_url)
+        # Shared with every process of this deltaserve; a deltaserve from before leases takes it exclusively and
+        # recovers as if alone: the two must never run on one folder together.
+        self._folder_lock = os.open(self.root / "registry.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            self._check_folder_matches(own_sqlite=catalog is None)
+            fcntl.flock(self._folder_lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._folder_lock)
+            raise database.CatalogError(f"the registry folder {self.root} is open by an older deltaserve (one "
+                                        "process per folder); stop it first") from None  # fmt: skip
+        try:
+            self._engine = database.connect(self.catalog_url)
+        except BaseException:
+            os.close(self._folder_lock)
+            raise
+        try:
+            self._check_folder_matches(own_sqlite=catalog is None, blob_store=blob_store)
         except BaseException:
             self._engine.dispose()
+            os.close(self._folder_lock)
             raise
         self._closed.clear()
         self.lease = "ls-" + secrets.token_hex(8)
         self._pids = _pid_space()
         try:
             with database.write(self._engine) as db:  # the lease first, then its folder: see _reap
-                db.execute(insert(leases).values(self._lease_row()))
+                db.execute(insert(leases).values(self._lease_row(db)))
             self.tmp = self.root / "tmp" / self.lease
             self._make_tmp()
             self.store = open_store(self.blobs, self.tmp, blob_store)
+            self.store.claim(self._catalog_id)  # a bucket of another catalog is refused before anything is swept
             self._recover()
             self.admin_key = AdminKey(self.root)
             self.reserve = DiskReserve(self.root / "reserve.bin", RESERVE_BYTES)
@@ -252,38 +285,56 @@ class Registry:
             with contextlib.suppress(Exception):
                 self._give_back_lease()
             self._engine.dispose()
+            os.close(self._folder_lock)
             raise
-        self._renewer = threading.Thread(target=self._renew_lease, name=f"registry-lease-{self.lease}", daemon=True)
+        # The keeper holds the Registry weakly: one dropped without close() is collected (and gives its lease back).
+        self._renewer = threading.Thread(target=_keep_lease, args=(weakref.ref(self), self._closed, lease_seconds / 3),
+                                         name=f"registry-lease-{self.lease}", daemon=True)  # fmt: skip
         self._renewer.start()
 
     # --- opening, closing, leases -------------------------------------------------------------------------
 
-    def _check_folder_matches(self, own_sqlite: bool) -> None:
-        """The folder and the catalog belong together (registry.schema.catalog_info says why it matters): the
-        folder's `catalog_id` file names the catalog's id, or, for a folder without one, the catalog is the folder's
-        own SQLite file, or the folder holds no blob yet (then the file is written)."""
-        with self._engine.connect() as db:
-            catalog_id = db.execute(select(catalog_info.c.catalog_id).where(catalog_info.c.id == 1)).scalar_one()
+    def _check_folder_matches(self, own_sqlite: bool, blob_store: str | None) -> None:
+        """The folder, the catalog and the blob store belong together (registry.schema.catalog_info says why it
+        matters: opening with the wrong one would take every stored blob for lost, then for garbage). The catalog
+        names its blob store (set by its first opener while it stores nothing); the folder's `catalog_id` file names
+        the catalog; a folder without one is taken only for the folder's own SQLite catalog, or when it holds no
+        blob and the catalog's blobs are not meant to be in it (a bucket's cache), or the catalog stores nothing."""
+        with database.write(self._engine) as db:
+            catalog_id, store = db.execute(select(catalog_info.c.catalog_id, catalog_info.c.blob_store)
+                                           .where(catalog_info.c.id == 1)).one()  # fmt: skip
+            stored = db.execute(select(adapters.c.id).where(adapters.c.blob.is_not(None)).limit(1)).first() is not None
+            if store != blob_store:
+                if stored or store is not None:
+                    raise database.CatalogError(
+                        f"the catalog {database.display_url(self.catalog_url)} keeps its blobs in "
+                        f"{store or 'the registry folder (no --blob-store)'}, not in "
+                        f"{blob_store or 'the registry folder'}: give the --blob-store it was used with")
+                db.execute(update(catalog_info).where(catalog_info.c.id == 1).values(blob_store=blob_store))
+        self._catalog_id = catalog_id
         marker = self.root / "catalog_id"
         if marker.exists():
             folder_id = marker.read_text().strip()
             if folder_id != catalog_id:
                 raise database.CatalogError(
-                    f"the registry folder {self.root} belongs to another catalog ({folder_id}) than "
+                    f"the registry folder {self.root} belongs to another catalog ({folder_id or 'unreadable'}) than "
                     f"{database.display_url(self.catalog_url)} ({catalog_id}): give the --catalog it was used with")
             return
-        if not own_sqlite and self.blobs.is_dir() and any(self.blobs.rglob("*")):
-            raise database.CatalogError(
-                f"the registry folder {self.root} holds blobs of its own SQLite catalog; it cannot be opened with "
-                f"{database.display_url(self.catalog_url)} (a new folder can)")
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(catalog_id + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if not own_sqlite:
+            if BlobStore.holds_blobs(self.blobs):
+                raise database.CatalogError(
+                    f"the registry folder {self.root} holds blobs of its own SQLite catalog; it cannot be opened with "
+                    f"{database.display_url(self.catalog_url)} (a new folder can)")
+            if blob_store is None and stored:
+                raise database.CatalogError(
+                    f"the catalog {database.display_url(self.catalog_url)} stores adapters whose blobs are in its "
+                    f"registry folder, and {self.root} is a new folder: mount the registry's shared folder here "
+                    "(or keep the blobs in a bucket: --blob-store)")
+        write_private(marker, (catalog_id + "\n").encode("ascii"))
 
-    def _expiry(self) -> int:
-        return int(time.time() + self.lease_seconds + 0.999)
+    def _expiry(self, db: Connection) -> int:
+        """The lease's end, by the catalog's clock (every process compares leases with the same one)."""
+        return database.epoch_now(db) + int(self.lease_seconds + 0.999)
 
     def _make_tmp(self) -> None:
         """This process's tmp/ folder, and tmp/ itself, private whatever the umask (again if another process
@@ -292,9 +343,9 @@ class Registry:
         os.chmod(self.tmp.parent, 0o700)
         self.tmp.mkdir(mode=0o700, exist_ok=True)
 
-    def _lease_row(self) -> dict[str, Any]:
+    def _lease_row(self, db: Connection) -> dict[str, Any]:
         return {"id": self.lease, "host": socket.gethostname(), "pid": os.getpid(), "pids": self._pids,
-                "pid_started": _process_started(os.getpid()), "started": _now(), "expires": self._expiry()}
+                "pid_started": _process_started(os.getpid()), "started": _now(), "expires": self._expiry(db)}
 
     def _recover(self) -> None:
         """What opening checks: other processes' leftovers (_reap), lost blobs, unreferenced blobs."""
@@ -328,40 +379,37 @@ class Registry:
         tmp = self.root / "tmp"
         entries = list(tmp.iterdir()) if tmp.is_dir() else []  # listed BEFORE the live leases are read: a folder
         # is made after its lease is committed, so every folder listed here has its lease visible below
-        with self._lock, self._tx() as db:
-            now = _now()
+        with self._tx() as db:
+            now = database.epoch_now(db)
             gone = [lease for lease, pids, pid, started, expires in db.execute(select(
                         leases.c.id, leases.c.pids, leases.c.pid, leases.c.pid_started, leases.c.expires))
                     if lease != self.lease and (_process_gone(pid, started) if pids == self._pids else expires < now)]  # fmt: skip
             db.execute(delete(leases).where(leases.c.id.in_(gone)))
             live = set(db.execute(select(leases.c.id)).scalars())
-            db.execute(update(adapters).where(adapters.c.status == "compressing",
-                                              or_(adapters.c.lease.is_(None), adapters.c.lease.not_in(live)))
+            # one statement: a lease (and its row) committed meanwhile by a process starting now is not taken for dead
+            has_lease = select(leases.c.id).where(leases.c.id == adapters.c.lease).exists()
+            db.execute(update(adapters).where(adapters.c.status == "compressing", ~has_lease)
                        .values(status="failed", error=INTERRUPTED, lease=None))  # fmt: skip
         for entry in entries:
             if entry.name not in live:
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else \
                     entry.unlink(missing_ok=True)  # fmt: skip
 
-    def _renew_lease(self) -> None:
-        """The lease's keeper (a daemon thread): renews it every third of its length and cleans up after dead
-        processes meanwhile; a lease another process took for expired (this one stalled) is taken again."""
-        while not self._closed.wait(self.lease_seconds / 3):
-            try:
-                with self._lock:
-                    if self._closed.is_set():
-                        return
-                    with self._tx() as db:
-                        renewed = db.execute(update(leases).where(leases.c.id == self.lease)
-                                             .values(expires=self._expiry())).rowcount  # fmt: skip
-                        if renewed == 0:
-                            log.warning("registry: this process's lease %s had expired (a stall of over %s s?); "
-                                        "taking it again", self.lease, self.lease_seconds)  # fmt: skip
-                            db.execute(insert(leases).values(self._lease_row()))
-                    self._make_tmp()
-                self._reap()  # takes the lock for its transaction only: removing folders happens without it
-            except Exception:  # the catalog unreachable for a moment: the next tick tries again
-                log.exception("registry: renewing the lease failed")
+    def _renew(self) -> None:
+        """One tick of the lease's keeper (_keep_lease): renews the lease and cleans up after dead processes; a
+        lease another process took for expired (this one stalled) is taken again. Without the process's lock, so
+        that a write waiting for another process (the store lock) never holds the renewal up."""
+        with self._tx() as db:
+            renewed = db.execute(update(leases).where(leases.c.id == self.lease)
+                                 .values(expires=self._expiry(db))).rowcount  # fmt: skip
+            if renewed == 0:
+                log.warning("registry: this process's lease %s had expired (a stall of over %s s?); taking it again",
+                            self.lease, self.lease_seconds)  # fmt: skip
+                db.execute(insert(leases).values(self._lease_row(db)))
+        with self._lock:
+            if not self._closed.is_set():
+                self._make_tmp()
+        self._reap()
 
     def _give_back_lease(self) -> None:
         """Fails this process's own compressions still running, removes its tmp/ folder and its lease."""
@@ -374,8 +422,9 @@ class Registry:
 
     def other_processes(self) -> list[tuple[str, int]]:
         """(host, pid) of the other processes that have this registry open now (live leases but this one's)."""
-        rows = self._query(select(leases.c.host, leases.c.pid).where(leases.c.id != self.lease,
-                                                                     leases.c.expires >= _now()))  # fmt: skip
+        with self._reading() as db:
+            rows = db.execute(select(leases.c.host, leases.c.pid).where(
+                leases.c.id != self.lease, leases.c.expires >= database.epoch_now(db))).all()  # fmt: skip
         return [(host, int(pid)) for host, pid in rows]
 
     def close(self) -> None:
@@ -391,6 +440,7 @@ class Registry:
                 log.exception("registry: giving the lease back failed")
             finally:
                 self._engine.dispose()
+                os.close(self._folder_lock)
 
     def __del__(self) -> None:
         # A Registry dropped without close() (e.g. `Registry(root).ensure_admin_key(k)`) must not leave its
@@ -420,11 +470,10 @@ class Registry:
             raise
 
     def _query(self, stmt: Any) -> list[Any]:
-        with self._lock:
-            if self._closed.is_set():
-                raise ValueError("the registry is closed")
-            with self._engine.connect() as db:
-                return list(db.execute(stmt).all())
+        """One read, on a connection of its own (never behind the process's lock: a write waiting for another
+        process must not hold up authentication)."""
+        with self._reading() as db:
+            return list(db.execute(stmt).all())
 
     # --- admin key ---------------------------------------------------------------------------------------
 
@@ -489,7 +538,10 @@ class Registry:
         if not names:
             return
         with self._lock, self._tx() as db:
-            live = set(db.execute(select(tenants.c.name).where(tenants.c.name.in_(names))).scalars())
+            # FOR KEY SHARE (PostgreSQL): a tenant deleted meanwhile waits for this, or this for its deletion, so
+            # usage is never added under a name whose rows were just retired
+            live = set(db.execute(select(tenants.c.name).where(tenants.c.name.in_(names))
+                                  .with_for_update(key_share=True)).scalars())  # fmt: skip
             usage_table.add(db, {k: c for k, c in counts.items() if k[0] in live})
 
     def usage(
@@ -834,8 +886,7 @@ class Registry:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Connection]:
-        with self._lock:
-            if self._closed.is_set():
-                raise ValueError("the registry is closed")
-            with self._engine.connect() as db:
-                yield db
+        if self._closed.is_set():
+            raise ValueError("the registry is closed")
+        with self._engine.connect() as db:
+            yield db

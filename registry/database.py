@@ -31,10 +31,19 @@ ALEMBIC_SQLITE_VERSION = 5  # PRAGMA user_version of a SQLite catalog that Alemb
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x64656C7461  # pg_advisory_xact_lock key of the migrations ("delta")
 _LEGACY_BASELINE = "0001"  # the revision a pre-Alembic catalog of schema 4 is
+# Alembic's own table, under a name of ours: a database shared with another Alembic-managed application keeps both
+VERSION_TABLE = "deltaserve_schema_version"
 
 
 class CatalogError(RuntimeError):
     """A catalog this deltaserve cannot open: written by a newer deltaserve, or another registry folder's."""
+
+
+def epoch_now(db: Connection) -> int:
+    """The database's clock, unix seconds: leases are written and compared by one clock, whatever the machines'."""
+    if db.dialect.name == "postgresql":
+        return int(db.execute(text("SELECT CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)")).scalar_one())
+    return int(db.execute(text("SELECT CAST(strftime('%s', 'now') AS INTEGER)")).scalar_one())
 
 
 def sqlite_url(path: Path) -> str:
@@ -99,8 +108,9 @@ def migrate(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         config.attributes["connection"] = conn
-        current = MigrationContext.configure(conn).get_current_revision()
-        if current is None and inspect(conn).has_table("adapters"):
+        config.attributes["version_table"] = VERSION_TABLE
+        current = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+        if current is None and conn.dialect.name == "sqlite" and inspect(conn).has_table("adapters"):
             command.stamp(config, _LEGACY_BASELINE)  # a SQLite catalog of schema 4, from before Alembic
         elif current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
             raise CatalogError(f"the catalog is at schema revision {current}, written by a newer deltaserve; "

@@ -54,7 +54,7 @@ class DiskReserve:
         except InsufficientStorage:
             if not self.path.exists():
                 raise
-            self.path.unlink()
+            self.path.unlink(missing_ok=True)  # another process of the registry may have given it up first
             try:
                 return fn(*args)
             finally:

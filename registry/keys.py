@@ -96,6 +96,14 @@ class AdminKey:
             return None
         return self.reset()
 
+    def adopt(self, digest: str) -> None:
+        """Keeps `digest` (another machine's stored hash of the admin key, e.g. a cluster head's) as this folder's."""
+        if not is_sha256_hex(digest):
+            raise ValueError("an admin key's hash is 64 lowercase hex digits")
+        if self._read_hash() != digest:
+            write_private(self.path, (digest + "\n").encode("ascii"))
+        self._hash = digest
+
     def reset(self) -> str:
         """A new generated admin key replaces the stored one (a lost key); returns it (print it once)."""
         key = "ds-admin-" + secrets.token_urlsafe(32)

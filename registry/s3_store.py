@@ -21,6 +21,7 @@ MinIO or Ceph, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an instance role, AW
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -30,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from registry.blob_store import _BLOB_RE, BlobStore, _size, blob_path
+from registry.blob_store import _BLOB_RE, BlobStore, _size, blob_path, content_sha256
+from registry.database import CatalogError
 
 SWEEP_GRACE_SECONDS = 3600
 _URL_RE = re.compile(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?")
@@ -80,6 +82,25 @@ class S3BlobStore(BlobStore):
         return json.loads(body)
 
     # --- the BlobStore interface -------------------------------------------------------------------------
+
+    def claim(self, catalog_id: str) -> None:
+        """The bucket's prefix names its catalog (object "catalog_id"): a bucket of another catalog, or one with
+        blobs and no name, is refused (an opening registry would sweep its blobs as garbage)."""
+        from botocore.exceptions import ClientError
+
+        key = self.prefix + "catalog_id"
+        try:
+            owner = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode().strip()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                raise
+            owner = None
+        if owner is None:
+            if next(iter(self._manifests()), None) is not None:
+                raise CatalogError(f"{self.url} holds blobs of a catalog it does not name; give another prefix")
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=(catalog_id + "\n").encode())
+        elif owner != catalog_id:
+            raise CatalogError(f"{self.url} belongs to another catalog ({owner}); give the --catalog it was used with")
 
     def upload(self, payload: Path, kind: str, sha256: str) -> None:
         """Sends a prepared payload's bytes to the bucket (nothing if the blob is there already). Called before
@@ -148,6 +169,7 @@ class S3BlobStore(BlobStore):
         if manifest is None:
             return local
         fetched = self.graveyard / f"fetch-{secrets.token_hex(8)}"
+        kind, _, sha256 = blob.split("/")
         if manifest["files"] is None:
             self.client.download_file(self.bucket, self._key(blob), str(fetched))
             os.chmod(fetched, 0o400)
@@ -158,11 +180,18 @@ class S3BlobStore(BlobStore):
                     raise ValueError(f"blob {blob}: malformed member {name!r} in its manifest")
                 self.client.download_file(self.bucket, self._key(blob, name), str(fetched / name))
                 os.chmod(fetched / name, 0o400)
-        local.parent.mkdir(mode=0o700, exist_ok=True)
         try:
+            if content_sha256(kind, fetched) != sha256:  # a damaged or altered object is never cached, nor served
+                raise ValueError(f"blob {blob} in {self.url} does not hold what its name says")
+            local.parent.mkdir(mode=0o700, exist_ok=True)
             os.rename(fetched, local)
-        except OSError:  # another process on this machine cached it meanwhile: the same bytes
-            shutil.rmtree(fetched, ignore_errors=True) if fetched.is_dir() else fetched.unlink(missing_ok=True)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not os.path.lexists(local):
+                raise
+            # another process on this machine cached it meanwhile: the same bytes
+        finally:
+            if os.path.lexists(fetched):
+                shutil.rmtree(fetched, ignore_errors=True) if fetched.is_dir() else fetched.unlink(missing_ok=True)
         return local
 
     def remove(self, blob: str) -> None:

@@ -86,7 +86,8 @@ leases = Table(
     Column("expires", BigInteger, nullable=False),
 )  # fmt: skip
 
-# One row (id 1). catalog_id: this catalog's random identity, also written in the registry folder it goes with
+# One row (id 1). catalog_id: this catalog's random identity, also written in the registry folder (and bucket) it
+# goes with
 # (registry.catalog refuses a folder of another catalog: opening sweeps blobs no row references, so a folder opened
 # with the wrong catalog would lose them all). store_writes: a write transaction that places or removes blobs
 # updates it first; on PostgreSQL that takes the row's lock until commit, so "is this blob still referenced? then
@@ -97,4 +98,7 @@ catalog_info = Table(
     Column("id", Integer, primary_key=True),
     Column("catalog_id", Text, nullable=False),
     Column("store_writes", BigInteger, nullable=False),
+    # where this catalog's blobs are: an s3:// URL, or NULL for the registry folder's blobs/ (a shared filesystem
+    # across machines). A registry opened with another blob store is refused: every row would look lost.
+    Column("blob_store", Text),
 )  # fmt: skip

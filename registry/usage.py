@@ -75,8 +75,10 @@ def add(db: Connection, counts: Mapping[UsageKey, UsageCount]) -> None:
             index_elements=[usage.c.tenant, usage.c.adapter, usage.c.hour],
             set_={c: usage.c[c] + insert.excluded[c] for c in ("requests", "prompt_tokens", "completion_tokens")},
         ),
+        # in key order: two processes adding overlapping rows lock them in the same order (no deadlock)
         [{"tenant": t, "adapter": a or "", "hour": hour, "requests": c.requests, "prompt_tokens": c.prompt_tokens,
-          "completion_tokens": c.completion_tokens} for (t, a, hour), c in counts.items()],
+          "completion_tokens": c.completion_tokens}
+         for (t, a, hour), c in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2]))],
     )  # fmt: skip
 
 

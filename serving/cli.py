@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--registry", type=Path, default=ServerSettings.model_fields["registry"].default)
     a.add_argument("--catalog", metavar="URL", default=None,
                    help="the registry's catalog, as given to `serve --catalog` (default: SQLite in the folder)")
+    a.add_argument("--blob-store", metavar="URL", default=None,
+                   help="the registry's blob store, as given to `serve --blob-store` (default: the folder's blobs/)")
     return parser
 
 
@@ -559,7 +561,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     if not args.registry.is_dir():
         raise CliError(f"--registry {args.registry}: not a directory")
     try:
-        with Registry(args.registry, catalog=args.catalog) as registry:
+        with Registry(args.registry, catalog=args.catalog, blob_store=args.blob_store) as registry:
             others = registry.other_processes()
             if others:
                 running = ", ".join(f"pid {pid} on {host}" for host, pid in others)

@@ -20,7 +20,8 @@ log = logging.getLogger("deltaserve")
 class Ingress:
     """Built by Ray Serve in a process of its own (serving.cluster.launch deploys it)."""
 
-    async def __init__(self, settings: dict[str, Any], replicas: Any, model_dir: str, board_name: str, namespace: str):
+    async def __init__(self, settings: dict[str, Any], replicas: Any, model_dir: str, board_name: str, namespace: str,
+                       admin_key_hash: str | None = None):
         import ray
         from transformers import AutoTokenizer
 
@@ -33,6 +34,8 @@ class Ingress:
 
         s = ServerSettings.model_validate(settings)
         self.registry = open_registry(s)  # shared with any other process that has it open (registry.catalog)
+        if admin_key_hash is not None:  # this machine's registry folder may be new (blobs in a bucket)
+            self.registry.admin_key.adopt(admin_key_hash)
         # The base as the replicas loaded it; compression and fidelity runs happen here, on this process's CPU.
         base = dataclasses.replace(await replicas.base_facts.remote(), device="cpu")
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

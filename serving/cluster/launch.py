@@ -16,9 +16,11 @@ APP_NAME = "deltaserve"
 NAMESPACE = "deltaserve"
 
 
-def deploy(settings, model_dir):
+def deploy(settings, model_dir, admin_key_hash: str | None = None):
     """Deploys the board, the replicas and the ingress on the Ray cluster this process is connected to. Returns
-    the board's handle: hold it (a Ray actor nobody holds a handle of is ended)."""
+    the board's handle: hold it (a Ray actor nobody holds a handle of is ended). admin_key_hash: the stored hash of
+    the admin key, which every ingress keeps in its machine's registry folder (folders of their own, with a
+    bucket for the blobs, have none)."""
     import ray
     from ray import serve
 
@@ -59,7 +61,8 @@ def deploy(settings, model_dir):
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=settings.ingresses,
                                max_ongoing_requests=settings.max_connections,
                                ray_actor_options={"num_cpus": 0}).bind(
-        ingress_settings.model_dump(mode="json"), replica, str(Path(model_dir).resolve()), BOARD_NAME, NAMESPACE)  # fmt: skip
+        ingress_settings.model_dump(mode="json"), replica, str(Path(model_dir).resolve()), BOARD_NAME, NAMESPACE,
+        admin_key_hash)  # fmt: skip
     serve.run(ingress, name=APP_NAME, route_prefix="/", blocking=False)
     return board
 
@@ -77,6 +80,7 @@ def run_cluster(settings) -> int:
         return 2
     with open_registry(settings) as registry:  # the admin key as one server keeps it; the ingress opens it next
         new_key = registry.ensure_admin_key(settings.admin_key)
+        admin_key_hash = registry.admin_key._read_hash()
     if new_key is not None:
         print(f"deltaserve: admin key generated (shown once, stored hashed in {settings.registry}): {new_key}",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -93,7 +97,7 @@ def run_cluster(settings) -> int:
         signal.signal(sig, lambda *_: stop.set())
     board = None
     try:
-        board = deploy(settings, model_dir)
+        board = deploy(settings, model_dir, admin_key_hash)
         print(f"deltaserve: serving on http://{settings.host}:{settings.port} with {settings.replicas} engine "
               "replicas (Ray Serve)", file=sys.stderr, flush=True)  # fmt: skip
         stop.wait()

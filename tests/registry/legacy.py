@@ -15,7 +15,7 @@ def make_pre_alembic(catalog: Path) -> sqlite3.Connection:
     which such a deltaserve did not write, goes too."""
     (catalog.parent / "catalog_id").unlink()
     db = sqlite3.connect(catalog)
-    db.executescript("DROP TABLE alembic_version; DROP TABLE leases; DROP TABLE catalog_info; "
+    db.executescript("DROP TABLE deltaserve_schema_version; DROP TABLE leases; DROP TABLE catalog_info; "
                      "ALTER TABLE adapters DROP COLUMN lease; PRAGMA user_version=4;")  # fmt: skip
     return db
 
@@ -32,7 +32,7 @@ def assert_current(catalog: Path) -> None:
     db = sqlite3.connect(catalog)
     try:
         assert db.execute("PRAGMA user_version").fetchone()[0] == ALEMBIC_SQLITE_VERSION
-        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+        (revision,) = db.execute("SELECT version_num FROM deltaserve_schema_version").fetchone()
         assert revision == ScriptDirectory.from_config(config).get_current_head()
     finally:
         db.close()

@@ -77,7 +77,7 @@ def test_the_sweep_spares_a_young_unreferenced_blob_and_removes_an_old_one(tmp_p
     assert blob + ".manifest" in _objects(s3, bucket)
     monkeypatch.setattr(s3_store, "SWEEP_GRACE_SECONDS", -60)  # as if an hour had passed without its commit
     Registry(root, catalog=catalog, blob_store=bucket).close()
-    assert _objects(s3, bucket) == []
+    assert _objects(s3, bucket) == ["catalog_id"]
 
 
 def test_a_blob_deleted_between_its_upload_and_its_commit_is_sent_again(tmp_path, shared, s3, assets, monkeypatch):
@@ -131,3 +131,48 @@ def test_a_blob_missing_a_file_behind_its_manifest_is_sent_whole_again(tmp_path,
         assert again.blob == first.blob and reg.store._complete(again.blob)
     with Registry(tmp_path / "other", catalog=catalog, blob_store=bucket) as other:
         assert content_sha256("lora", other.blob_path(again)) == again.sha256
+
+
+def test_a_registry_opens_only_with_its_own_blob_store(tmp_path, postgres, s3, assets):
+    """The catalog names its blob store and the bucket its catalog: opened with another, a registry would take every
+    stored blob for lost, then for garbage; it refuses to open instead, and nothing is touched."""
+    from registry.database import CatalogError
+
+    catalog, bucket = postgres.new_database(), s3.new_bucket()
+    with Registry(tmp_path / "m1", catalog=catalog, blob_store=bucket) as reg:
+        reg.create_tenant("acme")
+        stored = commit(reg, "acme", "x", "bitdelta", assets.bd1, assets)
+    with pytest.raises(CatalogError, match="keeps its blobs in s3://"):
+        Registry(tmp_path / "m2", catalog=catalog)  # no --blob-store
+    with pytest.raises(CatalogError, match="keeps its blobs in s3://"):
+        Registry(tmp_path / "m2", catalog=catalog, blob_store=s3.new_bucket())
+    with pytest.raises(CatalogError, match="belongs to another catalog"):
+        Registry(tmp_path / "m3", catalog=postgres.new_database(), blob_store=bucket)  # a new catalog, the old bucket
+    b, prefix = parse_s3_url(bucket)
+    s3.client().delete_object(Bucket=b, Key=prefix + "catalog_id")
+    with pytest.raises(CatalogError, match="holds blobs of a catalog it does not name"):
+        Registry(tmp_path / "m4", catalog=postgres.new_database(), blob_store=bucket)
+    assert stored.blob + ".manifest" in _objects(s3, bucket)  # nothing swept by the refused openings
+    folder_catalog = postgres.new_database()
+    with Registry(tmp_path / "shared", catalog=folder_catalog) as reg:  # blobs in its (shared) folder
+        reg.create_tenant("acme")
+        commit(reg, "acme", "x", "bitdelta", assets.bd1, assets)
+    with pytest.raises(CatalogError, match="registry folder \\(no --blob-store\\)"):
+        Registry(tmp_path / "shared", catalog=folder_catalog, blob_store=s3.new_bucket())
+    with pytest.raises(CatalogError, match="mount the registry's shared folder here"):
+        Registry(tmp_path / "unmounted", catalog=folder_catalog)  # a node without the shared mount
+    with Registry(tmp_path / "shared", catalog=folder_catalog) as reg:
+        assert reg.resolve("acme", "x").status == "ready"  # type: ignore[union-attr]
+
+
+def test_a_damaged_object_is_never_cached_nor_served(tmp_path, shared, s3, assets):
+    catalog, bucket = shared
+    with Registry(tmp_path / "m1", catalog=catalog, blob_store=bucket) as m1:
+        m1.create_tenant("acme")
+        record = commit(m1, "acme", "x", "bitdelta", assets.bd1, assets)
+    b, prefix = parse_s3_url(bucket)
+    s3.client().put_object(Bucket=b, Key=prefix + record.blob, Body=b"not the delta")
+    with Registry(tmp_path / "m2", catalog=catalog, blob_store=bucket) as m2:
+        with pytest.raises(ValueError, match="does not hold what its name says"):
+            m2.blob_path(record)
+        assert not (tmp_path / "m2" / "blobs" / record.blob).exists()

@@ -180,7 +180,7 @@ def test_a_folder_opens_only_with_its_own_catalog_and_nothing_is_swept_otherwise
 def test_a_catalog_of_a_newer_revision_is_refused(tmp_path, postgres) -> None:
     url = postgres.new_database()
     with Registry(tmp_path / "reg", catalog=url) as reg, reg._engine.begin() as db:
-        db.exec_driver_sql("UPDATE alembic_version SET version_num='9999'")
+        db.exec_driver_sql("UPDATE deltaserve_schema_version SET version_num='9999'")
     with pytest.raises(CatalogError, match="revision 9999, written by a newer deltaserve"):
         Registry(tmp_path / "reg", catalog=url)
 
@@ -219,3 +219,30 @@ def test_a_live_process_on_this_machine_is_never_taken_for_dead_and_a_reused_pid
             sleeper.wait()
         reg._reap()
         assert reg.get_adapter("acme", "stalled").status == "failed"  # type: ignore[union-attr]
+
+
+def test_a_deltaserve_from_before_leases_and_this_one_never_share_a_folder(tmp_path) -> None:
+    """The older one took registry.lock exclusively and recovered as if alone; this one holds it shared."""
+    import fcntl
+
+    root = tmp_path / "reg"
+    Registry(root).close()
+    fd = os.open(root / "registry.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what an older deltaserve holds while it runs
+        with pytest.raises(CatalogError, match="open by an older deltaserve"):
+            Registry(root)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        with Registry(root), pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and an older one cannot start beside this one
+    finally:
+        os.close(fd)
+
+
+def test_a_registry_dropped_without_closing_gives_its_lease_back(tmp_path) -> None:
+    import gc
+
+    with Registry(tmp_path / "reg") as reg:
+        Registry(tmp_path / "reg").ensure_admin_key(None)  # never closed: collected, its keeper thread lets go
+        gc.collect()
+        assert reg.other_processes() == []

@@ -32,5 +32,6 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("catalog_id", sa.Text, nullable=False),
         sa.Column("store_writes", sa.BigInteger, nullable=False),
+        sa.Column("blob_store", sa.Text),
     )
     op.bulk_insert(info, [{"id": 1, "catalog_id": "cat-" + secrets.token_hex(12), "store_writes": 0}])
