@@ -253,3 +253,11 @@ def test_stop_strings_are_looked_for_only_from_the_min_tokens_th_token_on(tok) -
     plain = IncrementalDetokenizer(tok, [], stop=["ab"])
     _run(plain, ids, flush=False)
     assert plain.text == text[: text.index("ab")]
+
+
+def test_nothing_is_released_after_a_stop_string_not_even_at_the_end(tok) -> None:
+    """The request ends after its stop string: flush() must not release the text that followed it."""
+    det = IncrementalDetokenizer(tok, [], stop=["fox"])
+    out = "".join(det.add(t) for t in tok.encode("The quick brown fox jumps over the lazy dog."))
+    assert det.stopped and out == "The quick brown "
+    assert det.flush() == "" and det.flush() == ""

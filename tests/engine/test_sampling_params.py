@@ -82,3 +82,15 @@ def test_stop_token_ids_checked_against_vocab() -> None:
     with pytest.raises(SamplingParamsError, match=">= 0"):
         SamplingParams(stop_token_ids=[-3])
     assert SamplingParams(stop=None).stop == [] and SamplingParams(stop_token_ids=None).stop_token_ids == []
+
+
+def test_structured_output_errors_name_the_field_that_asked_for_it() -> None:
+    from serving.engine.sampling_params import MAX_GUIDE_CHARS, Guide
+
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(guide=Guide("regex", "a" * (MAX_GUIDE_CHARS + 1), param="guided_regex")).validate()
+    assert raised.value.param == "guided_regex" and str(MAX_GUIDE_CHARS) in str(raised.value)
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(guide=Guide("regex", "a+", param="guided_regex"), min_tokens=2).validate()
+    assert raised.value.param == "min_tokens"
+    assert str(raised.value) == "min_tokens cannot be combined with structured outputs"

@@ -505,3 +505,32 @@ def test_a_resumed_sequence_leaves_the_rest_of_the_step_to_prefills() -> None:
     s._park(a)  # as a fair-share parking would
     s.add(seq("a2", 3, tenant="a"))
     assert sorted(step(s)) == [("a", 1), ("a2", 3)]  # a resumes and a2's prompt runs in the same step
+
+
+def test_a_request_waiting_for_a_slot_does_not_hold_back_its_tenants_next_requests() -> None:
+    """The head of a tenant's queue waits (every slot pinned by running requests of other deltas): the tenant's
+    requests behind it that need no slot, or one already resident, still join the batch, and the head keeps its
+    place."""
+    s = make(slots=1)
+    s.add(seq("pin", 2, tenant="other", delta=FakeDelta("x")))
+    assert step(s) == [("pin", 2)]  # x holds the only slot while it runs
+    s.add(seq("head", 2, delta=FakeDelta("y")))  # needs a slot: none free
+    s.add(seq("base", 3))  # no delta
+    s.add(seq("same", 4, delta=FakeDelta("x")))  # x is resident
+    scheduled = dict(step(s))
+    assert "head" not in scheduled and scheduled.get("base") == 3 and scheduled.get("same") == 4
+    assert [q.request_id for q in s.queues["t"]] == ["head"]
+
+
+def test_a_request_behind_an_older_cold_load_does_not_hold_back_its_tenants_resident_requests() -> None:
+    """A slot freed goes to the oldest request's delta (the load turn); a later cold request of another tenant
+    waits for it, but that tenant's requests on a resident delta still run."""
+    s = make(slots=1)
+    s.add(seq("pin", 2, tenant="other", delta=FakeDelta("x")))
+    assert step(s) == [("pin", 2)]
+    s.add(seq("early", 2, tenant="first", delta=FakeDelta("z")))  # the oldest cold load: the turn is z's
+    s.add(seq("head", 2, delta=FakeDelta("y")))  # cold too, after z: not its turn
+    s.add(seq("same", 4, delta=FakeDelta("x")))  # resident
+    scheduled = dict(step(s))
+    assert "early" not in scheduled and "head" not in scheduled and scheduled.get("same") == 4
+    assert [q.request_id for q in s.queues["t"]] == ["head"]
