@@ -55,7 +55,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, exc, func, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, exc, func, insert, or_, select, update
 
 from registry import database
 from registry import usage as usage_table
@@ -84,6 +84,14 @@ _RECORD_COLUMNS = (adapters.c.id, adapters.c.tenant, adapters.c.name, adapters.c
                    adapters.c.sha256, adapters.c.status, adapters.c.progress, adapters.c.error, adapters.c.created,
                    adapters.c.size_bytes, adapters.c.rank, adapters.c.blob, adapters.c.source_blob,
                    adapters.c.source_bytes, adapters.c.fidelity)  # fmt: skip  # AdapterRecord's fields, in order
+# The two lookups of every request (authenticate, resolve), built once: building a statement costs more than
+# running it (bench/registry.py).
+_BY_KEY_HASH = select(tenants.c.name, tenants.c.created, tenants.c.key_hash).where(
+    tenants.c.key_hash == bindparam("digest"))  # fmt: skip
+_NEWEST_READY = (select(*_RECORD_COLUMNS)
+                 .where(adapters.c.tenant == bindparam("tenant"), adapters.c.name == bindparam("name"),
+                        adapters.c.status == "ready")
+                 .order_by(adapters.c.version.desc()).limit(1))  # fmt: skip
 _STORED_BYTES = func.coalesce(func.sum(adapters.c.size_bytes + func.coalesce(adapters.c.source_bytes, 0)), 0)
 
 
@@ -469,11 +477,11 @@ class Registry:
                 raise InsufficientStorage("the registry's disk is full; nothing was changed") from None
             raise
 
-    def _query(self, stmt: Any) -> list[Any]:
+    def _query(self, stmt: Any, params: dict[str, Any] | None = None) -> list[Any]:
         """One read, on a connection of its own (never behind the process's lock: a write waiting for another
         process must not hold up authentication)."""
         with self._reading() as db:
-            return list(db.execute(stmt).all())
+            return list(db.execute(stmt, params).all())
 
     # --- admin key ---------------------------------------------------------------------------------------
 
@@ -564,8 +572,7 @@ class Registry:
             return None
         assert key is not None
         digest = hash_key(key)
-        rows = self._query(select(tenants.c.name, tenants.c.created, tenants.c.key_hash)
-                           .where(tenants.c.key_hash == digest))  # fmt: skip
+        rows = self._query(_BY_KEY_HASH, {"digest": digest})
         if not rows or not hmac.compare_digest(rows[0][2], digest):
             return None
         return Tenant(rows[0][0], rows[0][1])
@@ -798,9 +805,7 @@ class Registry:
     def resolve(self, tenant: str, name: str) -> AdapterRecord | None:
         """The newest READY version of `tenant`'s adapter `name` (what new requests use), else None.
         A newer version still compressing, or failed, does not hide it."""
-        rows = self._query(select(*_RECORD_COLUMNS)
-                           .where(adapters.c.tenant == tenant, adapters.c.name == name, adapters.c.status == "ready")
-                           .order_by(adapters.c.version.desc()).limit(1))  # fmt: skip
+        rows = self._query(_NEWEST_READY, {"tenant": tenant, "name": name})
         return AdapterRecord(*rows[0]) if rows else None
 
     def list_adapters(self, tenant: str) -> list[AdapterRecord]:
