@@ -269,7 +269,7 @@ class Registry:
             os.close(self._folder_lock)
             raise
         try:
-            self._check_folder_matches(own_sqlite=catalog is None, blob_store=blob_store)
+            record_store = self._check_folder_matches(own_sqlite=catalog is None, blob_store=blob_store)
         except BaseException:
             self._engine.dispose()
             os.close(self._folder_lock)
@@ -284,6 +284,10 @@ class Registry:
             self._make_tmp()
             self.store = open_store(self.blobs, self.tmp, blob_store)
             self.store.claim(self._catalog_id)  # a bucket of another catalog is refused before anything is swept
+            if record_store:  # only once every check passed: a refused opening leaves the catalog as it was
+                with database.write(self._engine) as db:
+                    db.execute(update(catalog_info).where(catalog_info.c.id == 1, catalog_info.c.blob_store.is_(None))
+                               .values(blob_store=blob_store))  # fmt: skip
             self._recover()
             self.admin_key = AdminKey(self.root)
             self.reserve = DiskReserve(self.root / "reserve.bin", RESERVE_BYTES)
@@ -302,23 +306,22 @@ class Registry:
 
     # --- opening, closing, leases -------------------------------------------------------------------------
 
-    def _check_folder_matches(self, own_sqlite: bool, blob_store: str | None) -> None:
+    def _check_folder_matches(self, own_sqlite: bool, blob_store: str | None) -> bool:
         """The folder, the catalog and the blob store belong together (registry.schema.catalog_info says why it
         matters: opening with the wrong one would take every stored blob for lost, then for garbage). The catalog
         names its blob store (set by its first opener while it stores nothing); the folder's `catalog_id` file names
         the catalog; a folder without one is taken only for the folder's own SQLite catalog, or when it holds no
-        blob and the catalog's blobs are not meant to be in it (a bucket's cache), or the catalog stores nothing."""
-        with database.write(self._engine) as db:
+        blob and the catalog's blobs are not meant to be in it (a bucket's cache), or the catalog stores nothing.
+        Returns whether the catalog is yet to name `blob_store` (its caller records it once the store agrees)."""
+        with self._engine.connect() as db:
             catalog_id, store = db.execute(select(catalog_info.c.catalog_id, catalog_info.c.blob_store)
                                            .where(catalog_info.c.id == 1)).one()  # fmt: skip
             stored = db.execute(select(adapters.c.id).where(adapters.c.blob.is_not(None)).limit(1)).first() is not None
-            if store != blob_store:
-                if stored or store is not None:
-                    raise database.CatalogError(
-                        f"the catalog {database.display_url(self.catalog_url)} keeps its blobs in "
-                        f"{store or 'the registry folder (no --blob-store)'}, not in "
-                        f"{blob_store or 'the registry folder'}: give the --blob-store it was used with")
-                db.execute(update(catalog_info).where(catalog_info.c.id == 1).values(blob_store=blob_store))
+            if store != blob_store and (stored or store is not None):
+                raise database.CatalogError(
+                    f"the catalog {database.display_url(self.catalog_url)} keeps its blobs in "
+                    f"{store or 'the registry folder (no --blob-store)'}, not in "
+                    f"{blob_store or 'the registry folder'}: give the --blob-store it was used with")
         self._catalog_id = catalog_id
         marker = self.root / "catalog_id"
         if marker.exists():
@@ -327,7 +330,7 @@ class Registry:
                 raise database.CatalogError(
                     f"the registry folder {self.root} belongs to another catalog ({folder_id or 'unreadable'}) than "
                     f"{database.display_url(self.catalog_url)} ({catalog_id}): give the --catalog it was used with")
-            return
+            return store != blob_store
         if not own_sqlite:
             if BlobStore.holds_blobs(self.blobs):
                 raise database.CatalogError(
@@ -339,6 +342,7 @@ class Registry:
                     f"registry folder, and {self.root} is a new folder: mount the registry's shared folder here "
                     "(or keep the blobs in a bucket: --blob-store)")
         write_private(marker, (catalog_id + "\n").encode("ascii"))
+        return store != blob_store
 
     def _expiry(self, db: Connection) -> int:
         """The lease's end, by the catalog's clock (every process compares leases with the same one)."""

@@ -146,8 +146,10 @@ def test_a_registry_opens_only_with_its_own_blob_store(tmp_path, postgres, s3, a
         Registry(tmp_path / "m2", catalog=catalog)  # no --blob-store
     with pytest.raises(CatalogError, match="keeps its blobs in s3://"):
         Registry(tmp_path / "m2", catalog=catalog, blob_store=s3.new_bucket())
+    fresh = postgres.new_database()
     with pytest.raises(CatalogError, match="belongs to another catalog"):
-        Registry(tmp_path / "m3", catalog=postgres.new_database(), blob_store=bucket)  # a new catalog, the old bucket
+        Registry(tmp_path / "m3", catalog=fresh, blob_store=bucket)  # a new catalog, the old bucket
+    Registry(tmp_path / "m3", catalog=fresh, blob_store=s3.new_bucket()).close()  # the refusal recorded nothing
     b, prefix = parse_s3_url(bucket)
     s3.client().delete_object(Bucket=b, Key=prefix + "catalog_id")
     with pytest.raises(CatalogError, match="holds blobs of a catalog it does not name"):
