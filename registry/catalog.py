@@ -3,12 +3,17 @@
 Layout of `root`:
     catalog.sqlite3      the catalog when no other database is given: SQLite (registry.database says how it is
                          opened); or PostgreSQL (`catalog="postgresql://..."`), shared by several servers, whose
-                         `root` is then one shared folder too. Tables: registry.schema.
-    blobs/               the content-addressed blob store (registry.blob_store)
+                         `root` is then one shared folder too, or one folder per machine with the blobs in a
+                         bucket. Tables: registry.schema.
+    blobs/               the content-addressed blob store (registry.blob_store), or with `blob_store="s3://..."`
+                         this machine's cache of the bucket's blobs (registry.s3_store)
     tmp/<lease>/         one private folder per process that has the registry open: staging directories of
                          uploads in progress (registry.uploads.Staging), and blobs on their way out
     admin_key.sha256     the hash of the admin key (registry.keys, mode 0600)
     reserve.bin          space given up on a full disk so that deletes can still be written (registry.fsync)
+    catalog_id           the id of the catalog this folder belongs to (a folder opened with another is refused)
+    registry.lock        held shared (flock) by every process that has the registry open, so that a deltaserve from
+                         before leases, which took it exclusively, never runs beside them
 
 Guarantees:
 - Secrets: API keys are stored only as sha256 hashes (registry.keys); a key is shown once, when created,
