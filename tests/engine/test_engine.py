@@ -332,3 +332,15 @@ def test_structured_outputs_without_a_tokenizer_are_refused_saying_why(world):
     engine = LLMEngine(with_tokenizer.model, None, base_spec(Checkpoint(base)), with_tokenizer.config)
     with pytest.raises(SamplingParamsError, match="need the model's tokenizer"):
         engine.add_request("r", [1, 2, 3], SamplingParams(guide=Guide("json_object")))
+
+
+def test_a_preloaded_delta_is_resident_but_unpinned(world):
+    """preload() puts the delta in a slot and lets go of it: it serves at once, and another delta can take the
+    slot when it is the only one."""
+    base, adapters = world
+    eng = engine_for(base, lora_slots=1)
+    first, second = (load_delta(a, eng.spec, 8) for a in adapters[:2])
+    eng.preload(first)
+    assert eng.holds_delta("lora", first.key)
+    assert eng.slots.acquire(second) is not None  # the one slot was free to take: preload pinned nothing
+    assert not eng.holds_delta("lora", first.key) and eng.holds_delta("lora", second.key)

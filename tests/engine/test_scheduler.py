@@ -534,3 +534,24 @@ def test_a_request_behind_an_older_cold_load_does_not_hold_back_its_tenants_resi
     scheduled = dict(step(s))
     assert "early" not in scheduled and "head" not in scheduled and scheduled.get("same") == 4
     assert [q.request_id for q in s.queues["t"]] == ["head"]
+
+
+def test_fair_shares_fill_the_batch_by_demand_with_running_requests_counted_once() -> None:
+    s = make(max_num_seqs=8)
+    s.add(seq("a", 2, tenant="A"))
+    step(s)
+    for i in range(10):
+        s.add(seq(f"b{i}", 2, tenant="B"))
+    assert s.fair_shares() == {"A": 1, "B": 7}  # A wants its one place; B gets the other seven
+
+
+def test_a_request_waiting_for_a_slot_is_not_demand_for_a_place_in_the_batch() -> None:
+    """Its delta's turn to load has come, but every slot is pinned: it could not run, so it claims no share."""
+    s = make(slots=1)
+    s.add(seq("pin", 2, tenant="other", delta=FakeDelta("x")))
+    step(s)
+    s.add(seq("cold", 2, tenant="C", delta=FakeDelta("z")))  # the oldest cold load: its turn, no room
+    step(s)
+    assert s._could_run(s.queues["C"][0]) is False
+    assert s.fair_shares() == {"other": 1, "C": 0}
+

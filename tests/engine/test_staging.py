@@ -121,3 +121,14 @@ def test_an_engine_through_separate_buffers_gives_the_same_tokens(model_dir, del
     assert copies and all(c == 1 for c in copies)  # one transfer per step (window of 5: several groups, prefill)
     tiny, copies, _ = run(True, 64)  # the first step overflows (copies of its own), then one transfer per step
     assert tiny == plain and copies[0] > 1 and all(c == 1 for c in copies[1:])
+
+
+@pytest.mark.parametrize("separate_buffers", [True, False])
+def test_a_tensor_of_another_dtype_is_staged_in_the_dtype_asked_for(separate_buffers) -> None:
+    st = StepStaging("cpu", capacity=256, separate_buffers=separate_buffers).begin()
+    out = st(torch.tensor([1, 2, 3], dtype=torch.int64), torch.int32)
+    st.upload()
+    assert out.dtype == torch.int32 and out.tolist() == [1, 2, 3]
+    scales = st(torch.tensor([0.5, 1.5], dtype=torch.float64), torch.float32)
+    st.upload()
+    assert scales.dtype == torch.float32 and scales.tolist() == [0.5, 1.5]
