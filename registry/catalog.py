@@ -27,12 +27,13 @@ Guarantees:
   removes the rows first, then the blobs no row references any more. So a crash at any moment leaves either no
   row or a row whose blob is complete; opening then marks "ready" rows whose blob is gone as failed and removes
   blobs no row references.
-- Threads: one lock per Registry around the catalog; heavy work (fsync, hashing) happens outside it.
+- Threads: one lock per Registry around its writes (heavy work, fsync and hashing, happens outside it); reads and
+  the lease's renewal take a pooled connection each, never waiting behind a write.
 - Processes: any number may open one registry at once (servers on one machine, ingresses of a cluster sharing a
   PostgreSQL catalog and a blob folder). Each holds a lease (registry.schema.leases) that it renews while it lives
   and gives back when it closes; what a process leaves behind when it dies (its tmp/ folder, the versions it was
-  compressing, failed as "interrupted by a restart") is cleaned up by the others once its lease has expired,
-  never before. Placing and removing blobs is serialised across processes by the catalog (the store lock).
+  compressing, failed as "interrupted by a restart") is cleaned up by the others: at once when it ran on the same
+  machine and its process is gone, otherwise once its lease has expired; never while it runs. Placing and removing blobs is serialised across processes by the catalog (the store lock).
 
 This module imports no torch: deltas are duck-typed (`.kind`, `.sha256`, `.rank` of registry.deltas).
 It is one concept, the catalog of tenants and adapter versions, and over 400 lines because each operation's
@@ -229,7 +230,7 @@ class Registry:
                       (registry.s3_store); None: root/blobs is the store (local, or a shared filesystem).
     max_upload_bytes: the default cap on one upload's total size (`stage`).
 
-    Opening takes a lease and cleans up after processes whose lease expired: their tmp/ folders, their
+    Opening takes a lease and cleans up after dead processes (see _reap): their tmp/ folders, their
     "compressing" rows (failed: "interrupted by a restart; upload again"); "ready" rows whose blob is gone become
     "failed", and blobs no row references are removed. Close with `close()` (or use it as a context manager): it
     fails this process's own compressions still running and gives the lease back.
@@ -475,7 +476,7 @@ class Registry:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Connection]:
-        """One write transaction (the caller holds self._lock); a full disk is InsufficientStorage."""
+        """One write transaction; a full disk is InsufficientStorage."""
         if self._closed.is_set():
             raise ValueError("the registry is closed")
         try:
@@ -733,7 +734,8 @@ class Registry:
     def create_pending(self, tenant: str, name: str, format: str) -> AdapterRecord:
         """Creates the next version of `tenant`'s adapter `name` with status "compressing", progress 0 and
         no data yet (a fine-tune compressed in the background by this process: then complete_pending or
-        fail_pending; if the process dies first, it fails as "interrupted by a restart" once its lease expires).
+        fail_pending; if the process dies first, it fails as "interrupted by a restart" once another process takes it
+        for dead, see _reap).
         `resolve` keeps answering the previous ready version meanwhile. Raises InvalidName,
         UnsupportedFormat (format), NotFound (no such tenant)."""
         validate_name("adapter", name)

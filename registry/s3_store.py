@@ -70,31 +70,29 @@ class S3BlobStore(BlobStore):
             raise ValueError(f"malformed blob path {blob!r}")
         return self.prefix + blob + ("" if member is None else "/" + member)
 
-    def _manifest(self, blob: str) -> dict[str, Any] | None:
+    def _read(self, key: str) -> bytes | None:
+        """An object's bytes, None when there is no such object."""
         from botocore.exceptions import ClientError
 
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(blob) + ".manifest")["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise
-        return json.loads(body)
+
+    def _manifest(self, blob: str) -> dict[str, Any] | None:
+        body = self._read(self._key(blob) + ".manifest")
+        return None if body is None else json.loads(body)
 
     # --- the BlobStore interface -------------------------------------------------------------------------
 
     def claim(self, catalog_id: str) -> None:
         """The bucket's prefix names its catalog (object "catalog_id"): a bucket of another catalog, or one with
         blobs and no name, is refused (an opening registry would sweep its blobs as garbage)."""
-        from botocore.exceptions import ClientError
-
         key = self.prefix + "catalog_id"
-        try:
-            owner = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode().strip()
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
-                raise
-            owner = None
+        body = self._read(key)
+        owner = None if body is None else body.decode().strip()
         if owner is None:
             if next(iter(self._manifests()), None) is not None:
                 raise CatalogError(f"{self.url} holds blobs of a catalog it does not name; give another prefix")
